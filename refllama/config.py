@@ -1,0 +1,305 @@
+"""LlamaConfig: the model's shape and numerics, from a Hugging Face `config.json`.
+
+Tolerant of keys we do not use (configs carry plenty), strict about the ones we do: a missing, mistyped or
+inconsistent field raises ConfigError naming it. Both config dialects are read:
+
+* classic (what published checkpoints ship): top-level `rope_theta`, `rope_scaling` with `type` or
+  `rope_type`, `torch_dtype`;
+* transformers v5: `rope_parameters` = {"rope_type", "rope_theta", scaling keys...} and `dtype`.
+
+Defaults for absent optional keys are those of transformers' LlamaConfig, so a config means the same
+model here as there.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refllama.dtypes import DataType, LayerDataTypeConfig
+from refllama.errors import ConfigError
+from refllama.quant.config import QuantizationConfig, parse_quantization_config
+
+
+class ActivationType(enum.Enum):
+    """The MLP's gate activation. GELU is the exact (erf) form, as HF's "gelu"; GELU_TANH its tanh form."""
+
+    Silu = "silu"
+    Swish = "swish"
+    Gelu = "gelu"
+    GeluTanh = "gelu_pytorch_tanh"
+    Relu = "relu"
+
+
+_ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling; `rope_type` is "llama3", "linear" or "dynamic" (unscaled RoPE has none)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    # Core architecture
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # resolved: config's value, else hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    # Activation and normalization
+    hidden_act: ActivationType = ActivationType.Silu
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    # RoPE
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Tokens
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    # Data types
+    default_dtype: DataType = DataType.F32
+    layer_dtypes: LayerDataTypeConfig | None = None
+    # Quantization
+    quantization_config: QuantizationConfig | None = None
+    model_type: str = "llama"
+    name_or_path: str | None = field(default=None, compare=False)
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """Query heads per KV head (GQA): query head h reads KV head h // groups."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> LlamaConfig:
+        """Read `config.json` and, when present, `generation_config.json` from a model folder."""
+        folder = Path(path)
+        config_path = folder / "config.json"
+        data = _read_json(config_path)
+        generation_path = folder / "generation_config.json"
+        generation = _read_json(generation_path) if generation_path.is_file() else None
+        return cls.from_dict(data, generation, source=config_path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], generation_config: dict[str, Any] | None = None,
+                  source: str | Path | None = None) -> LlamaConfig:
+        """Build and validate a config from config.json's object (and generation_config.json's)."""
+        if not isinstance(data, dict):
+            raise ConfigError("<root>", "config must be a JSON object", source)
+        r = _Reader(data, source)
+        hidden_size = r.positive_int("hidden_size")
+        heads = r.positive_int("num_attention_heads")
+        kv_heads = r.positive_int("num_key_value_heads", default=heads)
+        if heads % kv_heads:
+            raise ConfigError("num_key_value_heads",
+                              f"{kv_heads} does not divide num_attention_heads={heads}", source)
+        head_dim = r.positive_int("head_dim", default=None)
+        if head_dim is None:
+            if hidden_size % heads:
+                raise ConfigError("num_attention_heads", f"{heads} does not divide hidden_size={hidden_size} "
+                                  "and no head_dim is given", source)
+            head_dim = hidden_size // heads
+        if head_dim % 2:
+            raise ConfigError("head_dim", f"RoPE needs an even head_dim, got {head_dim}", source)
+
+        rope_theta, rope_scaling = _parse_rope(data, r, source)
+
+        act_name = r.string("hidden_act", default="silu")
+        try:
+            hidden_act = ActivationType(_ACTIVATION_ALIASES.get(act_name, act_name))
+        except ValueError:
+            supported = ", ".join(a.value for a in ActivationType)
+            raise ConfigError("hidden_act", f"unsupported activation {act_name!r} (supported: {supported})",
+                              source) from None
+
+        dtype_name = data.get("dtype", data.get("torch_dtype")) or "float32"
+        try:
+            default_dtype = DataType.parse(dtype_name)
+        except ValueError:
+            default_dtype = DataType.Custom
+
+        quant_block = data.get("quantization_config")
+        quantization = parse_quantization_config(quant_block) if quant_block is not None else None
+
+        bos = r.token_id("bos_token_id", default=1)
+        eos = _merge_eos(r.token_ids("eos_token_id", default=[2]),
+                         _Reader(generation_config, source).token_ids("eos_token_id", default=[])
+                         if generation_config else [])
+        pad = r.token_id("pad_token_id", default=None)
+        if generation_config:
+            g = _Reader(generation_config, source)
+            bos = g.token_id("bos_token_id", default=bos)
+            pad = g.token_id("pad_token_id", default=pad)
+
+        return cls(
+            vocab_size=r.positive_int("vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=r.positive_int("intermediate_size"),
+            num_hidden_layers=r.positive_int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=r.positive_int("max_position_embeddings", default=2048),
+            hidden_act=hidden_act,
+            rms_norm_eps=r.positive_float("rms_norm_eps", default=1e-6),
+            attention_bias=r.boolean("attention_bias", default=False),
+            mlp_bias=r.boolean("mlp_bias", default=False),
+            tie_word_embeddings=r.boolean("tie_word_embeddings", default=False),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            bos_token_id=bos,
+            eos_token_id=tuple(eos),
+            pad_token_id=pad,
+            default_dtype=default_dtype,
+            quantization_config=quantization,
+            model_type=str(data.get("model_type", "llama")),
+            name_or_path=data.get("_name_or_path"),
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError("<file>", "file not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", f"not valid JSON ({e})", path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", "expected a JSON object", path)
+    return data
+
+
+def _merge_eos(config_ids: list[int], generation_ids: list[int]) -> list[int]:
+    """The stop set is the union of config.json's and generation_config.json's eos ids, in first-seen order."""
+    merged: list[int] = []
+    for token in [*config_ids, *generation_ids]:
+        if token not in merged:
+            merged.append(token)
+    return merged
+
+
+def _parse_rope(data: dict[str, Any], r: _Reader, source: str | Path | None) -> tuple[float, RopeScaling | None]:
+    """Read rope_theta and the scaling block from either dialect; v5's rope_parameters wins when present."""
+    params = data.get("rope_parameters")
+    field_name = "rope_parameters"
+    if params is None:
+        params = data.get("rope_scaling")
+        field_name = "rope_scaling"
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(field_name, "expected an object or null", source)
+    params = dict(params or {})
+    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
+    theta = _Reader({"rope_theta": theta}, source).positive_float("rope_theta")
+
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{field_name}.rope_type",
+                          f"unsupported RoPE type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})", source)
+    if rope_type == "default":
+        return theta, None
+
+    p = _Reader(params, source, prefix=f"{field_name}.")
+    factor = p.positive_float("factor")
+    if rope_type == "dynamic" and factor < 1.0:
+        raise ConfigError(f"{field_name}.factor", f"dynamic NTK scaling needs factor >= 1, got {factor}", source)
+    if rope_type != "llama3":
+        original = p.positive_int("original_max_position_embeddings", default=None)
+        return theta, RopeScaling(rope_type, factor, original_max_position_embeddings=original)
+    low = p.positive_float("low_freq_factor")
+    high = p.positive_float("high_freq_factor")
+    if high <= low:
+        raise ConfigError(f"{field_name}.high_freq_factor",
+                          f"must exceed low_freq_factor ({high} <= {low})", source)
+    original = p.positive_int("original_max_position_embeddings")
+    return theta, RopeScaling("llama3", factor, low, high, original)
+
+
+class _Reader:
+    """Typed access to config fields; every failure names the field."""
+
+    def __init__(self, data: dict[str, Any], source: str | Path | None, prefix: str = ""):
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def _fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.prefix + key, message, self.source)
+
+    _MISSING = object()
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.data.get(key, default)
+        if value is self._MISSING:
+            raise self._fail(key, "required field is missing")
+        return value
+
+    def positive_int(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise self._fail(key, f"expected a positive integer, got {value!r}")
+        if value <= 0:
+            raise self._fail(key, f"must be positive, got {value}")
+        return value
+
+    def positive_float(self, key: str, default: Any = _MISSING) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, f"expected a positive number, got {value!r}")
+        if not value > 0 or value == float("inf"):
+            raise self._fail(key, f"must be a finite positive number, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, f"expected true or false, got {value!r}")
+        return value
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self._fail(key, f"expected a string, got {value!r}")
+        return value
+
+    def token_id(self, key: str, default: Any = _MISSING) -> int | None:
+        value = self._get(key, default)
+        if isinstance(value, list):  # some configs write a single-element list
+            if len(value) != 1:
+                raise self._fail(key, f"expected one token id, got {value!r}")
+            value = value[0]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self._fail(key, f"expected a non-negative integer token id, got {value!r}")
+        return value
+
+    def token_ids(self, key: str, default: Any = _MISSING) -> list[int]:
+        value = self._get(key, default)
+        if value is None:
+            return []
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise self._fail(key, f"expected token ids (an integer or a list of them), got {value!r}")
+        return list(values)

@@ -1,0 +1,88 @@
+"""GenericLlamaEngine: config + weights + backend + KV cache, with the public entry points."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from refllama.backends import Backend, get_backend
+from refllama.config import LlamaConfig
+from refllama.dtypes import DataType
+from refllama.errors import CheckpointError, InputError
+from refllama.formats.safetensors import TensorSource
+from refllama.kv_cache import KVCache
+from refllama.model import LlamaModel
+from refllama.weights import WeightMap, load_weight_map
+
+
+class GenericLlamaEngine:
+    def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend):
+        """`weights` as loaded (host arrays in their stored dtype); the backend converts them once."""
+        self.config = config
+        self.backend = backend
+        self.model = LlamaModel(config, weights.map(backend.asarray), backend)
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError("not a model folder (expected a directory with config.json)", folder)
+        config = LlamaConfig.from_dir(folder)
+        ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
+        weights = load_weight_map(TensorSource(folder), config)
+        return cls(config, weights, ops)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache; max_len defaults to max_position_embeddings."""
+        c = self.config
+        return KVCache(self.backend, c.num_hidden_layers, batch, c.num_key_value_heads,
+                       max_len or c.max_position_embeddings, c.head_dim)
+
+    def forward(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Logits (B, T, vocab) as a host array for ids (B, T) following what `cache` holds."""
+        ids = self._check_ids(token_ids, ndim=2)
+        return self.backend.to_numpy(self.model.forward(ids, cache))
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits for every position of one sequence, (T, vocab), from one full forward pass."""
+        ids = self._check_ids(token_ids, ndim=1)
+        cache = self.new_cache(1, len(ids))
+        return self.forward(ids[None, :], cache)[0]
+
+    def generate_ids(self, token_ids: Sequence[int] | np.ndarray, max_new_tokens: int,
+                     stop_at_eos: bool = True) -> list[int]:
+        """Greedy decoding through the KV cache; returns the new ids (ending with the eos id if one stopped it)."""
+        ids = self._check_ids(token_ids, ndim=1)
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return []
+        cache = self.new_cache(1, len(ids) + max_new_tokens)
+        logits = self.forward(ids[None, :], cache)[0, -1]  # prefill
+        new: list[int] = []
+        while True:
+            token = int(np.argmax(logits))
+            new.append(token)
+            if len(new) == max_new_tokens or (stop_at_eos and token in self.config.eos_token_id):
+                return new
+            logits = self.forward(np.array([[token]]), cache)[0, -1]  # decode one step
+
+    def _check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int) -> np.ndarray:
+        ids = np.asarray(token_ids)
+        if ids.ndim != ndim or ids.size == 0 or ids.shape[-1] == 0:
+            raise InputError(f"expected a non-empty {ndim}-d sequence of token ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+        bad = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
+        if bad.size:
+            where = np.unravel_index(bad[0], ids.shape)
+            raise InputError(f"token id {ids[where]} at position {tuple(int(i) for i in where)} is outside the "
+                             f"vocabulary [0, {self.config.vocab_size})")
+        return ids.astype(np.int64, copy=False)
+
+
+def load(path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:
+    """Load a Hugging Face Llama folder onto a backend, computing in `dtype`."""
+    return GenericLlamaEngine.load(path, backend=backend, dtype=dtype)

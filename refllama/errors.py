@@ -1,0 +1,41 @@
+"""Typed errors. Every error refllama raises for bad input is a RefLlamaError that names what is at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RefLlamaError(Exception):
+    """Base class of every error refllama raises on purpose."""
+
+
+class ConfigError(RefLlamaError):
+    """A config.json / generation_config.json field is missing, malformed or unsupported."""
+
+    def __init__(self, field: str, message: str, path: str | Path | None = None):
+        self.field = field
+        self.path = str(path) if path is not None else None
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}config field '{field}': {message}")
+
+
+class CheckpointError(RefLlamaError):
+    """A checkpoint file is missing, unreadable or malformed."""
+
+    def __init__(self, message: str, path: str | Path | None = None, tensor: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.tensor = tensor
+        parts = [p for p in (self.path, f"tensor '{tensor}'" if tensor else None) if p]
+        super().__init__(f"{': '.join(parts)}: {message}" if parts else message)
+
+
+class WeightError(CheckpointError):
+    """The tensors of a checkpoint do not match what the config says the model needs."""
+
+
+class BackendError(RefLlamaError):
+    """A backend is unknown, not installed, or cannot run the requested dtype."""
+
+
+class InputError(RefLlamaError):
+    """Token ids or other call arguments are invalid (out of vocabulary, empty, over the cache size)."""

@@ -1,0 +1,210 @@
+"""Zero-copy safetensors reading: headers alone, or read-only NumPy views over a memory map.
+
+The `safetensors` package's NumPy loaders return copies (`load_file` took 190-310 ms on a 487 MB file, reading
+every byte) and know nothing of bfloat16 without help; reading the header ourselves and viewing the mapped
+file takes under a millisecond and touches only the pages a tensor actually uses (measured figures in
+shared/notes/formats-and-numerics.md section 9). So we parse the format here; it is an 8-byte length, a JSON
+header and a flat data region. The package is still used to write files (tools/, tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from refllama.errors import CheckpointError
+
+# safetensors dtype names -> NumPy dtypes (little-endian, as the format mandates).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype name, shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the file
+    end: int
+    path: Path
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data: (tensors, __metadata__)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError("file too short for a safetensors header", path)
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise CheckpointError(f"header length {hlen} does not fit the file ({size} bytes)", path)
+            raw = f.read(hlen)
+    except FileNotFoundError:
+        raise CheckpointError("file not found", path) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read ({e.strerror})", path) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"header is not valid JSON ({e})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("header is not a JSON object", path)
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + hlen
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(name, entry, data_start, data_size, path)
+    _check_no_overlap(tensors, path)
+    return tensors, metadata
+
+
+def _tensor_info(name: str, entry: Any, data_start: int, data_size: int, path: Path) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError("header entry needs dtype, shape and data_offsets", path, name)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}", path, name)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise CheckpointError(f"invalid shape {shape!r}", path, name)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise CheckpointError(f"invalid data_offsets {offsets!r}", path, name)
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise CheckpointError(f"data_offsets {offsets} lie outside the data region ({data_size} bytes)",
+                              path, name)
+    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}",
+                              path, name)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end, path)
+
+
+def _check_no_overlap(tensors: dict[str, TensorInfo], path: Path) -> None:
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise CheckpointError(f"data overlaps tensor '{name_a}'", path, name_b)
+
+
+class SafetensorsFile:
+    """A safetensors file opened for reading: header parsed at once, data mapped on first access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._map: mmap.mmap | None = None
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only view of the tensor's bytes (no copy; the map lives as long as any view)."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError("no such tensor", self.path, name) from None
+        dtype = DTYPES[info.dtype]
+        if info.numel == 0:
+            return np.empty(info.shape, dtype=dtype)
+        array = np.frombuffer(self._mapped(), dtype=dtype, count=info.numel, offset=info.begin)
+        return array.reshape(info.shape)
+
+
+class TensorSource:
+    """The tensors of a checkpoint folder: one `model.safetensors`, or shards listed by an index file."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.files: dict[Path, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        index_path = self.folder / self.INDEX
+        if index_path.is_file():
+            self._open_index(index_path)
+        else:
+            single = self.folder / "model.safetensors"
+            paths = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
+            if not paths:
+                raise CheckpointError("no model.safetensors, index file or *.safetensors files", self.folder)
+            for p in paths:
+                self._add_file(p)
+
+    def _add_file(self, path: Path) -> SafetensorsFile:
+        if path not in self.files:
+            st = SafetensorsFile(path)
+            self.files[path] = st
+            for name in st.tensors:
+                if name in self.where and self.where[name] is not st:
+                    raise CheckpointError(f"tensor also stored in {self.where[name].path.name}", path, name)
+                self.where[name] = st
+        return self.files[path]
+
+    def _open_index(self, index_path: Path) -> None:
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError("index is not JSON with a 'weight_map' object", index_path) from None
+        for name, shard in weight_map.items():
+            shard_path = self.folder / str(shard)
+            if not shard_path.is_file():
+                raise CheckpointError(f"shard '{shard}' listed in {self.INDEX} is missing", shard_path, name)
+            st = self._add_file(shard_path)
+            if name not in st.tensors:
+                raise CheckpointError(f"{self.INDEX} places the tensor here but the shard lacks it",
+                                      shard_path, name)
+        unindexed = sorted(set(self.where) - set(weight_map))
+        if unindexed:
+            raise CheckpointError(f"shards hold tensors the index does not list: {unindexed[:5]}", index_path)
+
+    def names(self) -> list[str]:
+        return sorted(self.where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.where[name].tensors[name]
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            st = self.where[name]
+        except KeyError:
+            raise CheckpointError("no such tensor in the checkpoint", self.folder, name) from None
+        return st.get(name)
