@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 from refllama.backends.base import Backend
-
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
 

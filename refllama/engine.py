@@ -11,7 +11,7 @@ from refllama.backends import Backend, get_backend
 from refllama.config import LlamaConfig
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError, InputError
-from refllama.formats.safetensors import TensorSource
+from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.kv_cache import KVCache
 from refllama.model import LlamaModel
 from refllama.weights import WeightMap, load_weight_map
@@ -22,7 +22,14 @@ class GenericLlamaEngine:
         """`weights` as loaded (host arrays in their stored dtype); the backend converts them once."""
         self.config = config
         self.backend = backend
-        self.model = LlamaModel(config, weights.map(backend.asarray), backend)
+        self.model = LlamaModel(config, weights.map(self._take), backend)
+
+    def _take(self, stored: np.ndarray):
+        """The backend's copy of a stored tensor; a converted tensor's mapped pages are let go at once."""
+        array = self.backend.asarray(stored)
+        if array is not stored:
+            release_pages(stored)
+        return array
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:

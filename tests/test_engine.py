@@ -5,10 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
 
 import refllama
 from refllama.errors import BackendError, CheckpointError, ConfigError, InputError
+
+from conftest import FIXTURES
 
 
 @pytest.mark.parametrize("ids,message", [

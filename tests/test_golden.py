@@ -12,9 +12,10 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, ROOT, golden
 
 from refllama import rope
+
+from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, ROOT, golden
 
 F64_ATOL = 1e-12
 F32_ATOL = 2e-5

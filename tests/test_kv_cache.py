@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import FIXTURE_NAMES
 from hypothesis import given
 from hypothesis import strategies as st
+
+from conftest import FIXTURE_NAMES
 
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5}
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from refllama.backends import get_backend
 
+from refllama.backends import get_backend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import GOLDEN, ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))

@@ -3,10 +3,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from test_config import LLAMA_31_8B_INSTRUCT, TINYLLAMA_CHAT
 
 from refllama import rope
 from refllama.config import LlamaConfig
+
+from test_config import LLAMA_31_8B_INSTRUCT, TINYLLAMA_CHAT
 
 
 def test_default_table():

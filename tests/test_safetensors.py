@@ -7,11 +7,12 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FIXTURES
 from safetensors.numpy import save_file
 
 from refllama.errors import CheckpointError
 from refllama.formats.safetensors import SafetensorsFile, TensorSource, read_header
+
+from conftest import FIXTURES
 
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.int16, np.int8,
           np.uint8, np.bool_]

@@ -5,11 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
 from safetensors.numpy import load_file, save_file
 
 import refllama
 from refllama.errors import WeightError
+
+from conftest import FIXTURES
 
 
 def _copy(tmp_path, name):

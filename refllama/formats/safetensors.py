@@ -146,6 +146,28 @@ class SafetensorsFile:
         return array.reshape(info.shape)
 
 
+def release_pages(view: np.ndarray) -> None:
+    """Drop a mapped tensor's pages from this process's resident set once it has been converted.
+
+    Converting (say bf16 -> float32) reads every page of the source; those clean file-backed pages would stay
+    resident while the map lives and push a load's peak RSS to converted + stored bytes. MADV_DONTNEED lets
+    them go (a later read simply faults them back in from the page cache). A no-op for anything not a view
+    of a map, or where madvise is unavailable.
+    """
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0:
+        return
+    start = view.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    first = start // page * page
+    last = min(-(-(start + view.nbytes) // page) * page, len(base))
+    base.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 class TensorSource:
     """The tensors of a checkpoint folder: one `model.safetensors`, or shards listed by an index file."""
 
