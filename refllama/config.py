@@ -70,6 +70,7 @@ class LlamaConfig:
     # RoPE
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs`: inv_freq[i] is divided by factor i
     # Tokens
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)

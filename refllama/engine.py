@@ -11,7 +11,9 @@ from refllama.backends import Backend, get_backend
 from refllama.config import LlamaConfig
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError, InputError
+from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorSource, release_pages
+from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.kv_cache import KVCache
 from refllama.model import LlamaModel
 from refllama.weights import WeightMap, load_weight_map
@@ -33,13 +35,18 @@ class GenericLlamaEngine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise CheckpointError("not a model folder (expected a directory with config.json)", folder)
-        config = LlamaConfig.from_dir(folder)
-        ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
-        weights = load_weight_map(TensorSource(folder), config)
-        return cls(config, weights, ops)
+        """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`."""
+        path = Path(path).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            gguf = GGUFFile(path)
+            config = config_from_gguf(gguf)
+            ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
+            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops)
+        if not path.is_dir():
+            raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
+        config = LlamaConfig.from_dir(path)
+        ops = get_backend(backend, dtype)
+        return cls(config, load_weight_map(TensorSource(path), config), ops)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache; max_len defaults to max_position_embeddings."""

@@ -14,6 +14,7 @@ class ConfigError(RefLlamaError):
 
     def __init__(self, field: str, message: str, path: str | Path | None = None):
         self.field = field
+        self.message = message
         self.path = str(path) if path is not None else None
         where = f"{self.path}: " if self.path else ""
         super().__init__(f"{where}config field '{field}': {message}")

@@ -33,6 +33,8 @@ def inv_freq(config: LlamaConfig, seq_len: int | None = None) -> np.ndarray:
         factor = scaling.factor
         base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     freqs = 1.0 / (base**exponents)
+    if config.rope_freq_factors is not None:  # llama.cpp's baked-in scaling (GGUF rope_freqs)
+        freqs = freqs / np.asarray(config.rope_freq_factors, dtype=np.float64)
     if scaling is None or scaling.rope_type == "dynamic":
         return freqs
     if scaling.rope_type == "linear":

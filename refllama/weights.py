@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from refllama.config import LlamaConfig
 from refllama.errors import WeightError
 from refllama.formats.safetensors import TensorSource
+
+if TYPE_CHECKING:
+    from refllama.gguf_llama import GGUFTensorSource
 
 Array = Any  # a backend array: numpy.ndarray, cupy.ndarray, mlx.core.array
 
@@ -111,7 +114,7 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def load_weight_map(source: TensorSource, config: LlamaConfig) -> WeightMap:
+def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig) -> WeightMap:
     """Check the checkpoint's tensors against the config and assemble the WeightMap (no data is read)."""
     shapes = expected_shapes(config)
     present = set(source.names())

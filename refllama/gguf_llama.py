@@ -1,0 +1,157 @@
+"""GGUF (llama.cpp) Llama checkpoints as the same config and WeightMap a Hugging Face folder gives.
+
+The metadata becomes a config.json-shaped dict that LlamaConfig.from_dict validates (errors name the GGUF key);
+the tensors are presented under their HF names, so `load_weight_map` applies the same strict checks. Two
+conversions make the formats agree:
+
+* llama.cpp's converter reorders the rows of q_proj and k_proj within each head, from HF's rotate-half
+  layout (pairs (i, i + d/2)) to ggml's adjacent pairs (2i, 2i + 1): `w.reshape(H, 2, d/2, in).swapaxes(1, 2)`.
+  We undo it exactly (`reshape(H, d/2, 2, in).swapaxes(1, 2)`), so one forward pass serves both formats.
+* Llama 3.1-style RoPE scaling is baked into a `rope_freqs` tensor of per-frequency divisors; it is kept as
+  `LlamaConfig.rope_freq_factors` and applied in rope.inv_freq, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from refllama.config import LlamaConfig
+from refllama.errors import CheckpointError, ConfigError
+from refllama.formats.ggml_quants import GGMLType
+from refllama.formats.gguf import GGUFFile
+from refllama.formats.safetensors import TensorInfo
+
+# HF config field <- GGUF key (prefixed by the architecture name)
+CONFIG_KEYS = {
+    "max_position_embeddings": "context_length",
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "rope_theta": "rope.freq_base",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "head_dim": "attention.key_length",
+    "vocab_size": "vocab_size",
+}
+
+# GGUF tensor name -> HF tensor name (per-layer names without the "blk.N." / "model.layers.N." prefixes)
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+IGNORED = {"rope_freqs.weight"}  # read into the config, not a weight
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF tensor name of a GGUF Llama tensor name, or None if it is not one."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
+    m = gguf.metadata
+    arch = m.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError("general.architecture", f"expected 'llama', got {arch!r}", gguf.path)
+    data: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+    for field, key in CONFIG_KEYS.items():
+        if f"llama.{key}" in m:
+            data[field] = _plain(m[f"llama.{key}"])
+    if "head_dim" not in data and "llama.rope.dimension_count" in m:
+        data["head_dim"] = int(m["llama.rope.dimension_count"])
+    if "vocab_size" not in data:
+        tokens = m.get("tokenizer.ggml.tokens")
+        data["vocab_size"] = len(tokens) if tokens is not None else gguf.tensors["token_embd.weight"].shape[0]
+    scaling = m.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        data["rope_scaling"] = {"rope_type": scaling, "factor": _plain(m.get("llama.rope.scaling.factor"))}
+        if "llama.rope.scaling.original_context_length" in m:
+            data["rope_scaling"]["original_max_position_embeddings"] = int(
+                m["llama.rope.scaling.original_context_length"])
+    names = set(gguf.tensors)
+    data["tie_word_embeddings"] = "output.weight" not in names
+    data["attention_bias"] = "blk.0.attn_q.bias" in names
+    data["mlp_bias"] = "blk.0.ffn_up.bias" in names
+    data["bos_token_id"] = _plain(m.get("tokenizer.ggml.bos_token_id"))
+    # The stop set: eos plus the end-of-turn/end-of-message ids llama.cpp also stops on.
+    eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                          "tokenizer.ggml.eom_token_id") if k in m]
+    data["eos_token_id"] = list(dict.fromkeys(int(t) for t in eos))
+    data["pad_token_id"] = _plain(m.get("tokenizer.ggml.padding_token_id"))
+    matrix_types = Counter(t.ggml_type for t in gguf.tensors.values() if len(t.shape) == 2)
+    main_type = matrix_types.most_common(1)[0][0] if matrix_types else GGMLType.F32
+    data["torch_dtype"] = {GGMLType.F16: "float16", GGMLType.BF16: "bfloat16"}.get(main_type, "float32")
+    if main_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.F64):
+        data["quantization_config"] = {"quant_method": "gguf", "format": main_type.name}
+    try:
+        config = LlamaConfig.from_dict(data, source=gguf.path)
+    except ConfigError as e:
+        key = CONFIG_KEYS.get(e.field.split(".")[0])
+        raise ConfigError(f"llama.{key}" if key else e.field, e.message, gguf.path) from None
+    if "rope_freqs.weight" in names:
+        factors = gguf.get("rope_freqs.weight").astype(np.float64)
+        if factors.shape != (config.head_dim // 2,) or not np.all(factors > 0):
+            raise CheckpointError(f"expected {config.head_dim // 2} positive factors, got shape {factors.shape}",
+                                  gguf.path, "rope_freqs.weight")
+        config = dataclasses.replace(config, rope_freq_factors=tuple(float(f) for f in factors))
+    return config
+
+
+def _plain(value):
+    """Metadata scalars as Python numbers (float32 values keep their float32 rounding, as HF reads them)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class GGUFTensorSource:
+    """A GGUF file's Llama tensors under HF names: dequantized to float32, Q/K rows back in HF order."""
+
+    def __init__(self, gguf: GGUFFile, config: LlamaConfig):
+        self.gguf, self.config, self.folder = gguf, config, gguf.path
+        self._gguf_name: dict[str, str] = {}
+        unknown = []
+        for name in gguf.tensors:
+            hf = hf_name(name)
+            if hf is not None:
+                self._gguf_name[hf] = name
+            elif name not in IGNORED:
+                unknown.append(name)
+        if unknown:
+            raise CheckpointError(f"tensors that are not part of a Llama model: {sorted(unknown)[:8]}", gguf.path)
+
+    def names(self) -> list[str]:
+        return sorted(self._gguf_name)
+
+    def info(self, name: str) -> TensorInfo:
+        g = self.gguf.tensors[self._gguf_name[name]]
+        stored = g.ggml_type.name
+        dtype = stored if g.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.F64) else "F32"
+        return TensorInfo(name, dtype, g.shape, g.offset, g.offset + g.nbytes, Path(self.gguf.path))
+
+    def get(self, name: str) -> np.ndarray:
+        gguf_name = self._gguf_name[name]
+        array = self.gguf.get(gguf_name)
+        if ".attn_q." in gguf_name:
+            return _unpermute(array, self.config.num_attention_heads)
+        if ".attn_k." in gguf_name:
+            return _unpermute(array, self.config.num_key_value_heads)
+        return array
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row reordering of q/k (weights [out, in] or biases [out])."""
+    out = w.shape[0]
+    half = out // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
