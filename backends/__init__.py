@@ -11,6 +11,7 @@ from refllama.errors import BackendError
 # name -> (module, class, the extra that installs its dependencies)
 REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "numpy": ("refllama.backends.numpy_backend", "NumpyBackend", None),
+    "mlx": ("refllama.backends.mlx_backend", "MlxBackend", "mlx"),
 }
 
 

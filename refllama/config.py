@@ -175,6 +175,34 @@ class LlamaConfig:
         )
 
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """This config as a classic transformers config.json object (what from_dict reads back unchanged)."""
+        if self.rope_freq_factors is not None:
+            raise ConfigError("rope_freq_factors", "per-frequency RoPE factors (GGUF rope_freqs) have no "
+                              "config.json equivalent")
+        s = self.rope_scaling
+        rope_scaling = None if s is None else {
+            k: v for k, v in {"rope_type": s.rope_type, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                              "high_freq_factor": s.high_freq_factor,
+                              "original_max_position_embeddings": s.original_max_position_embeddings}.items()
+            if v is not None}
+        data = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act.value, "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings, "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.default_dtype.value if self.default_dtype.is_float else "float32",
+        }
+        return data
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
