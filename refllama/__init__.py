@@ -2,14 +2,23 @@
 
 from refllama.config import ActivationType, LlamaConfig, RopeScaling
 from refllama.dtypes import DataType, LayerDataTypeConfig
-from refllama.engine import GenericLlamaEngine, load
-from refllama.errors import BackendError, CheckpointError, ConfigError, InputError, RefLlamaError, WeightError
+from refllama.engine import GenericLlamaEngine, generate, load
+from refllama.errors import (
+    BackendError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    RefLlamaError,
+    TokenizerError,
+    WeightError,
+)
 from refllama.kv_cache import KVCache
+from refllama.tokenizer import LlamaTokenizer, TokenizerType, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationType", "BackendError", "CheckpointError", "ConfigError", "DataType", "GenericLlamaEngine",
-    "InputError", "KVCache", "LayerDataTypeConfig", "LlamaConfig", "RefLlamaError", "RopeScaling", "WeightError",
-    "load",
+    "InputError", "KVCache", "LayerDataTypeConfig", "LlamaConfig", "LlamaTokenizer", "RefLlamaError", "RopeScaling",
+    "TokenizerError", "TokenizerType", "WeightError", "generate", "load", "load_tokenizer",
 ]

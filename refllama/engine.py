@@ -9,6 +9,7 @@ import numpy as np
 
 from refllama.backends import Backend, get_backend
 from refllama.config import LlamaConfig
+from refllama.default_model import default_model_path
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError, InputError
 from refllama.formats.gguf import GGUFFile
@@ -16,14 +17,17 @@ from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.kv_cache import KVCache
 from refllama.model import LlamaModel
+from refllama.tokenizer import LlamaTokenizer
 from refllama.weights import WeightMap, load_weight_map
 
 
 class GenericLlamaEngine:
-    def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend):
+    def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend,
+                 tokenizer: LlamaTokenizer | None = None):
         """`weights` as loaded (host arrays in their stored dtype); the backend converts them once."""
         self.config = config
         self.backend = backend
+        self.tokenizer = tokenizer
         self.model = LlamaModel(config, weights.map(self._take), backend)
 
     def _take(self, stored: np.ndarray):
@@ -41,12 +45,16 @@ class GenericLlamaEngine:
             gguf = GGUFFile(path)
             config = config_from_gguf(gguf)
             ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
-            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops)
+            tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
+                if "tokenizer.ggml.model" in gguf.metadata else None
+            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer)
         if not path.is_dir():
             raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
         config = LlamaConfig.from_dir(path)
         ops = get_backend(backend, dtype)
-        return cls(config, load_weight_map(TensorSource(path), config), ops)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
+        return cls(config, load_weight_map(TensorSource(path), config), ops, tokenizer)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache; max_len defaults to max_position_embeddings."""
@@ -83,6 +91,13 @@ class GenericLlamaEngine:
                 return new
             logits = self.forward(np.array([[token]]), cache)[0, -1]  # decode one step
 
+    def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy continuation of `prompt` as text (the tokenizer adds BOS as the model's files say)."""
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer files; use generate_ids with token ids")
+        new = self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
     def _check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int) -> np.ndarray:
         ids = np.asarray(token_ids)
         if ids.ndim != ndim or ids.size == 0 or ids.shape[-1] == 0:
@@ -97,6 +112,13 @@ class GenericLlamaEngine:
         return ids.astype(np.int64, copy=False)
 
 
-def load(path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:
-    """Load a Hugging Face Llama folder onto a backend, computing in `dtype`."""
-    return GenericLlamaEngine.load(path, backend=backend, dtype=dtype)
+def load(path: str | Path | None = None, backend: str = "numpy",
+         dtype: str | DataType = "float32") -> GenericLlamaEngine:
+    """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend."""
+    return GenericLlamaEngine.load(default_model_path() if path is None else path, backend=backend, dtype=dtype)
+
+
+def generate(prompt: str, model: str | Path | None = None, max_new_tokens: int = 32, backend: str = "numpy",
+             dtype: str | DataType = "float32") -> str:
+    """Greedy text continuation of `prompt` by `model` (None: the embedded default, SmolLM2-135M-Instruct)."""
+    return load(model, backend=backend, dtype=dtype).generate_text(prompt, max_new_tokens)

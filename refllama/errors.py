@@ -34,6 +34,10 @@ class WeightError(CheckpointError):
     """The tensors of a checkpoint do not match what the config says the model needs."""
 
 
+class TokenizerError(CheckpointError):
+    """A tokenizer file or vocabulary is missing, malformed or unsupported."""
+
+
 class BackendError(RefLlamaError):
     """A backend is unknown, not installed, or cannot run the requested dtype."""
 

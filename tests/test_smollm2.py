@@ -92,3 +92,25 @@ def test_float64_logits_match_true_float64_hf(engine64, golden, prompt):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_continuation_matches_hf(engine32, golden, prompt):
     assert engine32.generate_ids(golden[f"{prompt}_ids"], 32) == golden[f"{prompt}_greedy_f32"].tolist()
+
+
+@pytest.mark.parametrize("prompt", ["paragraph", "code", "unicode"])
+def test_tokenizer_gives_hf_ids(engine32, golden, prompt):
+    """HF's ids (with the smollm digit split restored in tools/) for the prompt texts in the manifest."""
+    text = json.loads((GOLDEN / "manifest.json").read_text())["smollm2"]["prompts"][prompt]
+    assert engine32.tokenizer.encode(text) == golden[f"{prompt}_ids"].tolist()
+
+
+def test_chat_prompt_ids_round_trip(engine32, golden):
+    ids = golden["chat_ids"].tolist()
+    text = engine32.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert engine32.tokenizer.encode(text, add_special_tokens=False) == ids
+
+
+def test_generate_with_the_default_model():
+    import refllama
+
+    _model_path()
+    text = refllama.generate("The capital of France is", max_new_tokens=8)
+    assert "Paris" in text
