@@ -12,13 +12,33 @@ from refllama.errors import (
     TokenizerError,
     WeightError,
 )
+from refllama.generation import GenerationRequest, GenerationResponse, TokenLogprob
 from refllama.kv_cache import KVCache
 from refllama.tokenizer import LlamaTokenizer, TokenizerType, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationType", "BackendError", "CheckpointError", "ConfigError", "DataType", "GenericLlamaEngine",
-    "InputError", "KVCache", "LayerDataTypeConfig", "LlamaConfig", "LlamaTokenizer", "RefLlamaError", "RopeScaling",
-    "TokenizerError", "TokenizerType", "WeightError", "generate", "load", "load_tokenizer",
+    "ActivationType",
+    "BackendError",
+    "CheckpointError",
+    "ConfigError",
+    "DataType",
+    "GenerationRequest",
+    "GenerationResponse",
+    "GenericLlamaEngine",
+    "InputError",
+    "KVCache",
+    "LayerDataTypeConfig",
+    "LlamaConfig",
+    "LlamaTokenizer",
+    "RefLlamaError",
+    "RopeScaling",
+    "TokenLogprob",
+    "TokenizerError",
+    "TokenizerType",
+    "WeightError",
+    "generate",
+    "load",
+    "load_tokenizer",
 ]

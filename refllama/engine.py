@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 
+from refllama import generation
 from refllama.backends import Backend, get_backend
+from refllama.chat import Message
 from refllama.config import LlamaConfig
 from refllama.default_model import default_model_path
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError, InputError
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorSource, release_pages
+from refllama.generation import GenerationRequest, GenerationResponse
 from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.kv_cache import KVCache
 from refllama.model import LlamaModel
@@ -62,21 +67,26 @@ class GenericLlamaEngine:
         return KVCache(self.backend, c.num_hidden_layers, batch, c.num_key_value_heads,
                        max_len or c.max_position_embeddings, c.head_dim)
 
-    def forward(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Logits (B, T, vocab) as a host array for ids (B, T) following what `cache` holds."""
-        ids = self._check_ids(token_ids, ndim=2)
-        return self.backend.to_numpy(self.model.forward(ids, cache))
+    def forward(self, token_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
+                positions: np.ndarray | None = None) -> np.ndarray:
+        """Logits (B, T, vocab) as a host array for ids (B, T) following what `cache` holds.
+
+        attention_mask (B, cache.length + T): 1 for real tokens, 0 for padding; positions (B, T): RoPE positions
+        (default: cache.length + arange(T)).
+        """
+        ids = self.check_ids(token_ids, ndim=2)
+        return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions))
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits for every position of one sequence, (T, vocab), from one full forward pass."""
-        ids = self._check_ids(token_ids, ndim=1)
+        ids = self.check_ids(token_ids, ndim=1)
         cache = self.new_cache(1, len(ids))
         return self.forward(ids[None, :], cache)[0]
 
     def generate_ids(self, token_ids: Sequence[int] | np.ndarray, max_new_tokens: int,
                      stop_at_eos: bool = True) -> list[int]:
         """Greedy decoding through the KV cache; returns the new ids (ending with the eos id if one stopped it)."""
-        ids = self._check_ids(token_ids, ndim=1)
+        ids = self.check_ids(token_ids, ndim=1)
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if max_new_tokens == 0:
@@ -91,14 +101,25 @@ class GenericLlamaEngine:
                 return new
             logits = self.forward(np.array([[token]]), cache)[0, -1]  # decode one step
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy continuation of `prompt` as text (the tokenizer adds BOS as the model's files say)."""
-        if self.tokenizer is None:
-            raise InputError("this model has no tokenizer files; use generate_ids with token ids")
-        new = self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+    @overload
+    def generate(self, request: GenerationRequest) -> GenerationResponse: ...
+    @overload
+    def generate(self, request: Sequence[GenerationRequest]) -> list[GenerationResponse]: ...
 
-    def _check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int) -> np.ndarray:
+    def generate(self, request):
+        """Generate for one request, or for a list of them as one padded batch (a response per request)."""
+        if isinstance(request, GenerationRequest):
+            return generation.run(self, [request])[0]
+        if not request or not all(isinstance(r, GenerationRequest) for r in request):
+            raise InputError("generate takes a GenerationRequest or a non-empty list of them")
+        return generation.run(self, list(request))
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """The response text in pieces, as tokens arrive (no piece splits a UTF-8 character)."""
+        return generation.stream(self, request)
+
+    def check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int = 1) -> np.ndarray:
+        """Token ids as an int64 array, or InputError naming the first one outside the vocabulary."""
         ids = np.asarray(token_ids)
         if ids.ndim != ndim or ids.size == 0 or ids.shape[-1] == 0:
             raise InputError(f"expected a non-empty {ndim}-d sequence of token ids, got shape {ids.shape}")
@@ -118,7 +139,18 @@ def load(path: str | Path | None = None, backend: str = "numpy",
     return GenericLlamaEngine.load(default_model_path() if path is None else path, backend=backend, dtype=dtype)
 
 
-def generate(prompt: str, model: str | Path | None = None, max_new_tokens: int = 32, backend: str = "numpy",
-             dtype: str | DataType = "float32") -> str:
-    """Greedy text continuation of `prompt` by `model` (None: the embedded default, SmolLM2-135M-Instruct)."""
-    return load(model, backend=backend, dtype=dtype).generate_text(prompt, max_new_tokens)
+def generate(prompt: str | list[Message], model: str | Path | None = None, *, backend: str = "numpy",
+             dtype: str | DataType = "float32", **options: Any) -> GenerationResponse:
+    """Continue `prompt` (text, or chat messages) with `model` (None: the embedded default, SmolLM2-135M-Instruct).
+
+    `options` are GenerationRequest fields (max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, ...);
+    greedy by default. The loaded model is kept for the next call with the same model, backend and dtype.
+    """
+    key = "messages" if isinstance(prompt, list) else "prompt"
+    request = GenerationRequest(**{key: prompt}, **options)
+    return _cached_engine(str(default_model_path() if model is None else model), backend, str(dtype)).generate(request)
+
+
+@lru_cache(maxsize=1)
+def _cached_engine(path: str, backend: str, dtype: str) -> GenericLlamaEngine:
+    return load(path, backend=backend, dtype=dtype)

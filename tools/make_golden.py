@@ -361,6 +361,123 @@ def write_smollm2() -> None:
     print(f"smollm2: {len(arrays)} arrays -> {path.relative_to(ROOT)} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+# --- Sampling: transformers' own logits processors on fixed logits ----------------------------------------------
+
+SAMPLING_CASES = {
+    "temperature": {"temperature": 0.7},
+    "top_k": {"top_k": 5},
+    "top_p": {"top_p": 0.8},
+    "min_p": {"min_p": 0.2},
+    "repetition_penalty": {"repetition_penalty": 1.3},
+    "combined": {"repetition_penalty": 1.2, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "min_p": 0.05},
+}
+
+
+def sampling_golden() -> dict[str, np.ndarray]:
+    """Processed scores from the processor list transformers' generate() builds for each case (so the order is
+    HF's own), on float32 logits with ties and a wide range."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    rng = np.random.default_rng(2024)
+    scores = (3 * rng.standard_normal((6, 64))).astype(np.float32)
+    scores[0, :3] = scores[0, 3]  # a tie at the top
+    scores[1] *= 8  # a peaked row
+    previous = rng.integers(0, 64, size=(6, 12))
+    model = LlamaForCausalLM.from_pretrained(FIXTURES_DIR / "tinyllama", dtype=torch.float32)
+    out = {"scores": scores, "previous": previous}
+    for name, params in SAMPLING_CASES.items():
+        config = GenerationConfig(do_sample=True, **{"top_k": 0, **params})  # top_k 0: off unless the case sets it
+        processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=12)
+        out[f"{name}_processors"] = np.array([type(p).__name__ for p in processors])
+        with torch.no_grad():
+            out[name] = processors(torch.from_numpy(previous), torch.from_numpy(scores.copy())).numpy()
+    return out
+
+
+# --- Chat templates: transformers' apply_chat_template output ------------------------------------------------
+
+# A template in the style of Llama 3.1's (header ids, eot, a system message with the date, tools as JSON).
+LLAMA31_STYLE_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{%- if tools is not none %}\n"
+    "    {{- \"You have access to the following functions:\\n\\n\" }}\n"
+    "    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- \"\\n\\n\" }}{%- endfor %}\n"
+    "{%- endif %}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ['user', 'assistant', 'ipython'] %}\n"
+    "        {{- raise_exception('Unknown role: ' + message['role']) }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n"
+)
+
+CHAT_CASES = {
+    "single": [{"role": "user", "content": "What is the capital of France?"}],
+    "system_multi_turn": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. "},
+        {"role": "user", "content": "Größe? ½ 🦙 \"quoted\" <b>html</b>"},
+    ],
+}
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & later",
+                                                  "parameters": {"city": {"type": "string"}}}}]
+
+
+def chat_golden() -> dict:
+    from transformers import PreTrainedTokenizerFast
+
+    smollm2 = smollm2_tokenizer(smollm2_gguf())
+    llama = PreTrainedTokenizerFast(tokenizer_object=smollm2.backend_tokenizer, bos_token="<|begin_of_text|>",
+                                    eos_token="<|eot_id|>")
+    out = {"llama31_style_template": LLAMA31_STYLE_TEMPLATE, "smollm2_template": smollm2.chat_template,
+           "cases": CHAT_CASES, "tools": CHAT_TOOLS, "rendered": {}}
+    for tname, tok, template in (("smollm2", smollm2, None), ("llama31_style", llama, LLAMA31_STYLE_TEMPLATE)):
+        for cname, messages in CHAT_CASES.items():
+            for gen in (True, False):
+                for tools in ((None, CHAT_TOOLS) if tname == "llama31_style" else (None,)):
+                    key = f"{tname}/{cname}/gen={gen}/tools={tools is not None}"
+                    out["rendered"][key] = tok.apply_chat_template(
+                        messages, chat_template=template, add_generation_prompt=gen, tools=tools, tokenize=False)
+    return out
+
+
+def write_generation_goldens() -> None:
+    np.savez_compressed(GOLDEN_DIR / "sampling.npz", **sampling_golden())
+    (GOLDEN_DIR / "chat_templates.json").write_text(json.dumps(chat_golden(), indent=2, ensure_ascii=False) + "\n")
+    manifest_path = GOLDEN_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sampling"] = {
+        "golden": "golden/sampling.npz", "golden_sha256": sha256(GOLDEN_DIR / "sampling.npz"),
+        "description": "transformers' logits processors, as generate() builds them from a GenerationConfig "
+                       "(do_sample=True, top_k=0 unless set), applied to fixed float32 scores; per case the "
+                       "processed scores and the processor class names in order",
+        "cases": SAMPLING_CASES,
+    }
+    manifest["chat_templates"] = {
+        "golden": "golden/chat_templates.json", "golden_sha256": sha256(GOLDEN_DIR / "chat_templates.json"),
+        "description": "apply_chat_template(tokenize=False) for the SmolLM2 GGUF's template and a Llama 3.1-style "
+                       "template, with and without the generation prompt and tools",
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print("sampling, chat_templates -> golden/")
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -444,16 +561,18 @@ def check(names: list[str]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="regenerate and compare instead of writing")
-    parser.add_argument("names", nargs="*", default=[*FIXTURES, "smollm2"],
-                        help="fixtures to make (default: all, and smollm2)")
+    parser.add_argument("names", nargs="*", default=[*FIXTURES, "smollm2", "generation"],
+                        help="fixtures to make (default: all, smollm2, and generation = sampling + chat templates)")
     args = parser.parse_args()
-    fixtures = [n for n in args.names if n != "smollm2"]
+    fixtures = [n for n in args.names if n not in ("smollm2", "generation")]
     if args.check:
         return check(fixtures)
     if fixtures:
         write_all(fixtures)
     if "smollm2" in args.names:
         write_smollm2()
+    if "generation" in args.names:
+        write_generation_goldens()
     return 0
 
 

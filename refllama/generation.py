@@ -1,0 +1,279 @@
+"""Generation: requests and responses (spec section 5), the decode loop, stopping, streaming and batches.
+
+One loop serves a single request and a padded batch. A batch is left-padded: each row's real tokens sit at the
+right, padded slots are masked out of attention and every row has its own positions, so a row computes what it
+would alone. Sampling happens on the host, per row, from that row's own seeded NumPy Generator.
+
+Stopping, per row: an id in the model's eos set (config.json and generation_config.json) -> "eos"; a stop string
+(found in the decoded text even when split across tokens, and trimmed from it) or an extra stop id -> "stop";
+max_new_tokens or the context limit (max_position_embeddings) -> "length".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from refllama.chat import Message, render_chat_template
+from refllama.errors import InputError
+from refllama.sampling import SamplingParams, log_softmax, sample
+
+if TYPE_CHECKING:
+    from refllama.engine import GenericLlamaEngine
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate from: exactly one of `prompt` (text), `messages` (chat) or `token_ids`."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    token_ids: list[int] | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; N: each generated token's logprob and the top N alternatives
+    echo: bool = False  # also return the prompt tokens' logprobs
+    add_generation_prompt: bool = True  # chat: end the prompt with the assistant's turn header
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+@dataclass
+class TokenLogprob:
+    """log p(token | everything before it) under the model (log-softmax of the raw logits, before sampling
+    processors), with the `top` most likely alternatives as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    prefill_seconds: float
+    decode_seconds: float
+    prefill_tokens: int
+    decode_tokens: int
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("inf")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("inf")
+
+
+@dataclass
+class GenerationResponse:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    usage: Usage
+    timings: Timings
+    prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first prompt token
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def prompt_ids(engine: GenericLlamaEngine, request: GenerationRequest) -> list[int]:
+    """The request's prompt as token ids (chat template applied, BOS as the tokenizer's files say, never twice)."""
+    given = [x is not None for x in (request.prompt, request.messages, request.token_ids)]
+    if sum(given) != 1:
+        raise InputError("a request needs exactly one of prompt, messages or token_ids")
+    if request.token_ids is not None:
+        ids = [int(t) for t in request.token_ids]
+    else:
+        tok = engine.tokenizer
+        if tok is None:
+            raise InputError("this model has no tokenizer files: pass token_ids instead of text")
+        if request.messages is not None:
+            if not tok.chat_template:
+                raise InputError("this model has no chat template: pass a prompt instead of messages")
+            text = render_chat_template(tok.chat_template, request.messages,
+                                        add_generation_prompt=request.add_generation_prompt,
+                                        bos_token=tok.bos_token, eos_token=tok.eos_token)
+            ids = tok.encode(text, add_special_tokens=False)  # the template wrote its special tokens
+        else:
+            ids = tok.encode(request.prompt)
+    if not ids:
+        raise InputError("the prompt is empty")
+    engine.check_ids(ids)
+    return ids
+
+
+class _Row:
+    """One request's state while the batch decodes."""
+
+    def __init__(self, engine: GenericLlamaEngine, request: GenerationRequest, ids: list[int], limit: int):
+        self.request, self.prompt = request, ids
+        self.params = request.sampling
+        self.rng = np.random.default_rng(request.seed)
+        self.budget = min(request.max_new_tokens, limit - len(ids))  # never past the context limit
+        self.eos = set(engine.config.eos_token_id)
+        self.stop_ids = set(request.stop_token_ids)
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text = ""
+        self.finish: str | None = None if self.budget > 0 else "length"
+        self.decoder = _TextDecoder(engine, request.stop)
+
+    def step(self, logits: np.ndarray) -> None:
+        """Choose the next token from this row's last logits and update text and stopping state."""
+        token = sample(logits, self.params, self.rng, previous=[*self.prompt, *self.tokens])
+        self.tokens.append(token)
+        if self.request.logprobs is not None:
+            self.logprobs.append(_logprob(logits, token, self.request.logprobs))
+        stopped = self.decoder.feed(token)
+        if token in self.eos:
+            self.finish = "eos"
+        elif stopped or token in self.stop_ids:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.budget:
+            self.finish = "length"
+
+
+class _TextDecoder:
+    """Incremental detokenization with stop strings.
+
+    Text is decoded from all tokens so far (so multi-byte characters split across tokens come out whole);
+    `emit()` returns only text that is final: not the tail of an incomplete UTF-8 character (U+FFFD) and not a
+    suffix that could still grow into a stop string.
+    """
+
+    def __init__(self, engine: GenericLlamaEngine, stop: Sequence[str]):
+        self.tokenizer, self.stop = engine.tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, token: int) -> bool:
+        """Add a token; True when a stop string completed (the text is then cut before it)."""
+        if self.tokenizer is None:
+            return False
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        return self.stopped
+
+    def emit(self, final: bool = False) -> str:
+        end = len(self.text)
+        if not final and not self.stopped:
+            if self.text.endswith("\ufffd"):
+                end = len(self.text.rstrip("\ufffd"))
+            for s in self.stop:  # hold back a suffix that is a prefix of a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[end - k:end] == s[:k]:
+                        end = min(end, end - k)
+                        break
+        piece = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return piece
+
+
+def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    lp = log_softmax(logits.astype(np.float64))
+    best = np.argsort(-lp, kind="stable")[:top] if top else []
+    return TokenLogprob(int(token), float(lp[token]), [(int(i), float(lp[i])) for i in best])
+
+
+def run(engine: GenericLlamaEngine, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+    """Generate for a batch of requests as one padded batch."""
+    steps = _steps(engine, requests)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def stream(engine: GenericLlamaEngine, request: GenerationRequest) -> Iterator[str]:
+    """Text pieces as tokens arrive; they concatenate to exactly the final response text."""
+    for _, piece in _steps(engine, [request]):
+        if piece:
+            yield piece
+
+
+def _steps(engine: GenericLlamaEngine,
+           requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResponse]]:
+    """The decode loop: yields (row, new final text) after each token, returns the responses."""
+    limit = engine.config.max_position_embeddings
+    prompts = [prompt_ids(engine, r) for r in requests]
+    for r, ids in zip(requests, prompts, strict=True):
+        if r.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {r.max_new_tokens}")
+        if len(ids) > limit:
+            raise InputError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+    rows = [_Row(engine, r, ids, limit) for r, ids in zip(requests, prompts, strict=True)]
+    B, L = len(rows), max(len(ids) for ids in prompts)
+    cache = engine.new_cache(B, L + max(row.budget for row in rows))
+
+    ids = np.zeros((B, L), dtype=np.int64)  # left padding; padded slots are masked, their ids never matter
+    mask = np.zeros((B, L), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):], mask[b, L - len(p):] = p, 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (B, L): each row counts from its first real token
+
+    t0 = time.perf_counter()
+    logits = engine.forward(ids, cache, attention_mask=mask, positions=positions)  # (B, L, vocab)
+    prefill = time.perf_counter() - t0
+    prompt_logprobs = [_prompt_logprobs(logits[b, L - len(p):], p, r) if r.echo else None
+                       for b, (p, r) in enumerate(zip(prompts, requests, strict=True))]
+    last = logits[:, -1]  # (B, vocab)
+    next_positions = positions[:, -1] + 1
+    t1 = time.perf_counter()
+    while True:
+        for b, row in enumerate(rows):
+            if row.finish is None:
+                row.step(last[b])
+                yield b, row.decoder.emit(final=row.finish is not None)
+        if all(row.finish is not None for row in rows):
+            break
+        step_ids = np.array([[row.tokens[-1] if row.tokens else 0] for row in rows], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        last = engine.forward(step_ids, cache, attention_mask=mask, positions=next_positions[:, None])[:, -1]
+        next_positions = next_positions + 1
+    decode = time.perf_counter() - t1
+
+    timings = Timings(prefill, decode, sum(len(p) for p in prompts), sum(max(len(r.tokens) - 1, 0) for r in rows))
+    return [GenerationResponse(
+        text=row.decoder.text, token_ids=row.tokens, finish_reason=row.finish or "length",
+        usage=Usage(len(p), len(row.tokens)), timings=timings, prompt_token_ids=p,
+        logprobs=row.logprobs if row.request.logprobs is not None else None, prompt_logprobs=plp,
+    ) for row, p, plp in zip(rows, prompts, prompt_logprobs, strict=True)]
+
+
+def _prompt_logprobs(logits: np.ndarray, ids: list[int], request: GenerationRequest) -> list[TokenLogprob | None]:
+    """Logprob of each prompt token given the ones before it (the first has no prediction)."""
+    top = request.logprobs or 0
+    return [None] + [_logprob(logits[t - 1], ids[t], top) for t in range(1, len(ids))]
