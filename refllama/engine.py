@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, overload
@@ -28,22 +28,30 @@ from refllama.weights import WeightMap, load_weight_map
 
 class GenericLlamaEngine:
     def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend,
-                 tokenizer: LlamaTokenizer | None = None):
-        """`weights` as loaded (host arrays in their stored dtype); the backend converts them once."""
+                 tokenizer: LlamaTokenizer | None = None, progress: Callable[[int, int], None] | None = None):
+        """`weights` as loaded (host arrays in their stored dtype); the backend converts them once, reporting
+        `progress(done, total)` tensor by tensor."""
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
-        self.model = LlamaModel(config, weights.map(self._take), backend)
+        total, done = len(weights.tensors()), 0
 
-    def _take(self, stored: np.ndarray):
-        """The backend's copy of a stored tensor; a converted tensor's mapped pages are let go at once."""
-        array = self.backend.asarray(stored)
-        if array is not stored:
-            release_pages(stored)
-        return array
+        def take(stored: np.ndarray):
+            # The backend's copy of a stored tensor; a converted tensor's mapped pages are let go at once.
+            nonlocal done
+            array = backend.asarray(stored)
+            if array is not stored:
+                release_pages(stored)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            return array
+
+        self.model = LlamaModel(config, weights.map(take), backend)
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32") -> GenericLlamaEngine:
+    def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32",
+             progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`."""
         path = Path(path).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -52,14 +60,14 @@ class GenericLlamaEngine:
             ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
             tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
                 if "tokenizer.ggml.model" in gguf.metadata else None
-            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer)
+            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer, progress)
         if not path.is_dir():
             raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
         config = LlamaConfig.from_dir(path)
         ops = get_backend(backend, dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
-        return cls(config, load_weight_map(TensorSource(path), config), ops, tokenizer)
+        return cls(config, load_weight_map(TensorSource(path), config), ops, tokenizer, progress)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache; max_len defaults to max_position_embeddings."""
@@ -133,10 +141,12 @@ class GenericLlamaEngine:
         return ids.astype(np.int64, copy=False)
 
 
-def load(path: str | Path | None = None, backend: str = "numpy",
-         dtype: str | DataType = "float32") -> GenericLlamaEngine:
-    """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend."""
-    return GenericLlamaEngine.load(default_model_path() if path is None else path, backend=backend, dtype=dtype)
+def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | DataType = "float32",
+         progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
+    """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
+    `progress(done, total)` is called as each weight tensor is taken in."""
+    path = default_model_path() if path is None else path
+    return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress)
 
 
 def generate(prompt: str | list[Message], model: str | Path | None = None, *, backend: str = "numpy",

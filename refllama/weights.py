@@ -69,8 +69,14 @@ class WeightMap:
         return _map_tree(self, fn)
 
     def tensors(self) -> list[Array]:
+        """Every tensor, in a fixed order (the order `map` visits them)."""
         out: list[Array] = []
-        self.map(lambda a: out.append(a) or a)
+
+        def collect(array: Array) -> Array:
+            out.append(array)
+            return array
+
+        self.map(collect)
         return out
 
 

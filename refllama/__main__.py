@@ -1,0 +1,5 @@
+import sys
+
+from refllama.cli import main
+
+sys.exit(main())
