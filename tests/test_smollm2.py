@@ -112,5 +112,7 @@ def test_generate_with_the_default_model():
     import refllama
 
     _model_path()
-    text = refllama.generate("The capital of France is", max_new_tokens=8)
-    assert "Paris" in text
+    response = refllama.generate("The capital of France is", max_new_tokens=8)
+    assert str(response) == response.text == " Paris.\n\nThe answer is:"
+    chat = refllama.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    assert "Paris" in chat.text and chat.finish_reason == "eos"
