@@ -21,6 +21,7 @@ import numpy as np
 
 from refllama.errors import CheckpointError
 from refllama.formats.ggml_quants import BLOCK_SIZES, GGMLType, dequantize, tensor_nbytes
+from refllama.formats.safetensors import release_pages
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -171,6 +172,9 @@ class GGUFFile:
         return self.dequantize(name)
 
     def dequantize(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array of its NumPy shape."""
+        """The tensor as a new float32 array of its NumPy shape (its mapped source pages are let go after)."""
         info = self._info(name)
-        return dequantize(self.raw(name), info.ggml_type, info.shape)
+        raw = self.raw(name)
+        out = dequantize(raw, info.ggml_type, info.shape)
+        release_pages(raw)
+        return out
