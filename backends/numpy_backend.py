@@ -16,6 +16,8 @@ import numpy as np
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
+from refllama.quant.int8 import w8a8_matmul
+from refllama.quant.types import Int8Weight, PackedIntWeight, dequantize
 from refllama.weights import Linear
 
 # numpy has no erf ufunc (it lives in scipy, which we do not depend on); math.erf is correctly rounded in
@@ -55,6 +57,9 @@ class NumpyBackend:
         return table[ids]
 
     def linear(self, x: np.ndarray, layer: Linear) -> np.ndarray:
+        quantized = _QUANTIZED_LINEAR.get(type(layer.weight))
+        if quantized is not None:
+            return quantized(self, x, layer)
         y = x @ layer.weight.T
         if layer.bias is not None:
             y = y + layer.bias
@@ -73,11 +78,15 @@ class NumpyBackend:
         B, H, T, D = q.shape
         KV = k.shape[1]
         q = q.reshape(B, KV, H // KV, T, D)  # query head h = kv * groups + g
-        scores = (q @ k[:, :, None].swapaxes(-1, -2)) * np.asarray(D**-0.5, dtype=q.dtype)  # (B, KV, G, T, S)
-        scores = np.where(mask[:, None, None], scores, np.finfo(scores.dtype).min)
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs = scores / scores.sum(axis=-1, keepdims=True)
-        out = probs @ v[:, :, None]  # (B, KV, G, T, D)
+        # One (B, KV, G, T, S) buffer, updated in place: the same arithmetic as the textbook expression
+        # without its three score-sized temporaries.
+        scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, KV, G, T, S)
+        scores *= np.asarray(D**-0.5, dtype=q.dtype)
+        np.copyto(scores, np.finfo(scores.dtype).min, where=~mask[:, None, None])
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ v[:, :, None]  # (B, KV, G, T, D)
         return out.reshape(B, H, T, D)
 
     def gated_activation(self, gate: np.ndarray, up: np.ndarray, act: ActivationType) -> np.ndarray:
@@ -92,3 +101,25 @@ class NumpyBackend:
         else:  # pragma: no cover - ActivationType is closed
             raise BackendError(f"activation {act} not implemented")
         return a * up
+
+
+# --- quantized Linears: dispatch on the weight's type (refllama/quant/types.py) ----------------------------------
+
+def _linear_int8(backend: NumpyBackend, x: np.ndarray, layer: Linear) -> np.ndarray:
+    """W8A8: per-token int8 activations times int8 weights in the integer domain (exact accumulators, then the
+    scales; refllama/quant/int8.py). Weight-only int8: dequantize, then a float matmul."""
+    w: Int8Weight = layer.weight
+    if w.activation is None:
+        return _linear_dequantized(backend, x, layer)
+    y = w8a8_matmul(x, w.q, w.scale, w.activation.semantics)  # (..., out)
+    return y + layer.bias if layer.bias is not None else y
+
+
+def _linear_dequantized(backend: NumpyBackend, x: np.ndarray, layer: Linear) -> np.ndarray:
+    """Weight-only (WxA16, GPTQ, AWQ): W = (code - zero) * scale in the compute dtype on the fly, then x @ W.T.
+    Exact in float32 for bf16/f16 scales, so this is the checkpoint's exact function up to the matmul."""
+    y = x @ dequantize(layer.weight, backend.np_dtype).T  # (..., in) @ (in, out)
+    return y + layer.bias if layer.bias is not None else y
+
+
+_QUANTIZED_LINEAR = {Int8Weight: _linear_int8, PackedIntWeight: _linear_dequantized}

@@ -63,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--ids", help="comma-separated token ids")
     lg.add_argument("--out", required=True, type=Path)
 
+    ins = sub.add_parser("inspect", help="diagnose a model from its headers: variant, weights, memory, backends")
+    ins.add_argument("model", nargs="?", default=None, help="HF folder or .gguf file (default: embedded SmolLM2)")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/inspect.md)")
+    ins.add_argument("--backend", default="numpy")
+    ins.add_argument("--dtype", default="float32")
+    ins.add_argument("--context", type=int, default=None, help="context length (default: the model's maximum)")
+    ins.add_argument("--batch", type=int, default=1)
+    ins.add_argument("--memory-limit", default=None, help="e.g. 16GB, 512MB")
+    ins.add_argument("--verify", action="store_true", help="also read every tensor: NaN/Inf scan, checksums")
+    ins.add_argument("--debug", action="store_true", help="show tracebacks")
+
     cv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder")
     cv.add_argument("gguf", type=Path)
     cv.add_argument("out_dir", type=Path)
@@ -182,13 +193,39 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {gguf_to_hf(args.gguf, args.out_dir)}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert}
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from refllama.default_model import default_model_path
+    from refllama.diagnostic import ModelDiagnostic, verify
+    from refllama.memory import parse_bytes
+
+    path = default_model_path() if args.model is None else args.model
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    diag = ModelDiagnostic.analyze_directory(path, backend=args.backend, dtype=args.dtype,
+                                             context_length=args.context, batch_size=args.batch, memory_limit=limit)
+    report = diag.to_json()
+    verification = verify(path) if args.verify else None
+    if verification is not None:
+        report["verification"] = {"ok": verification.ok, "checked_tensors": verification.checked_tensors,
+                                  "nonfinite": verification.nonfinite, "checksums": verification.checksums,
+                                  "manifest": verification.manifest}
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        from refllama.inspect_report import render
+
+        render(report)
+    fits = limit is None or diag.memory_requirements.total_estimated <= limit
+    return 0 if not diag.problems and fits and (verification is None or verification.ok) else 1
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert,
+            "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except RefLlamaError as e:
         if args.debug:
             raise
@@ -196,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

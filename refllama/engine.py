@@ -14,6 +14,7 @@ from refllama.backends import Backend, get_backend
 from refllama.chat import Message
 from refllama.config import LlamaConfig
 from refllama.default_model import default_model_path
+from refllama.diagnostic import ModelDiagnostic
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError, InputError
 from refllama.formats.gguf import GGUFFile
@@ -21,6 +22,7 @@ from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.generation import GenerationRequest, GenerationResponse
 from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.kv_cache import KVCache
+from refllama.memory import BackendConfig, MemoryManager, estimate
 from refllama.model import LlamaModel
 from refllama.tokenizer import LlamaTokenizer
 from refllama.weights import WeightMap, load_weight_map
@@ -34,6 +36,7 @@ class GenericLlamaEngine:
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
+        self.memory_manager = MemoryManager()
         total, done = len(weights.tensors()), 0
 
         def take(stored: np.ndarray):
@@ -68,6 +71,22 @@ class GenericLlamaEngine:
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
         return cls(config, load_weight_map(TensorSource(path), config), ops, tokenizer, progress)
+
+    @classmethod
+    def from_diagnostic(cls, diagnostic: ModelDiagnostic, backend_config: BackendConfig | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
+        """Load an analysed model (spec section 5). With a memory limit, the estimate for this backend, precision,
+        context and batch is checked first: MemoryLimitError, carrying the recommendations, before any large
+        allocation."""
+        bc = backend_config or BackendConfig()
+        requirements = estimate(diagnostic.config, diagnostic.weight_info, bc.backend.value, bc.precision,
+                                bc.context_length, bc.batch_size, memory_limit=bc.memory_limit,
+                                vocab_entries=diagnostic.tokenizer_info.vocab_size or 0)
+        manager = MemoryManager(bc.memory_limit)
+        manager.reserve(requirements)
+        engine = cls.load(diagnostic.model_path, backend=bc.backend.value, dtype=bc.precision, progress=progress)
+        engine.memory_manager = manager
+        return engine
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache; max_len defaults to max_position_embeddings."""

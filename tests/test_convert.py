@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from test_gguf import hf_folder_to_gguf
 
 import refllama
 from refllama.convert import gguf_to_hf, main
 
 from conftest import FIXTURES, GOLDEN
+from test_gguf import hf_folder_to_gguf
 
 
 @pytest.fixture(scope="module")

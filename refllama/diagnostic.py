@@ -1,0 +1,443 @@
+"""ModelDiagnostic: what a model folder or GGUF file holds and needs, read from headers only (spec section 1).
+
+Nothing here reads tensor data (unless `verify` is asked for): safetensors headers, the shard index, config and
+tokenizer files, or a GGUF's header and metadata. A Llama 3.1 70B-shaped folder of 30 shards analyses in well
+under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refllama.backends import REGISTRY
+from refllama.config import LlamaConfig
+from refllama.dtypes import DataType
+from refllama.errors import CheckpointError, RefLlamaError
+from refllama.formats.ggml_quants import GGMLType
+from refllama.formats.gguf import GGUFFile
+from refllama.formats.safetensors import TensorSource
+from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
+from refllama.memory import MemoryRequirements, estimate, format_bytes
+from refllama.quant.config import QuantizationConfig
+from refllama.weights import expected_shapes
+
+SCHEMA_VERSION = 1
+
+
+# --- LlamaVariant ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetaLlama:
+    version: str  # "2", "3", "3.1", "3.2", "3.3"
+    size: str  # "1B", "8B", "70B", ...
+
+
+@dataclass(frozen=True)
+class TinyLlama:
+    version: str  # "1.1B"
+
+
+@dataclass(frozen=True)
+class Distilled:
+    base_model: str  # e.g. "Llama-3.1-8B"
+    vendor: str  # e.g. "DeepSeek"
+
+
+@dataclass(frozen=True)
+class Custom:
+    name: str
+
+
+LlamaVariant = MetaLlama | TinyLlama | Distilled | Custom
+
+META_SIZES = (1, 3, 7, 8, 13, 34, 70, 405)  # billions, as Meta labels them
+TINYLLAMA_SHAPE = (32000, 2048, 5632, 22, 32, 4)  # vocab, hidden, intermediate, layers, heads, kv heads
+DISTILL_VENDORS = {"deepseek": "DeepSeek", "nvidia": "NVIDIA", "minitron": "NVIDIA", "arcee": "Arcee",
+                   "nous": "NousResearch"}
+
+
+def parameter_count(c: LlamaConfig) -> int:
+    """Parameters the config implies (embeddings, untied head, projections, norms, biases)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    layer += 2 * c.hidden_size
+    if c.attention_bias:
+        layer += q + 2 * kv + c.hidden_size
+    if c.mlp_bias:
+        layer += 2 * c.intermediate_size + c.hidden_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return embeddings + c.num_hidden_layers * layer + c.hidden_size
+
+
+def size_label(params: int, meta: bool = False) -> str:
+    """"8B" for Meta's sizes (nearest label in log scale); otherwise two significant figures ("135M", "1.1B")."""
+    billions = params / 1e9
+    if meta:
+        return f"{min(META_SIZES, key=lambda s: abs(np.log(s / billions)))}B"
+    if billions >= 1:
+        return f"{billions:.2g}B" if billions < 10 else f"{round(billions)}B"
+    return f"{params / 1e6:.3g}M"
+
+
+def detect_variant(config: LlamaConfig, names: list[str]) -> LlamaVariant:
+    """Which Llama this is, from its shape and the names it carries (_name_or_path, folder, GGUF name)."""
+    text = " ".join(n for n in names if n).lower()
+    params = parameter_count(config)
+    shape = (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+             config.num_attention_heads, config.num_key_value_heads)
+    meta_version = _meta_version(config, text)
+    if "distill" in text:
+        vendor = next((v for k, v in DISTILL_VENDORS.items() if k in text), None)
+        if vendor is None:
+            match = re.search(r"([a-z0-9]+)[-_]", text)
+            vendor = match.group(1).capitalize() if match else "unknown"
+        base = f"Llama-{meta_version}-{size_label(params, meta=True)}" if meta_version else \
+            f"Llama-{size_label(params)}"
+        return Distilled(base_model=base, vendor=vendor)
+    # by name (with TinyLlama's Llama 2 vocabulary, so a toy that borrows the name is not one) or by its shape
+    if ("tinyllama" in text and config.vocab_size == TINYLLAMA_SHAPE[0]) or shape == TINYLLAMA_SHAPE:
+        return TinyLlama(version="1.1B" if shape == TINYLLAMA_SHAPE else size_label(params))
+    if meta_version and (_meta_shape(config) or ("llama" in text and "meta" in text)):
+        return MetaLlama(version=meta_version, size=size_label(params, meta=True))
+    name = next((n for n in names if n), "llama")
+    return Custom(name=name)
+
+
+def _meta_version(c: LlamaConfig, text: str) -> str | None:
+    """Llama 3 vs 3.1 vs 3.2 (and 3.3, 2) from vocab size, RoPE scaling and theta, names breaking ties."""
+    s = c.rope_scaling
+    if c.vocab_size == 128256 and c.rope_theta == 500000.0:
+        if s is None:
+            return "3"
+        if s.rope_type == "llama3" and s.factor == 32.0:
+            return "3.2"
+        if s.rope_type == "llama3" and s.factor == 8.0:
+            return "3.3" if re.search(r"3\.3|3-3", text) else "3.1"
+    if c.vocab_size == 32000 and c.rope_theta == 10000.0 and ("llama-2" in text or "llama2" in text
+                                                              or _meta_shape(c)):
+        return "2"
+    return None
+
+
+def _meta_shape(c: LlamaConfig) -> bool:
+    """Shapes of Meta's own releases (hidden, layers)."""
+    return (c.hidden_size, c.num_hidden_layers) in {
+        (2048, 16), (3072, 28), (4096, 32), (5120, 40), (8192, 80), (16384, 126)}
+
+
+# --- WeightInfo and TokenizerInfo ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # as stored (GGUF names for GGUF files)
+    dtype: str  # safetensors dtype name, or the GGML type name
+    shape: tuple[int, ...]
+    nbytes: int
+    shard: str  # file name
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    tensors: list[TensorEntry]
+    files: list[str]
+    quantized: dict[str, str] = field(default_factory=dict)  # tensor -> how it is quantized
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def dtype_histogram(self) -> dict[str, int]:
+        """Tensors per dtype."""
+        return dict(sorted(Counter(t.dtype for t in self.tensors).items()))
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    type: str  # "SentencePiece" | "BPE" | "Tiktoken" | "GGUF-embedded" | "none"
+    source: str | None
+    vocab_size: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    has_chat_template: bool
+
+
+def _safetensors_weight_info(source: TensorSource) -> WeightInfo:
+    tensors = [TensorEntry(n, i.dtype, i.shape, i.nbytes, i.path.name)
+               for n, i in ((n, source.info(n)) for n in source.names())]
+    quantized = {t.name: f"{t.dtype} (quantized checkpoint)" for t in tensors
+                 if t.dtype not in ("F64", "F32", "F16", "BF16") and not t.name.endswith("weight_shape")}
+    return WeightInfo(tensors, sorted(p.name for p in source.files), quantized)
+
+
+def _gguf_weight_info(gguf: GGUFFile) -> WeightInfo:
+    tensors = [TensorEntry(n, i.ggml_type.name, i.shape, i.nbytes, gguf.path.name) for n, i in gguf.tensors.items()]
+    plain = {"F32", "F16", "BF16", "F64"}
+    quantized = {t.name: f"GGUF {t.dtype} blocks (dequantized to float32 at load)" for t in tensors
+                 if t.dtype not in plain}
+    return WeightInfo(tensors, [gguf.path.name], quantized)
+
+
+def _folder_tokenizer_info(folder: Path, config: LlamaConfig) -> TokenizerInfo:
+    """From the tokenizer files' headers and JSON, without building the tokenizer."""
+    tc_path = folder / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    has_template = bool(tc.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+    ids = (config.bos_token_id, config.eos_token_id[0] if config.eos_token_id else None, config.pad_token_id)
+    if (folder / "tokenizer.json").is_file():
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        model = data.get("model") or {}
+        vocab = len(model.get("vocab") or {}) if isinstance(model.get("vocab"), dict) else len(model.get("vocab") or [])
+        added = {t["id"] for t in data.get("added_tokens") or [] if "id" in t}
+        size = max(vocab, max(added, default=-1) + 1)
+        return TokenizerInfo("BPE" if model.get("type") == "BPE" else str(model.get("type")), "tokenizer.json",
+                             size, *ids, has_template)
+    path = folder / "tokenizer.model"
+    if path.is_file():
+        head = path.read_bytes()[:64]
+        if re.match(rb"[A-Za-z0-9+/]+={0,2} \d+\n", head):
+            lines = path.read_bytes().count(b"\n")
+            return TokenizerInfo("Tiktoken", "tokenizer.model", lines + 256, *ids, has_template)
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return TokenizerInfo("SentencePiece", "tokenizer.model", sp.get_piece_size(), *ids, has_template)
+    return TokenizerInfo("none", None, None, *ids, has_template)
+
+
+def _gguf_tokenizer_info(gguf: GGUFFile, config: LlamaConfig) -> TokenizerInfo:
+    m = gguf.metadata
+    if "tokenizer.ggml.model" not in m:
+        return TokenizerInfo("none", None, None, None, None, None, False)
+    tokens = m.get("tokenizer.ggml.tokens") or []
+    return TokenizerInfo("GGUF-embedded", f"gguf:{m['tokenizer.ggml.model']}", len(tokens), config.bos_token_id,
+                         config.eos_token_id[0] if config.eos_token_id else None, config.pad_token_id,
+                         bool(m.get("tokenizer.chat_template")))
+
+
+# --- compatibility ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendCompatibility:
+    backend: str
+    available: bool
+    dtypes: list[str]
+    note: str
+
+
+def check_backends(quantization: QuantizationConfig | None) -> list[BackendCompatibility]:
+    """Which registered backends import here and which compute dtypes they offer for this model."""
+    out = []
+    for name, (module, cls, extra) in REGISTRY.items():
+        try:
+            backend = getattr(importlib.import_module(module), cls)
+        except ImportError as e:
+            out.append(BackendCompatibility(name, False, [], f"not installed ({e.name}): pip install "
+                                                             f"'refllama[{extra}]'"))
+            continue
+        dtypes = [d.value for d in backend.supported_dtypes]
+        note = "runs the float weights"
+        if quantization is not None:
+            note = f"{quantization.method.value} {quantization.format}".strip()
+            note += ": dequantized to float32 at load" if quantization.method.value == "gguf" else ""
+        out.append(BackendCompatibility(name, True, dtypes, note))
+    return out
+
+
+# --- the diagnostic --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelDiagnostic:
+    model_path: Path
+    model_type: LlamaVariant
+    config: LlamaConfig
+    weight_info: WeightInfo
+    tokenizer_info: TokenizerInfo
+    quantization_config: QuantizationConfig | None
+    supported_dtypes: list[DataType]
+    memory_requirements: MemoryRequirements
+    backends: list[BackendCompatibility] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what load would reject (missing tensors, ...)
+    memory_limit: int | None = None
+
+    @classmethod
+    def analyze_directory(cls, path: str | Path, backend: str = "numpy", dtype: DataType | str = DataType.F32,
+                          context_length: int | None = None, batch_size: int = 1,
+                          memory_limit: int | None = None) -> ModelDiagnostic:
+        """Analyse an HF folder or a .gguf file from headers only."""
+        path = Path(path).expanduser()
+        dtype = DataType.parse(dtype)
+        if path.is_file() and path.suffix == ".gguf":
+            gguf = GGUFFile(path)
+            config = config_from_gguf(gguf)
+            weights = _gguf_weight_info(gguf)
+            tokenizer = _gguf_tokenizer_info(gguf, config)
+            names = [path.stem, str(gguf.metadata.get("general.name", ""))]
+            problems = _gguf_problems(gguf, config)
+        elif path.is_dir():
+            config = LlamaConfig.from_dir(path)
+            source = TensorSource(path)
+            weights = _safetensors_weight_info(source)
+            tokenizer = _folder_tokenizer_info(path, config)
+            names = [config.name_or_path or "", path.resolve().name]
+            problems = _folder_problems(source, config)
+        else:
+            raise CheckpointError("not a model folder or a .gguf file", path)
+        memory = estimate(config, weights, backend, dtype, context_length, batch_size, memory_limit=memory_limit,
+                          vocab_entries=tokenizer.vocab_size or 0)
+        backends = check_backends(config.quantization_config)
+        supported = sorted({DataType(d) for b in backends if b.available for d in b.dtypes},
+                           key=lambda d: list(DataType).index(d))
+        return cls(path, detect_variant(config, names), config, weights, tokenizer, config.quantization_config,
+                   supported, memory, backends, problems, memory_limit)
+
+    @property
+    def verdict(self) -> str:
+        usable = [b for b in self.backends if b.available]
+        if self.problems:
+            return f"will not load: {self.problems[0]}"
+        if not usable:
+            return "no backend available: pip install refllama"
+        need = self.memory_requirements.total_estimated
+        if self.memory_limit is not None and need > self.memory_limit:
+            return f"does not fit the memory limit ({format_bytes(need)} > {format_bytes(self.memory_limit)})"
+        names = ", ".join(f"{b.backend} ({'/'.join(b.dtypes)})" for b in usable)
+        return f"loads and runs on {names}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented, stable JSON form (docs/inspect.md); schema_version changes when a field does."""
+        m = self.memory_requirements
+        variant = self.model_type
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model_path": str(self.model_path),
+            "model_type": {"kind": type(variant).__name__, **asdict(variant)},
+            "config": {**self.config.__dict__, "hidden_act": self.config.hidden_act.value,
+                       "default_dtype": self.config.default_dtype.value,
+                       "rope_scaling": asdict(self.config.rope_scaling) if self.config.rope_scaling else None,
+                       "quantization_config": None, "layer_dtypes": None,
+                       "eos_token_id": list(self.config.eos_token_id),
+                       "rope_freq_factors": list(self.config.rope_freq_factors or []) or None},
+            "weights": {"files": self.weight_info.files, "tensor_count": len(self.weight_info.tensors),
+                        "parameter_count": self.weight_info.parameter_count,
+                        "config_parameter_count": parameter_count(self.config),
+                        "total_bytes": self.weight_info.total_bytes,
+                        "dtype_histogram": self.weight_info.dtype_histogram,
+                        "quantized_tensors": len(self.weight_info.quantized)},
+            "tokenizer": asdict(self.tokenizer_info),
+            "quantization": None if self.quantization_config is None else {
+                "method": self.quantization_config.method.value, "format": self.quantization_config.format},
+            "supported_dtypes": [d.value for d in self.supported_dtypes],
+            "memory": {"backend": m.backend, "dtype": m.dtype.value, "context_length": m.context_length,
+                       "batch_size": m.batch_size, "model_weights": m.model_weights, "kv_cache": m.kv_cache,
+                       "activation_memory": m.activation_memory, "runtime_overhead": m.runtime_overhead,
+                       "total_estimated": m.total_estimated,
+                       "recommendations": [{"kind": type(r).__name__, **{k: (v.name if isinstance(v, DataType)
+                                                                             else v) for k, v in asdict(r).items()}}
+                                           for r in m.recommendations]},
+            "backends": [asdict(b) for b in self.backends],
+            "problems": self.problems,
+            "memory_limit": self.memory_limit,
+            "verdict": self.verdict,
+        }
+
+
+def _folder_problems(source: TensorSource, config: LlamaConfig) -> list[str]:
+    expected = expected_shapes(config)
+    present = {n: source.info(n) for n in source.names()}
+    if config.quantization_config is not None:
+        return []  # quantized layouts are checked by the quantization loader at load time
+    problems = [f"missing tensor {n}" for n in sorted(set(expected) - set(present))
+                if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    problems += [f"{n} has shape {list(present[n].shape)}, the config needs {list(s)}"
+                 for n, s in expected.items() if n in present and present[n].shape != s]
+    return problems
+
+
+def _gguf_problems(gguf: GGUFFile, config: LlamaConfig) -> list[str]:
+    try:
+        source = GGUFTensorSource(gguf, config)
+    except RefLlamaError as e:
+        return [str(e)]
+    expected = expected_shapes(config)
+    present = {n: source.info(n).shape for n in source.names()}
+    return [f"missing tensor {n}" for n in sorted(set(expected) - set(present))] + [
+        f"{n} has shape {list(present[n])}, the config needs {list(s)}"
+        for n, s in expected.items() if n in present and present[n] != s]
+
+
+# --- verification (opt-in: reads every byte) -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VerificationReport:
+    checked_tensors: int
+    nonfinite: dict[str, int]  # tensor -> count of NaN/Inf values
+    checksums: dict[str, str]  # file -> "ok" | "MISMATCH" | "not in manifest"
+    manifest: str | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.nonfinite and all(v != "MISMATCH" for v in self.checksums.values())
+
+
+def verify(path: str | Path) -> VerificationReport:
+    """Shapes and dtypes (as load checks them), a NaN/Inf scan of every float tensor, and each file's sha256
+    against a `SHA256SUMS` manifest (sha256sum format) in the folder when there is one."""
+    path = Path(path).expanduser()
+    if path.suffix == ".gguf":
+        gguf = GGUFFile(path)
+        names = list(gguf.tensors)
+
+        def read(n: str) -> np.ndarray:
+            return gguf.get(n) if gguf.tensors[n].ggml_type != GGMLType.BF16 else gguf.dequantize(n)
+        folder, files = path.parent, [path]
+    else:
+        source = TensorSource(path)
+        names, read, folder, files = source.names(), source.get, path, sorted(source.files)
+    nonfinite = {}
+    for n in names:
+        a = read(n)
+        if a.dtype.kind == "f" or str(a.dtype) in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            bad = int(np.count_nonzero(~np.isfinite(a.astype(np.float32, copy=False))))
+            if bad:
+                nonfinite[n] = bad
+    manifest_path = folder / "SHA256SUMS"
+    expected: dict[str, str] = {}
+    if manifest_path.is_file():
+        for line in manifest_path.read_text().splitlines():
+            if line.strip():
+                digest, name = line.split(maxsplit=1)
+                expected[name.lstrip("*").strip()] = digest.lower()
+    checksums = {}
+    for f in files:
+        if f.name in expected:
+            checksums[f.name] = "ok" if _sha256(f) == expected[f.name] else "MISMATCH"
+        elif expected:
+            checksums[f.name] = "not in manifest"
+    return VerificationReport(len(names), nonfinite, checksums, str(manifest_path) if expected else None)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,281 @@
+"""Memory: what a model needs once loaded (spec section 7), backend configuration, and the enforced limit.
+
+The estimate counts what actually sits in memory while a model generates, as the numpy backend lays it out:
+
+* weights as they will be after loading: float tensors in the compute dtype (converted, or mapped pages that
+  generation touches), GGUF blocks dequantized, integer (quantized) tensors as stored;
+* the KV cache: 2 x layers x batch x kv_heads x context x head_dim in the compute dtype;
+* activations of the largest prefill step: the residual stream and the peak of a layer (attention scores with
+  their softmax temporaries, or the MLP's gate/up temporaries, or the logits), whichever is largest;
+* runtime overhead: the tokenizer's tables and the GGUF metadata (measured per vocabulary entry) and the
+  Python objects of a load.
+
+`tools/measure_memory.py` and tests/test_memory.py compare the estimate with the peak RSS growth of a real
+load + generate (within 15%).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from refllama.config import ActivationType, LlamaConfig
+from refllama.dtypes import DataType
+from refllama.errors import RefLlamaError
+
+if TYPE_CHECKING:
+    from refllama.diagnostic import WeightInfo
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Measured: building SmolLM2's 49,152-token byte-level BPE tokenizer plus the GGUF vocabulary arrays costs
+# ~39 MB of RSS, about 800 bytes per vocabulary entry (tools/measure_memory.py prints the breakdown).
+TOKENIZER_BYTES_PER_TOKEN = 800
+# Python-side objects of a load (config, weight map, cache bookkeeping, masks): about 64 KiB, measured on the
+# tiny fixtures, where it is a visible share of the total.
+LOAD_OVERHEAD_BYTES = 64 * 1024
+
+
+class BackendType(enum.Enum):
+    NUMPY = "numpy"
+    NUMBA = "numba"
+    CUPY = "cupy"
+    MLX = "mlx"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which backend, compute precision, memory limit and workload a model is loaded for (spec section 5)."""
+
+    backend: BackendType = BackendType.NUMPY
+    precision: DataType = DataType.F32
+    memory_limit: int | None = None  # bytes
+    context_length: int | None = None  # default: max_position_embeddings
+    batch_size: int = 1
+    quantization_support: bool = True
+
+    def with_memory_limit(self, limit: int | str) -> BackendConfig:
+        return replace(self, memory_limit=parse_bytes(limit))
+
+    def with_precision(self, dtype: DataType | str) -> BackendConfig:
+        return replace(self, precision=DataType.parse(dtype))
+
+    def with_context_length(self, n: int) -> BackendConfig:
+        return replace(self, context_length=n)
+
+    def with_batch_size(self, n: int) -> BackendConfig:
+        return replace(self, batch_size=n)
+
+    def with_quantization_support(self, enabled: bool) -> BackendConfig:
+        return replace(self, quantization_support=enabled)
+
+
+# --- Memory optimizations (spec section 7), each with the figure that makes the model fit -----------------------
+
+@dataclass(frozen=True)
+class QuantizeToDataType:
+    dtype: DataType
+    total_bytes: int  # the estimate with weights in this type
+
+
+@dataclass(frozen=True)
+class ReduceKVCacheSize:
+    context_length: int  # the longest context that fits
+
+
+@dataclass(frozen=True)
+class UseModelSharding:
+    num_shards: int  # devices of the limit's size needed
+
+
+@dataclass(frozen=True)
+class ReduceBatchSize:
+    batch_size: int  # the largest batch that fits
+
+
+@dataclass(frozen=True)
+class EnableGradientCheckpointing:
+    """In the spec for completeness, never emitted: inference keeps no activations for a backward pass, so
+    recomputing them saves nothing."""
+
+
+MemoryOptimization = QuantizeToDataType | ReduceKVCacheSize | UseModelSharding | ReduceBatchSize
+
+
+@dataclass(frozen=True)
+class MemoryRequirements:
+    model_weights: int
+    kv_cache: int
+    activation_memory: int
+    runtime_overhead: int
+    total_estimated: int
+    context_length: int
+    batch_size: int
+    backend: str
+    dtype: DataType
+    recommendations: list[MemoryOptimization] = field(default_factory=list)
+
+
+class MemoryLimitError(RefLlamaError):
+    """The model would not fit the memory limit; `recommendations` say what would make it fit."""
+
+    def __init__(self, requirements: MemoryRequirements, limit: int):
+        self.requirements, self.limit = requirements, limit
+        self.recommendations = requirements.recommendations
+        hints = "; ".join(describe(r) for r in self.recommendations) or "no configuration fits"
+        super().__init__(f"the model needs about {format_bytes(requirements.total_estimated)} "
+                         f"({format_bytes(requirements.model_weights)} weights, "
+                         f"{format_bytes(requirements.kv_cache)} KV cache) but the limit is {format_bytes(limit)}: "
+                         f"{hints}")
+
+
+class MemoryManager:
+    """Tracks what a loaded engine holds against an optional limit (spec section 7)."""
+
+    def __init__(self, available_memory: int | None = None):
+        self.available_memory = available_memory
+        self.allocated_memory = 0
+
+    def reserve(self, requirements: MemoryRequirements) -> None:
+        """Admit a model: raise MemoryLimitError (before anything large is allocated) if it cannot fit."""
+        if self.available_memory is not None and \
+                self.allocated_memory + requirements.total_estimated > self.available_memory:
+            raise MemoryLimitError(requirements, self.available_memory - self.allocated_memory)
+        self.allocated_memory += requirements.total_estimated
+
+
+def _itemsize(dtype: DataType) -> int:
+    return {DataType.F64: 8, DataType.F32: 4, DataType.F16: 2, DataType.BF16: 2}[dtype]
+
+
+def weights_in_memory(weights: WeightInfo, dtype: DataType) -> int:
+    """Weights after loading: float tensors (and dequantized GGUF blocks) in the compute dtype; integer tensors
+    (quantized checkpoints) as stored."""
+    s = _itemsize(dtype)
+    total = 0
+    for t in weights.tensors:
+        if t.dtype in FLOAT_DTYPES or t.dtype.startswith(("Q", "GGUF")):
+            total += t.numel * s
+        else:
+            total += t.nbytes
+    return total
+
+
+def kv_cache_bytes(config: LlamaConfig, dtype: DataType, context: int, batch: int) -> int:
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * context * config.head_dim \
+        * _itemsize(dtype)
+
+
+def activation_bytes(config: LlamaConfig, dtype: DataType, tokens: int, context: int, batch: int) -> int:
+    """Peak temporaries of one prefill step of `tokens` new tokens attending over `context` positions.
+
+    The largest of three phases of a layer, as the numpy backend runs it (checked against tracemalloc):
+    attention holds the residual x and its norm, q and the attention output, one (B, H, T, S) score buffer and
+    the mask (k and v live in the KV cache by then); the MLP holds x, its norm, gate, up and the activation's
+    temporaries; the head holds x, its norm and the logits. The cos/sin tables live through the whole step.
+    """
+    c, s, B, T, S = config, _itemsize(dtype), batch, tokens, context
+    H, D, hd, inter = c.num_attention_heads, c.hidden_size, c.head_dim, c.intermediate_size
+    attention = s * (2 * B * T * D + 2 * B * H * T * hd + B * H * T * S) + 2 * B * T * S
+    mlp = s * (2 * B * T * D + 4 * B * T * inter)
+    if c.hidden_act is ActivationType.Gelu:  # exact GELU goes through math.erf: an object array of floats
+        mlp += 32 * B * T * inter
+    head = s * (2 * B * T * D + B * T * c.vocab_size)
+    tables = s * 2 * B * T * hd
+    return max(attention, mlp, head) + tables
+
+
+def estimate(config: LlamaConfig, weights: WeightInfo, backend: str = "numpy", dtype: DataType = DataType.F32,
+             context_length: int | None = None, batch_size: int = 1, prefill_tokens: int | None = None,
+             memory_limit: int | None = None, vocab_entries: int = 0) -> MemoryRequirements:
+    """MemoryRequirements for running the model; with `memory_limit`, the recommendations that make it fit."""
+    context = context_length or config.max_position_embeddings
+    tokens = min(prefill_tokens or context, context)
+    w = weights_in_memory(weights, dtype)
+    kv = kv_cache_bytes(config, dtype, context, batch_size)
+    act = activation_bytes(config, dtype, tokens, tokens, batch_size)  # a prefill from an empty cache
+    overhead = vocab_entries * TOKENIZER_BYTES_PER_TOKEN + LOAD_OVERHEAD_BYTES
+    total = w + kv + act + overhead
+    req = MemoryRequirements(w, kv, act, overhead, total, context, batch_size, backend, dtype)
+    if memory_limit is None or total <= memory_limit:
+        return req
+    return replace(req, recommendations=_recommendations(config, weights, dtype, context, batch_size,
+                                                         tokens, memory_limit, overhead))
+
+
+def _recommendations(config: LlamaConfig, weights: WeightInfo, dtype: DataType, context: int, batch: int,
+                     tokens: int, limit: int, overhead: int) -> list[MemoryOptimization]:
+    w = weights_in_memory(weights, dtype)
+    kv_per_position = kv_cache_bytes(config, dtype, 1, batch)
+    act = activation_bytes(config, dtype, tokens, tokens, batch)
+    out: list[MemoryOptimization] = []
+    rest = act + overhead + kv_cache_bytes(config, dtype, context, batch)
+    for qtype, bytes_per_weight in ((DataType.W8A16, 1.0 + 2 / 128), (DataType.W4A16, 0.5 + 2 / 32)):
+        quantized = _quantized_weights(weights, dtype, bytes_per_weight)
+        if quantized + rest <= limit:
+            out.append(QuantizeToDataType(qtype, quantized + rest))
+            break
+    # the longest context (KV cache and the prefill over it) that fits
+    lo, hi = 0, context
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        need = w + overhead + kv_cache_bytes(config, dtype, mid, batch) + activation_bytes(
+            config, dtype, min(tokens, mid), min(tokens, mid), batch)
+        lo, hi = (mid, hi) if need <= limit else (lo, mid - 1)
+    if 0 < lo < context:
+        out.append(ReduceKVCacheSize(lo))
+    if batch > 1:
+        fits = [b for b in range(batch - 1, 0, -1)
+                if w + overhead + kv_cache_bytes(config, dtype, context, b)
+                + activation_bytes(config, dtype, tokens, tokens, b) <= limit]
+        if fits:
+            out.append(ReduceBatchSize(fits[0]))
+    total = w + kv_per_position * context + act + overhead
+    out.append(UseModelSharding(max(2, math.ceil(total / limit))))
+    return out
+
+
+def _quantized_weights(weights: WeightInfo, dtype: DataType, bytes_per_weight: float) -> int:
+    """Weights with every projection matrix quantized (embeddings, norms and the head stay in `dtype`)."""
+    s = _itemsize(dtype)
+    total = 0
+    for t in weights.tensors:
+        projection = len(t.shape) == 2 and ".layers." in t.name
+        total += int(t.numel * bytes_per_weight) if projection else t.numel * s
+    return total
+
+
+def describe(o: MemoryOptimization) -> str:
+    if isinstance(o, QuantizeToDataType):
+        return f"quantize weights to {o.dtype.name} (about {format_bytes(o.total_bytes)} in all)"
+    if isinstance(o, ReduceKVCacheSize):
+        return f"reduce the context to {o.context_length} tokens"
+    if isinstance(o, ReduceBatchSize):
+        return f"reduce the batch to {o.batch_size}"
+    return f"shard the model over {o.num_shards} devices"
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """16000000000, "16GB", "16 GiB", "512MB" -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise RefLlamaError(f"not a size: {value!r} (examples: 16GB, 512MB, 8GiB)") from None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
