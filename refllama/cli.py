@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--verify", action="store_true", help="also read every tensor: NaN/Inf scan, checksums")
     ins.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    cmp = sub.add_parser("compare", help="trace two models (or backends, or dtypes) and show where they diverge")
+    cmp.add_argument("a", help="reference: a model folder, a .gguf file, or a trace .npz (tools/hf_trace.py)")
+    cmp.add_argument("b", nargs="?", default=None, help="candidate (default: A again, with --backend-b/--dtype-b)")
+    src = cmp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--text", help="text, tokenized by A's tokenizer")
+    for side, dtype in (("a", "float64"), ("b", "float32")):
+        cmp.add_argument(f"--backend-{side}", default="numpy")
+        cmp.add_argument(f"--dtype-{side}", default=dtype)
+    cmp.add_argument("--profile", default="f32", help="tolerance profile: f64, f32, bf16, int8, q4 (default f32)")
+    cmp.add_argument("--json", action="store_true")
+    cmp.add_argument("--plot", type=Path, default=None, help="write a per-layer error plot (PNG; needs matplotlib)")
+    cmp.add_argument("--debug", action="store_true", help="show tracebacks")
+
     cv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder")
     cv.add_argument("gguf", type=Path)
     cv.add_argument("out_dir", type=Path)
@@ -187,6 +201,90 @@ def cmd_logits(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: logits {logits.shape} {logits.dtype} for {len(ids)} tokens", file=sys.stderr)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from refllama.engine import load
+    from refllama.errors import InputError
+    from refllama.testing.compare import PROFILES, compare_traces
+
+    if args.profile not in PROFILES:
+        raise InputError(f"unknown profile {args.profile!r} (one of {', '.join(PROFILES)})")
+    engines: dict[str, object] = {}
+
+    def engine(path: str, backend: str, dtype: str):
+        if (path, backend, dtype) not in engines:
+            engines[path, backend, dtype] = load(path, backend=backend, dtype=dtype)
+        return engines[path, backend, dtype]
+
+    def token_ids() -> list[int]:
+        if args.ids is not None:
+            try:
+                return [int(x) for x in args.ids.split(",") if x.strip()]
+            except ValueError:
+                raise InputError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        e = engine(args.a, args.backend_a, args.dtype_a)
+        if e.tokenizer is None:
+            raise InputError(f"{args.a} has no tokenizer: use --ids")
+        return e.tokenizer.encode(args.text)
+
+    def trace(path: str, backend: str, dtype: str) -> dict[str, np.ndarray]:
+        if path.endswith(".npz"):
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        return engine(path, backend, dtype).trace(ids)
+
+    ids = token_ids()
+    b = args.b or args.a
+    rows = compare_traces(trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b, args.dtype_b),
+                          args.profile)
+    first = next((r for r in rows if not r.ok), None)
+    labels = [f"{args.a} ({args.backend_a} {args.dtype_a})", f"{b} ({args.backend_b} {args.dtype_b})"]
+    if args.json:
+        print(json.dumps({"reference": labels[0], "candidate": labels[1], "profile": args.profile,
+                          "tokens": len(ids), "first_divergence": first.name if first else None,
+                          "rows": [asdict(r) for r in rows]}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{labels[1]} vs {labels[0]}, {len(ids)} tokens, profile {args.profile}")
+        for col in ("tensor", "max |diff|", "max |diff| / max |ref|", "NMSE", ""):
+            table.add_column(col, justify="left" if col == "tensor" else "right", no_wrap=col == "tensor")
+        for r in rows:
+            table.add_row(r.name, f"{r.max_abs:.3g}", f"{r.rel_max_abs:.3g}", f"{r.nmse:.3g}",
+                          "ok" if r.ok else "[red]DIVERGES[/red]")
+        console = Console()
+        console.print(table)
+        console.print(f"first divergence beyond '{args.profile}': {first.name}" if first else
+                      f"no tensor diverges beyond the '{args.profile}' profile")
+    if args.plot is not None:
+        _plot(rows, args.plot, labels)
+    return 1 if first else 0
+
+
+def _plot(rows, path: Path, labels: list[str]) -> None:
+    from refllama.errors import InputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for suffix in ("residual_attention", "residual", "q", "mlp_output"):
+        points = [(int(r.name.split(".")[1]), max(r.nmse, 1e-300)) for r in rows
+                  if r.name.startswith("layers.") and r.name.endswith("." + suffix)]
+        if points:
+            ax.semilogy(*zip(*points, strict=True), marker="o", label=suffix)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("NMSE vs reference")
+    ax.set_title(f"{labels[1]}\nvs {labels[0]}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from refllama.convert import gguf_to_hf
 
@@ -219,7 +317,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,16 @@ class GenericLlamaEngine:
         ids = self.check_ids(token_ids, ndim=2)
         return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions))
 
+    def trace(self, token_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Every intermediate of one full forward pass over one sequence, by stable name, as host arrays without
+        the batch axis: embeddings (T, hidden); per layer N: layers.N.input_norm, .q / .k (after RoPE) and .v
+        (heads, T, head_dim), .attention_output, .residual_attention, .post_attention_norm, .mlp_output and
+        .residual (T, hidden); final_norm (T, hidden); logits (T, vocab)."""
+        ids = self.check_ids(token_ids, ndim=1)
+        trace: dict = {}
+        self.model.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)
+        return {name: self.backend.to_numpy(value)[0] for name, value in trace.items()}
+
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits for every position of one sequence, (T, vocab), from one full forward pass."""
         ids = self.check_ids(token_ids, ndim=1)

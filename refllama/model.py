@@ -30,12 +30,15 @@ class LlamaModel:
         self.lm_head = Linear(weights.lm_head if weights.lm_head is not None else weights.embeddings)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
-                positions: np.ndarray | None = None) -> Array:
+                positions: np.ndarray | None = None, trace: dict[str, Array] | None = None) -> Array:
         """Logits (B, T, vocab) for `input_ids` (B, T) following the `cache.length` tokens already cached.
 
         attention_mask (B, cache.length + T), 1 for real tokens and 0 for padding, hides padded slots;
-        positions (B, T) default to cache.length + arange(T).
+        positions (B, T) default to cache.length + arange(T); `trace`, if given, receives every intermediate
+        by name (embeddings, layers.N.input_norm, .q, .k, .v, .attention_output, .residual_attention,
+        .post_attention_norm, .mlp_output, .residual, final_norm, logits).
         """
+        record = trace.__setitem__ if trace is not None else lambda name, value: None
         c, xp = self.config, self.backend
         B, T = input_ids.shape
         start = cache.length
@@ -47,17 +50,29 @@ class LlamaModel:
         mask = xp.asarray(_attention_mask(start, T, B, attention_mask))  # (B, T, S) bool
 
         x = xp.embedding(self.weights.embeddings, xp.asarray(input_ids))  # (B, T, hidden)
+        record("embeddings", x)
         for i, layer in enumerate(self.weights.layers):
             h = xp.rms_norm(x, layer.input_layernorm, c.rms_norm_eps)
-            x = x + self.attention(i, h, layer.self_attention, cos, sin, mask, cache)
+            record(f"layers.{i}.input_norm", h)
+            a = self.attention(i, h, layer.self_attention, cos, sin, mask, cache, trace)
+            x = x + a
+            record(f"layers.{i}.attention_output", a)
+            record(f"layers.{i}.residual_attention", x)
             h = xp.rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)
-            x = x + self.mlp(h, layer.mlp)
+            record(f"layers.{i}.post_attention_norm", h)
+            m = self.mlp(h, layer.mlp)
+            x = x + m
+            record(f"layers.{i}.mlp_output", m)
+            record(f"layers.{i}.residual", x)
         cache.advance(T)
         x = xp.rms_norm(x, self.weights.final_norm, c.rms_norm_eps)
-        return xp.linear(x, self.lm_head)  # (B, T, vocab)
+        record("final_norm", x)
+        logits = xp.linear(x, self.lm_head)  # (B, T, vocab)
+        record("logits", logits)
+        return logits
 
     def attention(self, layer: int, x: Array, w: AttentionWeights, cos: Array, sin: Array, mask: Array,
-                  cache: KVCache) -> Array:
+                  cache: KVCache, trace: dict[str, Array] | None = None) -> Array:
         c, xp = self.config, self.backend
         B, T, _ = x.shape
         H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -65,6 +80,8 @@ class LlamaModel:
         k = xp.linear(x, w.k_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         v = xp.linear(x, w.v_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         q, k = xp.apply_rope(q, cos, sin), xp.apply_rope(k, cos, sin)
+        if trace is not None:
+            trace.update({f"layers.{layer}.q": q, f"layers.{layer}.k": k, f"layers.{layer}.v": v})
         k, v = cache.update(layer, k, v)  # (B, KV, S, D): cached keys and values plus these
         out = xp.attention(q, k, v, mask)  # (B, H, T, D)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D)
