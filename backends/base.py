@@ -38,7 +38,11 @@ class Backend(Protocol):
         """Rows of table (V, D) for integer ids (B, T) -> (B, T, D)."""
 
     def linear(self, x: Array, layer: Linear) -> Array:
-        """x (..., in) @ layer.weight.T (+ layer.bias) -> (..., out)."""
+        """x (..., in) @ layer.weight.T (+ layer.bias) -> (..., out).
+
+        layer.weight is a float array or a refllama.quant Int8Weight / PackedIntWeight: dispatch on its type
+        (docs/quantization.md); a backend that cannot run a type raises BackendError naming it.
+        """
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """weight * x / sqrt(mean(x**2, -1) + eps), normalising in at least float32."""

@@ -23,6 +23,9 @@ def _add_model_options(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--backend", default="numpy", help="array backend (numpy, mlx, ...)")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, float64, ...)")
+    p.add_argument("--quant-semantics", choices=("hf", "vllm"), default="hf",
+                   help="W8A8 activation quantization: compressed-tensors/HF (default) or vLLM")
+    p.add_argument("--dequantize", action="store_true", help="dequantize weight-only quantized weights at load")
     p.add_argument("--quiet", action="store_true", help="no progress bar or speed report")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -99,7 +102,8 @@ def _load(args: argparse.Namespace):
     from refllama.engine import load
 
     progress = None if args.quiet or not sys.stderr.isatty() else _progress_bar()
-    return load(args.model, backend=args.backend, dtype=args.dtype, progress=progress)
+    return load(args.model, backend=args.backend, dtype=args.dtype, progress=progress,
+                dequantize=args.dequantize, quant_semantics=args.quant_semantics)
 
 
 def _progress_bar() -> Callable[[int, int], None]:

@@ -94,6 +94,10 @@ class LlamaConfig:
         folder = Path(path)
         config_path = folder / "config.json"
         data = _read_json(config_path)
+        quantize_config = folder / "quantize_config.json"
+        if "quantization_config" not in data and quantize_config.is_file():
+            # AutoGPTQ / GPTQModel checkpoints may carry their block only there (its quant_method, else gptq)
+            data = {**data, "quantization_config": {"quant_method": "gptq", **_read_json(quantize_config)}}
         generation_path = folder / "generation_config.json"
         generation = _read_json(generation_path) if generation_path.is_file() else None
         return cls.from_dict(data, generation, source=config_path)

@@ -15,7 +15,7 @@ from refllama.chat import Message
 from refllama.config import LlamaConfig
 from refllama.default_model import default_model_path
 from refllama.diagnostic import ModelDiagnostic
-from refllama.dtypes import DataType
+from refllama.dtypes import DataType, LayerDataTypeConfig
 from refllama.errors import CheckpointError, InputError
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorSource, release_pages
@@ -24,19 +24,26 @@ from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.kv_cache import KVCache
 from refllama.memory import BackendConfig, MemoryManager, estimate
 from refllama.model import LlamaModel
+from refllama.quant.quantize import apply_layer_dtypes
+from refllama.quant.quantize import set_precision as _set_precision
 from refllama.tokenizer import LlamaTokenizer
 from refllama.weights import WeightMap, load_weight_map
 
 
 class GenericLlamaEngine:
     def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend,
-                 tokenizer: LlamaTokenizer | None = None, progress: Callable[[int, int], None] | None = None):
+                 tokenizer: LlamaTokenizer | None = None, progress: Callable[[int, int], None] | None = None,
+                 *, layer_dtypes: LayerDataTypeConfig | None = None, quant_semantics: str = "hf"):
         """`weights` as loaded (host arrays in their stored dtype); the backend converts them once, reporting
-        `progress(done, total)` tensor by tensor."""
+        `progress(done, total)` tensor by tensor. `layer_dtypes` quantizes or rounds them per layer first
+        (refllama/quant/quantize.py); the loaded map is kept as `source_weights` for `set_precision`."""
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
         self.memory_manager = MemoryManager()
+        self.source_weights = weights  # memory-mapped views: set_precision re-derives from these
+        if layer_dtypes is not None:
+            weights = apply_layer_dtypes(weights, layer_dtypes, semantics=quant_semantics)
         total, done = len(weights.tensors()), 0
 
         def take(stored: np.ndarray):
@@ -54,8 +61,14 @@ class GenericLlamaEngine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32",
-             progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
-        """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`."""
+             progress: Callable[[int, int], None] | None = None, *, dequantize: bool = False,
+             quant_semantics: str = "hf", layer_dtypes: LayerDataTypeConfig | None = None) -> GenericLlamaEngine:
+        """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
+
+        Quantized checkpoints stay quantized unless `dequantize` (weight-only formats, to float32 at load);
+        `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes` applies
+        per-layer data types to a float checkpoint (docs/quantization.md)."""
+        options = {"layer_dtypes": layer_dtypes, "quant_semantics": quant_semantics}
         path = Path(path).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             gguf = GGUFFile(path)
@@ -63,14 +76,22 @@ class GenericLlamaEngine:
             ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
             tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
                 if "tokenizer.ggml.model" in gguf.metadata else None
-            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer, progress)
+            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer, progress,
+                       **options)
         if not path.is_dir():
             raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
         config = LlamaConfig.from_dir(path)
         ops = get_backend(backend, dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
-        return cls(config, load_weight_map(TensorSource(path), config), ops, tokenizer, progress)
+        weights = load_weight_map(TensorSource(path), config, dequantize=dequantize,
+                                  activation_semantics=quant_semantics)
+        return cls(config, weights, ops, tokenizer, progress, **options)
+
+    def set_precision(self, layer_dtypes: LayerDataTypeConfig, *, group_size: int | None = 128,
+                      quant_semantics: str = "hf") -> None:
+        """Re-derive the weights from the kept source with new per-layer data types; no file is reread."""
+        _set_precision(self, layer_dtypes, group_size=group_size, semantics=quant_semantics)
 
     @classmethod
     def from_diagnostic(cls, diagnostic: ModelDiagnostic, backend_config: BackendConfig | None = None,
@@ -171,11 +192,12 @@ class GenericLlamaEngine:
 
 
 def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | DataType = "float32",
-         progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
+         progress: Callable[[int, int], None] | None = None, **options: Any) -> GenericLlamaEngine:
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
-    `progress(done, total)` is called as each weight tensor is taken in."""
+    `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
+    quant_semantics, layer_dtypes (GenericLlamaEngine.load)."""
     path = default_model_path() if path is None else path
-    return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress)
+    return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)
 
 
 def generate(prompt: str | list[Message], model: str | Path | None = None, *, backend: str = "numpy",

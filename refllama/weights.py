@@ -3,10 +3,15 @@
 Weights stay as they are stored (read-only memory-mapped views); converting them to the compute dtype is the
 backend's job (`WeightMap.map`). A checkpoint whose tensors do not match the config fails here with every
 missing, unexpected or misshapen tensor named, before any forward pass can run on a wrong model.
+
+Quantized checkpoints (compressed-tensors, GPTQ, AWQ: refllama/quant/) keep their Linears quantized: a
+`Linear.weight` is then an `Int8Weight` or `PackedIntWeight` over the stored integer tensors, and the backend's
+`linear` dispatches on its type. `dequantize=True` turns weight-only ones into float32 at load instead.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -16,6 +21,10 @@ import numpy as np
 from refllama.config import LlamaConfig
 from refllama.errors import WeightError
 from refllama.formats.safetensors import TensorSource
+from refllama.quant.config import QuantizationMethod, read_quantize_config
+from refllama.quant.loader import LINEAR_SUFFIXES, LinearPlan, TensorSpec, build_weight, plan_linears, tensor_specs
+from refllama.quant.types import ActivationQuant, Int8Weight, is_quantized
+from refllama.quant.types import dequantize as dequantize_weight
 
 if TYPE_CHECKING:
     from refllama.gguf_llama import GGUFTensorSource
@@ -28,7 +37,8 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 @dataclass
 class Linear:
-    """y = x @ weight.T + bias, with weight [out_features, in_features] as HF stores it."""
+    """y = x @ weight.T + bias, with weight [out_features, in_features] as HF stores it: a float array, or a
+    quantized weight object (refllama.quant.Int8Weight / PackedIntWeight) that means the same matrix."""
 
     weight: Array
     bias: Array | None = None
@@ -80,9 +90,13 @@ class WeightMap:
         return out
 
 
+# Plain values inside weight objects (bit widths, group sizes, semantics names) are not tensors: `map` keeps them.
+_SCALARS = (int, float, str, bool, tuple, enum.Enum)
+
+
 def _map_tree(node: Any, fn: Callable[[Array], Array]) -> Any:
-    if node is None:
-        return None
+    if node is None or isinstance(node, _SCALARS):
+        return node
     if isinstance(node, list):
         return [_map_tree(item, fn) for item in node]
     if is_dataclass(node):
@@ -120,39 +134,65 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig) -> WeightMap:
-    """Check the checkpoint's tensors against the config and assemble the WeightMap (no data is read)."""
+def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig, *, dequantize: bool = False,
+                    activation_semantics: str = "hf") -> WeightMap:
+    """Check the checkpoint's tensors against the config and assemble the WeightMap (no data is read).
+
+    Quantized Linears (config.json's `quantization_config`, or GPTQ's quantize_config.json) stay quantized;
+    `dequantize=True` makes weight-only ones float32 at load (W8A8 Linears keep their integer GEMM: dequantizing
+    them would drop the activation quantization and change the function). `activation_semantics` ("hf" or
+    "vllm") is how W8A8 Linears quantize their inputs (refllama/quant/int8.py).
+    """
+    ActivationQuant(activation_semantics)  # validates the name before anything is read
+    plans = _quantization_plans(source, config)
     shapes = expected_shapes(config)
-    present = set(source.names())
+    specs = {name: TensorSpec(shape, FLOAT_DTYPES) for name, shape in shapes.items()}
+    for module, plan in plans.items():
+        if plan is not None:
+            out_features, in_features = specs.pop(module + ".weight").shape
+            specs.update(tensor_specs(plan, module, out_features, in_features))
+    stored = set(source.names())
+    present = set(stored)
     if config.tie_word_embeddings:
         # HF ties regardless of a stored lm_head.weight; accept one but never use it.
         present.discard("lm_head.weight")
-    missing = sorted(set(shapes) - present)
-    unexpected = sorted(n for n in present - set(shapes) if not n.endswith(IGNORED_SUFFIXES))
+    missing = sorted(n for n, spec in specs.items() if n not in present and not spec.optional)
+    unexpected = sorted(n for n in present - set(specs) if not n.endswith(IGNORED_SUFFIXES))
     problems = []
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_names(unexpected)}")
-    for name in sorted(set(shapes) & present):
-        info = source.info(name)
-        if info.shape != shapes[name]:
-            problems.append(f"'{name}' has shape {list(info.shape)}, the config needs {list(shapes[name])} "
+    for name in sorted(set(specs) & present):
+        info, spec = source.info(name), specs[name]
+        if info.shape != spec.shape:
+            problems.append(f"'{name}' has shape {list(info.shape)}, the config needs {list(spec.shape)} "
                             f"(in {info.path.name})")
-        elif info.dtype not in FLOAT_DTYPES:
-            problems.append(f"'{name}' has dtype {info.dtype}; float weights must be one of {FLOAT_DTYPES} "
+        elif info.dtype not in spec.dtypes:
+            kind = "float weights" if spec.dtypes == FLOAT_DTYPES else "it"
+            problems.append(f"'{name}' has dtype {info.dtype}; {kind} must be one of {spec.dtypes} "
                             f"(in {info.path.name})")
     if problems:
-        if config.quantization_config is not None:
-            problems.append(f"quantization method '{config.quantization_config.method.value}' is not supported "
-                            "by this loader yet")
+        q = config.quantization_config
+        if q is not None and any(plans.values()):
+            schemes = sorted({p.scheme for p in plans.values() if p is not None})
+            problems.append(f"the config's quantization ({q.method.value}: {', '.join(schemes)}) fixes these names "
+                            "and shapes")
         raise WeightError("checkpoint does not match config.json: " + "; ".join(problems), source.folder)
 
     def get(name: str) -> np.ndarray:
         return source.get(name)
 
     def linear(prefix: str, has_bias: bool) -> Linear:
-        return Linear(get(prefix + ".weight"), get(prefix + ".bias") if has_bias else None)
+        bias = get(prefix + ".bias") if has_bias else None
+        plan = plans.get(prefix)
+        if plan is None:
+            return Linear(get(prefix + ".weight"), bias)
+        out_features, in_features = shapes[prefix + ".weight"]
+        weight = build_weight(plan, prefix, get, stored.__contains__, out_features, in_features, activation_semantics)
+        if dequantize and not (isinstance(weight, Int8Weight) and weight.activation is not None):
+            weight = dequantize_weight(weight, np.float32)  # weight-only: the same function, computed ahead
+        return Linear(weight, bias)
 
     layers = []
     for i in range(config.num_hidden_layers):
@@ -172,8 +212,31 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
         embeddings=get("model.embed_tokens.weight"),
         layers=layers,
         final_norm=get("model.norm.weight"),
-        lm_head=None if config.tie_word_embeddings else get("lm_head.weight"),
+        lm_head=None if config.tie_word_embeddings else linear("lm_head", False).weight,
     )
+
+
+def linear_modules(config: LlamaConfig) -> list[str]:
+    """Every Linear of the model by HF module name (lm_head only when it has its own weight)."""
+    names = [f"model.layers.{i}.{suffix}" for i in range(config.num_hidden_layers) for suffix in LINEAR_SUFFIXES]
+    return names if config.tie_word_embeddings else [*names, "lm_head"]
+
+
+def _quantization_plans(source: TensorSource | GGUFTensorSource, config: LlamaConfig) -> dict[str, LinearPlan | None]:
+    """What each Linear is stored as; empty for float checkpoints and GGUF (whose reader dequantizes)."""
+    q = config.quantization_config
+    if q is None and isinstance(source, TensorSource):
+        q = read_quantize_config(source.folder)
+    if q is None or q.method is QuantizationMethod.GGUF:
+        return {}
+    return plan_linears(q, linear_modules(config))
+
+
+def quantized_linears(weights: WeightMap) -> list[Any]:
+    """The quantized weight objects of a WeightMap, in layer order (lm_head last)."""
+    found = [lin.weight for layer in weights.layers
+             for lin in (*vars(layer.self_attention).values(), *vars(layer.mlp).values()) if is_quantized(lin.weight)]
+    return [*found, weights.lm_head] if is_quantized(weights.lm_head) else found
 
 
 def _names(names: list[str], limit: int = 8) -> str:
