@@ -38,7 +38,11 @@ class LlamaModel:
         by name (embeddings, layers.N.input_norm, .q, .k, .v, .attention_output, .residual_attention,
         .post_attention_norm, .mlp_output, .residual, final_norm, logits).
         """
-        record = trace.__setitem__ if trace is not None else lambda name, value: None
+        def record(name: str, value: Array) -> Array:
+            if trace is not None:
+                trace[name] = value
+            return value
+
         c, xp = self.config, self.backend
         B, T = input_ids.shape
         start = cache.length
@@ -49,27 +53,18 @@ class LlamaModel:
         cos, sin = xp.asarray(cos[:, None]), xp.asarray(sin[:, None])  # (B, 1, T, D), compute dtype
         mask = xp.asarray(_attention_mask(start, T, B, attention_mask))  # (B, T, S) bool
 
-        x = xp.embedding(self.weights.embeddings, xp.asarray(input_ids))  # (B, T, hidden)
-        record("embeddings", x)
+        x = record("embeddings", xp.embedding(self.weights.embeddings, xp.asarray(input_ids)))  # (B, T, hidden)
         for i, layer in enumerate(self.weights.layers):
-            h = xp.rms_norm(x, layer.input_layernorm, c.rms_norm_eps)
-            record(f"layers.{i}.input_norm", h)
-            a = self.attention(i, h, layer.self_attention, cos, sin, mask, cache, trace)
-            x = x + a
-            record(f"layers.{i}.attention_output", a)
-            record(f"layers.{i}.residual_attention", x)
-            h = xp.rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)
-            record(f"layers.{i}.post_attention_norm", h)
-            m = self.mlp(h, layer.mlp)
-            x = x + m
-            record(f"layers.{i}.mlp_output", m)
-            record(f"layers.{i}.residual", x)
+            h = record(f"layers.{i}.input_norm", xp.rms_norm(x, layer.input_layernorm, c.rms_norm_eps))
+            attn = self.attention(i, h, layer.self_attention, cos, sin, mask, cache, trace)
+            x = record(f"layers.{i}.residual_attention", x + record(f"layers.{i}.attention_output", attn))
+            del attn  # nothing holds a sublayer output past its residual add (peak memory)
+            h = record(f"layers.{i}.post_attention_norm", xp.rms_norm(x, layer.post_attention_layernorm,
+                                                                      c.rms_norm_eps))
+            x = record(f"layers.{i}.residual", x + record(f"layers.{i}.mlp_output", self.mlp(h, layer.mlp)))
         cache.advance(T)
-        x = xp.rms_norm(x, self.weights.final_norm, c.rms_norm_eps)
-        record("final_norm", x)
-        logits = xp.linear(x, self.lm_head)  # (B, T, vocab)
-        record("logits", logits)
-        return logits
+        x = record("final_norm", xp.rms_norm(x, self.weights.final_norm, c.rms_norm_eps))
+        return record("logits", xp.linear(x, self.lm_head))  # (B, T, vocab)
 
     def attention(self, layer: int, x: Array, w: AttentionWeights, cos: Array, sin: Array, mask: Array,
                   cache: KVCache, trace: dict[str, Array] | None = None) -> Array:

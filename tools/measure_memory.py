@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys
+import ctypes, json, sys
+ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: no 2 MB huge pages inflating RSS
 import numpy as np
 import refllama
 from refllama.diagnostic import ModelDiagnostic
