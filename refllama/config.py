@@ -125,6 +125,9 @@ class LlamaConfig:
             raise ConfigError("head_dim", f"RoPE needs an even head_dim, got {head_dim}", source)
 
         rope_theta, rope_scaling = _parse_rope(data, r, source)
+        if rope_scaling is not None and rope_scaling.rope_type == "dynamic" and head_dim <= 2:
+            raise ConfigError("head_dim", f"dynamic NTK scaling needs head_dim > 2 (it raises the base to the "
+                              f"power d/(d-2)), got {head_dim}", source)
 
         act_name = r.string("hidden_act", default="silu")
         try:

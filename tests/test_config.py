@@ -145,3 +145,10 @@ def test_datatype_parsing():
     with pytest.raises(ValueError):
         DataType.parse("float7")
     assert str(DataType.BF16.numpy_dtype) == "bfloat16"
+
+
+def test_dynamic_rope_needs_head_dim_above_two():
+    data = {**TINYLLAMA_CHAT, "head_dim": 2, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    with pytest.raises(ConfigError) as info:
+        LlamaConfig.from_dict(data)
+    assert info.value.field == "head_dim"
