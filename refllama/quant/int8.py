@@ -17,6 +17,7 @@ Both then accumulate acc[m, n] = sum_k codes[m, k] * w[n, k] exactly in int32 an
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from refllama.errors import BackendError
@@ -29,7 +30,7 @@ def quantize_tokens_hf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x)
     absmax = np.max(np.abs(x), axis=-1, keepdims=True)  # = max(|min(x, 0)|, max(x, 0)), as calculate_qparams
     scale = absmax / x.dtype.type(127.5)  # (255 / 2), in the activation dtype
-    scale = np.where(scale == 0, np.finfo(x.dtype).eps, scale).astype(x.dtype)
+    scale = np.where(scale == 0, ml_dtypes.finfo(x.dtype).eps, scale).astype(x.dtype)  # ml_dtypes: bf16 too
     codes = np.rint(np.clip(x / scale, -128, 127))  # clamp, then round half to even
     return codes.astype(np.int8), scale
 
