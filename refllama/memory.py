@@ -179,8 +179,8 @@ def activation_bytes(config: LlamaConfig, dtype: DataType, tokens: int, context:
     H, D, hd, inter = c.num_attention_heads, c.hidden_size, c.head_dim, c.intermediate_size
     attention = s * (2 * B * T * D + 2 * B * H * T * hd + B * H * T * S) + 2 * B * T * S
     mlp = s * (2 * B * T * D + 4 * B * T * inter)
-    if c.hidden_act is ActivationType.Gelu:  # exact GELU goes through math.erf: an object array of floats
-        mlp += 32 * B * T * inter
+    if c.hidden_act is ActivationType.Gelu:  # exact GELU goes through math.erf: an object array of Python
+        mlp += 40 * B * T * inter  # floats (8 + 24 bytes an element) and its float conversion alongside
     head = s * (2 * B * T * D + B * T * c.vocab_size)
     tables = s * 2 * B * T * hd
     return max(attention, mlp, head) + tables

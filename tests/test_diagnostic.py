@@ -171,7 +171,7 @@ def test_estimate_holds_when_measured(name):
         if os.environ.get("CI"):
             raise AssertionError("SmolLM2 must be installed in CI")
         pytest.skip("SmolLM2 not installed")
-    result = measure_memory.measure(models[name], batch=1 if name == "smollm2" else 8)
+    result = measure_memory.measure(models[name], batch=1 if name == "smollm2" else 32)
     assert 0.85 <= result["ratio"] <= 1.15, result
 
 

@@ -54,7 +54,7 @@ print(json.dumps({"growth": growth, "predicted": predicted.total_estimated,
 """
 
 
-def measure(path: Path, prompt_len: int = 96, new_tokens: int = 16, batch: int = 8) -> dict:
+def measure(path: Path, prompt_len: int = 96, new_tokens: int = 16, batch: int = 32) -> dict:
     """Growth vs prediction for a batch of `batch` random prompts (the tiny fixtures need a batch for the
     prediction to outweigh the allocator's noise of a few hundred KiB)."""
     warm = ROOT / "tests" / "fixtures" / "gelu"
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {name: measure(path, batch=1 if name == "smollm2" else 8) for name, path in models().items()}
+    results = {name: measure(path, batch=1 if name == "smollm2" else 32) for name, path in models().items()}
     if args.json:
         print(json.dumps(results, indent=2))
         return
