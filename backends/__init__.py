@@ -12,6 +12,8 @@ from refllama.errors import BackendError
 REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "numpy": ("refllama.backends.numpy_backend", "NumpyBackend", None),
     "mlx": ("refllama.backends.mlx_backend", "MlxBackend", "mlx"),
+    "numba": ("refllama.backends.numba_backend", "NumbaBackend", "numba"),
+    "cupy": ("refllama.backends.cupy_backend", "CupyBackend", "cupy"),
 }
 
 

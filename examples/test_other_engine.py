@@ -25,7 +25,7 @@ from refllama.errors import BackendError
 from refllama.testing import PROFILES, assert_logits_close
 from refllama.testing.compare import compare_traces
 
-CANDIDATE_BACKEND = "mlx"  # the engine under test
+CANDIDATE_BACKEND = "numba"  # the engine under test (refllama's own numba backend stands in for yours)
 CANDIDATE_DTYPE = "float32"
 PROFILE = "f32"  # float32 engines against the float64 reference: max |diff| 2e-4, NMSE 1e-9, KL 1e-8, top-1
 GREEDY_TOKENS = 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -90,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true")
     cmp.add_argument("--plot", type=Path, default=None, help="write a per-layer error plot (PNG; needs matplotlib)")
     cmp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    bn = sub.add_parser("bench", help="prefill and decode tokens/s, time to first token and peak RSS of a model")
+    _add_model_options(bn)
+    bn.add_argument("--prompt-tokens", type=int, default=128)
+    bn.add_argument("--new-tokens", type=int, default=128)
+    bn.add_argument("--reps", type=int, default=3, help="timed repetitions; figures are their medians")
+    bn.add_argument("--profile", action="store_true", help="also show where one decode step spends its time")
+    bn.add_argument("--json", action="store_true")
 
     cv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder")
     cv.add_argument("gguf", type=Path)
@@ -289,6 +298,36 @@ def _plot(rows, path: Path, labels: list[str]) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from refllama import benchmark
+    from refllama.backends import get_backend
+
+    get_backend(args.backend, args.dtype)  # import the backend's libraries before the memory baseline
+    base = benchmark.rss_mb()
+    benchmark.reset_peak_rss()
+    start = time.perf_counter()
+    engine = _load(args)
+    load_s = time.perf_counter() - start
+    result = benchmark.measure(engine, args.prompt_tokens, args.new_tokens, args.reps).to_dict()
+    result.update(backend=args.backend, dtype=args.dtype, load_s=load_s, rss_base_mb=base,
+                  rss_peak_mb=benchmark.peak_rss_mb())
+    if args.profile:
+        result["decode_profile"] = benchmark.decode_profile(engine, args.prompt_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.backend} {args.dtype}: prefill {result['prefill_tokens_per_s']:.1f} tok/s "
+          f"({args.prompt_tokens} tokens), decode {result['decode_tokens_per_s']:.1f} tok/s "
+          f"({args.new_tokens} tokens), time to first token {1e3 * result['time_to_first_token_s']:.0f} ms "
+          f"(medians of {args.reps}); load {load_s:.2f} s, peak RSS {result['rss_peak_mb']:.0f} MiB "
+          f"({result['rss_peak_mb'] - base:+.0f} MiB over the process before loading)")
+    if args.profile:
+        profile = result["decode_profile"]
+        print(f"one decode step: {profile['step_ms_median']:.2f} ms")
+        for op, ms in profile["ms_per_step"].items():
+            print(f"  {op:<18} {ms:8.3f} ms  {100 * profile['share'][op]:5.1f}%")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from refllama.convert import gguf_to_hf
 
@@ -321,7 +360,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert,
-            "inspect": cmd_inspect, "compare": cmd_compare}
+            "inspect": cmd_inspect, "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

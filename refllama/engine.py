@@ -76,8 +76,11 @@ class GenericLlamaEngine:
             ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
             tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
                 if "tokenizer.ggml.model" in gguf.metadata else None
-            return cls(config, load_weight_map(GGUFTensorSource(gguf, config), config), ops, tokenizer, progress,
-                       **options)
+            # Block types the backend's kernels read stay memory-mapped as stored (not when per-layer data types
+            # re-derive the weights from float); the rest become float32.
+            keep = getattr(ops, "gguf_block_types", frozenset()) if layer_dtypes is None else frozenset()
+            return cls(config, load_weight_map(GGUFTensorSource(gguf, config, keep), config), ops, tokenizer,
+                       progress, **options)
         if not path.is_dir():
             raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
         config = LlamaConfig.from_dir(path)

@@ -9,6 +9,9 @@ conversions make the formats agree:
   We undo it exactly (`reshape(H, d/2, 2, in).swapaxes(1, 2)`), so one forward pass serves both formats.
 * Llama 3.1-style RoPE scaling is baked into a `rope_freqs` tensor of per-frequency divisors; it is kept as
   `LlamaConfig.rope_freq_factors` and applied in rope.inv_freq, as llama.cpp does.
+
+Quantized tensors are dequantized to float32, except those of the block types a backend asks to keep
+(`keep_blocks`): those come back as `GGUFBlockWeight` over the mapped bytes (q/k rows reordered the same way).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from refllama.errors import CheckpointError, ConfigError
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorInfo
+from refllama.quant.gguf_blocks import GGUFBlockWeight
 
 # HF config field <- GGUF key (prefixed by the architecture name)
 CONFIG_KEYS = {
@@ -116,10 +120,14 @@ def _plain(value):
 
 
 class GGUFTensorSource:
-    """A GGUF file's Llama tensors under HF names: dequantized to float32, Q/K rows back in HF order."""
+    """A GGUF file's Llama tensors under HF names: dequantized to float32, Q/K rows back in HF order.
 
-    def __init__(self, gguf: GGUFFile, config: LlamaConfig):
+    Matrices stored in one of the `keep_blocks` types stay in their blocks, as `GGUFBlockWeight`.
+    """
+
+    def __init__(self, gguf: GGUFFile, config: LlamaConfig, keep_blocks: frozenset[GGMLType] = frozenset()):
         self.gguf, self.config, self.folder = gguf, config, gguf.path
+        self.keep_blocks = keep_blocks
         self._gguf_name: dict[str, str] = {}
         unknown = []
         for name in gguf.tensors:
@@ -140,9 +148,16 @@ class GGUFTensorSource:
         dtype = stored if g.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.F64) else "F32"
         return TensorInfo(name, dtype, g.shape, g.offset, g.offset + g.nbytes, Path(self.gguf.path))
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> np.ndarray | GGUFBlockWeight:
         gguf_name = self._gguf_name[name]
-        array = self.gguf.get(gguf_name)
+        info = self.gguf.tensors[gguf_name]
+        if info.ggml_type in self.keep_blocks and len(info.shape) == 2:
+            rows = self.gguf.raw(gguf_name).reshape(info.shape[0], -1)  # (out, bytes per row): blocks run along in
+            return GGUFBlockWeight(self._hf_rows(gguf_name, rows), info.ggml_type, info.shape)
+        return self._hf_rows(gguf_name, self.gguf.get(gguf_name))
+
+    def _hf_rows(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
+        """Q/K rows (of a float weight, a bias or rows of blocks) back in HF order; other tensors as they are."""
         if ".attn_q." in gguf_name:
             return _unpermute(array, self.config.num_attention_heads)
         if ".attn_k." in gguf_name:

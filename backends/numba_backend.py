@@ -1,0 +1,246 @@
+"""The numba backend: the numpy backend's operations as Numba kernels, float32 on the CPU.
+
+What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the measurements):
+* Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
+  - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
+  - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
+    the reference (refllama/quant/int8.py);
+  - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
+    (GGUFBlockWeight: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, kept memory-mapped as stored): four rows at a time are
+    dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of
+    a weight ever exists; for decode, Q4_0/Q4_1/Q8_0 blocks are read by a fused matvec without dequantizing.
+* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels. Other
+  gated activations (GELU, ReLU) are the numpy backend's.
+
+Threads: REFLLAMA_NUM_THREADS (default 2). The backend calls no BLAS: OpenBLAS's worker threads spin for a
+while after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores
+made prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user
+directory (numba_kernels.cache_dir()): the first process compiles them (about 10 s on two cores), later ones
+load them in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from refllama.backends import numba_kernels as kernels  # first: it sets NUMBA_CACHE_DIR, then imports numba
+from refllama.backends.numpy_backend import NumpyBackend
+from refllama.config import ActivationType
+from refllama.dtypes import DataType
+from refllama.errors import BackendError
+from refllama.formats.ggml_quants import GGMLType
+from refllama.quant.gguf_blocks import GGUFBlockWeight
+from refllama.quant.int8 import INT8_MAX_K
+from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
+from refllama.weights import Linear
+
+SMALL_BATCH = 8  # up to this many tokens: fused matvec for Q4_0/Q4_1/Q8_0 blocks, the int8 kernel for W8A8
+DEFAULT_THREADS = 2
+
+
+def thread_count() -> int:
+    """REFLLAMA_NUM_THREADS (default 2), capped at the threads Numba started with (NUMBA_NUM_THREADS, the cores)."""
+    text = os.environ.get("REFLLAMA_NUM_THREADS", str(DEFAULT_THREADS))
+    try:
+        wanted = int(text)
+    except ValueError:
+        raise BackendError(f"REFLLAMA_NUM_THREADS must be a positive integer, got {text!r}") from None
+    if wanted < 1:
+        raise BackendError(f"REFLLAMA_NUM_THREADS must be a positive integer, got {text!r}")
+    available = kernels.numba.config.NUMBA_NUM_THREADS
+    if wanted > available:
+        warnings.warn(f"REFLLAMA_NUM_THREADS={wanted} exceeds the {available} threads Numba can run "
+                      f"(NUMBA_NUM_THREADS); using {available}", stacklevel=3)
+    return min(wanted, available)
+
+
+@dataclass(frozen=True)
+class _W8A8:
+    q: np.ndarray  # int8 (N, K), C-contiguous (the stored view)
+    scale: np.ndarray  # float32 (N,)
+    vllm: bool
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """Weight-only integer codes in the kernels' layout: W[n, i] = (code(n, i) - zero[n, group[i]]) * scale[...]."""
+
+    codes: np.ndarray  # int8 (N, K) codes (bits 0), or uint8 (N, bytes) packed bit streams (bits 1..8)
+    bits: int
+    zero: np.ndarray  # int32 (N, G)
+    scale: np.ndarray  # float32 (N, G)
+    group: np.ndarray  # int32 (K,)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    raw: np.ndarray  # uint8 (N, bytes per row), C-contiguous
+    kind: int  # GGMLType value
+    in_features: int
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+    supported_dtypes = (DataType.F32,)
+    # GGUF block types whose kernels read the stored blocks: the loader keeps these memory-mapped, as stored.
+    gguf_block_types = frozenset(GGMLType(kind) for kind in kernels.GGUF_BLOCKS)
+
+    def __init__(self, dtype: DataType = DataType.F32):
+        if dtype not in self.supported_dtypes:
+            raise BackendError(f"the numba backend computes in float32, not {dtype.value} "
+                               "(the numpy backend computes in float64)")
+        super().__init__(dtype)
+        self.threads = thread_count()
+        # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
+        self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    # --- gathers and elementwise -----------------------------------------------------------------------------
+
+    def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        # Every forward pass starts here: Numba's thread count is per calling thread, so set it for this one.
+        kernels.numba.set_num_threads(self.threads)
+        if isinstance(table, GGUFBlockWeight):  # dequantize just the rows asked for (exact)
+            blocks = self._blocks(table)
+            rows = np.ascontiguousarray(ids, dtype=np.intp).reshape(-1)
+            out = np.empty((rows.size, blocks.in_features), np.float32)
+            kernels.dequantize_gguf(blocks.kind, blocks.raw, rows, out)
+            return out.reshape(*np.shape(ids), blocks.in_features)
+        return table[ids]
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty_like(x2)
+        kernels.rms_norm(x2, weight, np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        # The result is a (B, H, T, D) view of (B, T, H, D) memory: after attention the model transposes back to
+        # (B, T, H, D), and the keys go into the cache by copy, so this layout saves a transpose copy.
+        B, H, T, D = x.shape
+        out = np.empty((B, T, H, D), np.float32).transpose(0, 2, 1, 3)
+        kernels.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        B, H, T, D = q.shape
+        queries = np.ascontiguousarray(q.transpose(0, 2, 1, 3))  # (B, T, H, D): no copy for apply_rope's output
+        out = np.empty((B, T, H, D), np.float32)
+        kernels.attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
+        return out.transpose(0, 2, 1, 3)  # (B, H, T, D) view, as apply_rope
+
+    def gated_activation(self, gate: np.ndarray, up: np.ndarray, act: ActivationType) -> np.ndarray:
+        if act not in (ActivationType.Silu, ActivationType.Swish):
+            return super().gated_activation(gate, up, act)
+        out = np.empty(gate.shape, np.float32)
+        width = gate.shape[-1]
+        kernels.silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
+                         out.reshape(-1, width))
+        return out
+
+    # --- Linear ----------------------------------------------------------------------------------------------
+
+    def linear(self, x: np.ndarray, layer: Linear) -> np.ndarray:
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])  # (M, in)
+        y = self._matmul(x2, layer.weight).reshape(*x.shape[:-1], -1)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y
+
+    def _matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
+        """x (M, K) @ W.T -> (M, N) float32, for a float weight or a quantized weight object."""
+        M = x.shape[0]
+        if isinstance(w, np.ndarray):
+            out = np.empty((M, w.shape[0]), np.float32)
+            kernels.float_matmul(x, np.ascontiguousarray(w), out)
+            return out
+        if isinstance(w, Int8Weight) and w.activation is not None:
+            return self._w8a8(x, w)
+        if isinstance(w, GGUFBlockWeight):
+            blocks = self._blocks(w)
+            out = np.empty((M, blocks.raw.shape[0]), np.float32)
+            if M <= SMALL_BATCH and blocks.kind in kernels.GGUF_MATVEC:
+                kernels.gguf_matvec(blocks.kind, blocks.raw, x, out)
+            else:
+                kernels.gguf_matmul(blocks.kind, blocks.raw, x, out)
+            return out
+        if isinstance(w, Int8Weight | PackedIntWeight):
+            c = self._codes(w)
+            out = np.empty((M, c.codes.shape[0]), np.float32)
+            kernels.codes_matmul(c.codes, c.bits, c.zero, c.scale, c.group, x, out)
+            return out
+        raise BackendError(f"the numba backend cannot multiply by a {type(w).__name__}")
+
+    def _w8a8(self, x: np.ndarray, w: Int8Weight) -> np.ndarray:
+        p = self._prepared.get(w)
+        if p is None:
+            q = np.ascontiguousarray(w.q)
+            N, K = q.shape
+            if K > INT8_MAX_K:
+                raise BackendError(f"an int32 accumulator overflows for K = {K} > {INT8_MAX_K}")
+            scale = np.broadcast_to(np.asarray(w.scale, np.float32).reshape(-1), (N,))
+            p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm")
+        M, K = x.shape
+        codes, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
+        kernels.quantize_tokens(x, p.vllm, codes, scales)
+        out = np.empty((M, p.q.shape[0]), np.float32)
+        if M <= SMALL_BATCH:
+            kernels.int8_matmul(codes, p.q, p.scale, scales, p.vllm, out)
+            return out
+        # Prefill: the same accumulators from float32 sums of at most EXACT_FLOAT_TERMS products (exact).
+        chunks = -(-K // kernels.EXACT_FLOAT_TERMS)
+        width = -(-K // chunks)
+        split = np.zeros((M, chunks * width), np.float32)
+        split[:, :K] = codes
+        kernels.int8_matmul_float(np.ascontiguousarray(split.reshape(M, chunks, width).transpose(1, 0, 2)), p.q,
+                                  p.scale, scales, p.vllm, out)
+        return out
+
+    def _codes(self, w: Int8Weight | PackedIntWeight) -> _Codes:
+        """The codes, zeros, scales and column groups of a weight-only Linear, as refllama/quant/types.py means them."""
+        p = self._prepared.get(w)
+        if p is not None:
+            return p
+        N, K = w.shape
+        if isinstance(w, Int8Weight):
+            codes, bits, zero = np.ascontiguousarray(w.q), 0, w.zero_point
+            default_zero = 0
+        else:
+            # Rows of int32 words are the rows' little-endian bit streams; GPTQ's transposed view is made contiguous.
+            codes, bits, zero = np.ascontiguousarray(w.packed).view(np.uint8), w.bits, w.zero
+            default_zero = 1 << (w.bits - 1)
+        cols = group_index(w)
+        G = 1 if cols is None else np.asarray(w.scale).shape[1]
+        scale = np.asarray(w.scale, np.float32)[:, :G]
+        zero = np.full((N, G), default_zero, np.int32) if zero is None else np.asarray(zero)[:, :G].astype(np.int32)
+        group = np.zeros(K, np.int32) if cols is None else cols.astype(np.int32)
+        p = self._prepared[w] = _Codes(codes, bits, np.ascontiguousarray(np.broadcast_to(zero, (N, G))),
+                                       np.ascontiguousarray(np.broadcast_to(scale, (N, G))), group)
+        return p
+
+    def _blocks(self, w: GGUFBlockWeight) -> _Blocks:
+        p = self._prepared.get(w)
+        if p is None:
+            kind = int(w.ggml_type)
+            if kind not in kernels.GGUF_BLOCKS:
+                raise BackendError(f"the numba backend has no kernel for GGUF {GGMLType(kind).name} blocks")
+            p = self._prepared[w] = _Blocks(np.ascontiguousarray(w.raw), kind, int(w.shape[1]))
+        return p
+
+
+def _cache_buffer(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous (B, KV, S_max, D) array whose [:, :, :S] is `a`: the KV cache buffer behind the views that
+    cache.update returns (so attention reads contiguous rows without a copy), `a` itself, or else a copy."""
+    if a.flags.c_contiguous:
+        return a
+    base = a.base
+    if (isinstance(base, np.ndarray) and base.flags.c_contiguous and base.dtype == a.dtype and base.ndim == 4
+            and base.shape[:2] == a.shape[:2] and base.shape[3] == a.shape[3] and base.strides == a.strides
+            and base.ctypes.data == a.ctypes.data):
+        return base
+    return np.ascontiguousarray(a)

@@ -1,0 +1,798 @@
+"""Numba kernels for the numba backend (backends/numba_backend.py): the hot operations of one forward pass.
+
+Layouts and exactness
+* float32 only. Each kernel says which layout it reads; the backend passes arrays in that layout.
+* `prange` runs over output rows: weight rows for the matmuls, (batch, head, query) rows for attention. Cheap ops
+  (RMSNorm, RoPE, SiLU, per-token quantization) run on one thread, where starting threads costs more than the work.
+* Exact kernels do the reference's float32 operations in the reference's order, without fused multiply-add, so
+  they equal the numpy backend bit for bit: dequantization of every supported block format, RoPE, the W8A8
+  activation quantization and epilogue, and the int8 x int8 -> int32 accumulators.
+* Reductions (dot products, sums of squares, softmax sums) carry `fastmath={"reassoc", "contract"}` so that LLVM
+  vectorises them. They differ from NumPy and BLAS in summation order only. fast-math flags sit on each LLVM
+  instruction, so an exact helper called from a fast-math kernel stays exact.
+
+Pitfalls measured while writing these (docs/numba.md has the numbers):
+* Numba types `uint8 & 15` as int64, and converting that to float32 vectorises in 64-bit lanes. Writing
+  `np.float32(np.uint8(q & 15))` keeps 32-bit lanes: 2x faster.
+* A loop of 16 iterations, one Q4 block's 16 bytes, never runs vectorised. With a literal trip count LLVM unrolls
+  it and leaves it scalar. With a run-time count, 16 is below the 32 elements of one pass of the vector body
+  (8 lanes x 4 interleaved). The Q4_0/Q4_1/Q8_0 row dot products are therefore explicit LLVM vector code
+  (`_row_dot`), 1.7x faster than per-block dots and 2.7x faster than the best loop form found.
+* Inside a `parallel=True` kernel, numba turns array expressions such as `np.sum(x[a:b])` into parallel regions
+  of their own, even outside `prange`: 18 of them made a 4-row matvec cost 250 us. Such helpers live in separate
+  serial functions (`_block_sums`).
+* From memory (not cache), a matvec waits on each row: prefetching a few rows ahead (`_prefetch_row`) made the
+  decode matvecs 2.7x faster.
+* Inside `parallel=True`, writes through an array view created in the kernel are silently dropped
+  (shared/notes section 9). Every output array, views included, is therefore created by the caller.
+
+NUMBA_CACHE_DIR is set below, before numba is imported, because numba reads it once at import. Compiled kernels
+go to a user cache directory, never beside the installed sources.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def cache_dir() -> str:
+    """Where compiled kernels are cached: $NUMBA_CACHE_DIR if set, else $XDG_CACHE_HOME/refllama/numba."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(base, "refllama", "numba")
+
+
+os.environ["NUMBA_CACHE_DIR"] = cache_dir()
+
+import numba  # noqa: E402  (after NUMBA_CACHE_DIR: numba reads it when first imported)
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+if not numba.config.CACHE_DIR:  # numba was imported before this module: point it at the same directory
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+REASSOC = {"reassoc", "contract"}
+LOWEST = np.float32(np.finfo(np.float32).min)  # the reference's masked score (finite: padded rows stay finite)
+PREFETCH_ROWS = 4  # matmul kernels prefetch the weight row this many rows ahead (measured best of 1..16)
+
+# ggml block formats with kernels here (refllama/formats/ggml_quants.py GGMLType values); others are dequantized at
+# load. Bytes per block and elements per block:
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
+GGUF_BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q6_K: (210, 256)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLVM building blocks: fp16 scales, prefetching, and a row of Q4/Q8 blocks dotted as explicit vectors
+# ---------------------------------------------------------------------------------------------------------------
+
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+
+
+@intrinsic
+def f16(typingctx, lo, hi):
+    """The IEEE half with little-endian bytes (lo, hi) as float32 (exact). Numba has no float16 on the CPU."""
+    if not (isinstance(lo, types.Integer) and isinstance(hi, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i16 = ir.IntType(16)
+        low, high = (builder.trunc(builder.zext(a, _I32), i16) for a in args)
+        bits = builder.or_(low, builder.shl(high, ir.Constant(i16, 8)))
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+    return types.float32(lo, hi), codegen
+
+
+def _sum(builder, vector):
+    """Horizontal sum of a float vector, in any order (a tree of vector adds)."""
+    n = vector.type.count
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, vector.type]),
+                                        f"llvm.vector.reduce.fadd.v{n}f32")
+    return builder.call(fn, [ir.Constant(_F32, -0.0), vector], fastmath=("reassoc",))
+
+
+def _row_dot(block_bytes: int, codes_at: int, kind: str):
+    """An intrinsic row_dot(row, x, sums) -> float32: one weight row of Q4_0 / Q4_1 / Q8_0 blocks dotted with x.
+
+    row: the row's blocks (uint8, C-contiguous); x: K activations (float32, C); sums: the sum of each block's 32
+    activations (Q4 offsets; unused for Q8_0). Written as LLVM vector code: a loop over blocks that keeps a
+    16-lane accumulator, acc += d_b * (codes_b . x_b) lane by lane, so the row pays one horizontal sum at the end
+    instead of one per block. Numba loops could not get there (module docstring): 1.7x faster than per-block dots.
+    Codes: Q4 byte j holds element j (low nibble) and element j + 16 (high nibble); Q8_0 has 32 int8 codes.
+    Offsets: Q4_1 adds m_b * sums[b]; Q4_0 codes are nibble - 8, so it subtracts 8 d_b * sums[b].
+    """
+    fm = ("reassoc", "contract")
+    i8, i64 = ir.IntType(8), ir.IntType(64)
+    v16f, v16i = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+
+    def half(builder, where):
+        return builder.fpext(builder.load(builder.bitcast(where, ir.HalfType().as_pointer()), align=1), _F32)
+
+    def load(builder, where, vector_type):
+        return builder.load(builder.bitcast(where, vector_type.as_pointer()), align=1)
+
+    def codes_as_floats(builder, block):
+        """The block's 32 codes as two 16-lane float vectors: elements 0-15 and 16-31."""
+        codes = builder.gep(block, [ir.Constant(i64, codes_at)])
+        if kind == "q8_0":
+            values = builder.sitofp(builder.sext(load(builder, codes, ir.VectorType(i8, 32)),
+                                                 ir.VectorType(_I32, 32)), ir.VectorType(_F32, 32))
+            return (builder.shuffle_vector(values, values, ir.Constant(v16i, list(range(16)))),
+                    builder.shuffle_vector(values, values, ir.Constant(v16i, list(range(16, 32)))))
+        nibbles = builder.zext(load(builder, codes, ir.VectorType(i8, 16)), v16i)
+        return (builder.uitofp(builder.and_(nibbles, ir.Constant(v16i, [15] * 16)), v16f),
+                builder.uitofp(builder.lshr(nibbles, ir.Constant(v16i, [4] * 16)), v16f))
+
+    @intrinsic
+    def row_dot(typingctx, row, x, sums):
+        for array, dtype in ((row, types.uint8), (x, types.float32), (sums, types.float32)):
+            if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+                    and array.dtype == dtype):
+                return None
+
+        def codegen(context, builder, signature, args):
+            row_data, x_data, sums_data = (context.make_array(t)(context, builder, a).data
+                                           for t, a in zip(signature.args, args, strict=True))
+            x_shape = context.make_array(signature.args[1])(context, builder, args[1]).shape
+            blocks = builder.udiv(builder.extract_value(x_shape, 0), ir.Constant(i64, 32))
+            entry = builder.block
+            loop, done = builder.append_basic_block("row_dot.loop"), builder.append_basic_block("row_dot.done")
+            zero16, zero = ir.Constant(v16f, [0.0] * 16), ir.Constant(_F32, 0.0)
+            builder.cbranch(builder.icmp_unsigned(">", blocks, ir.Constant(i64, 0)), loop, done)
+
+            builder.position_at_end(loop)  # for b in range(blocks)
+            b, acc, offset = builder.phi(i64), builder.phi(v16f), builder.phi(_F32)
+            block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
+            d = half(builder, block)
+            low, high = codes_as_floats(builder, block)
+            x_block = builder.gep(x_data, [builder.mul(b, ir.Constant(i64, 32))])
+            x_low, x_high = load(builder, x_block, v16f), load(builder, builder.gep(x_block, [ir.Constant(i64, 16)]),
+                                                                v16f)
+            products = builder.fadd(builder.fmul(low, x_low, flags=fm), builder.fmul(high, x_high, flags=fm),
+                                    flags=fm)
+            d16 = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), d,
+                                                                ir.Constant(_I32, 0)),
+                                         ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
+            next_acc = builder.fadd(acc, builder.fmul(d16, products, flags=fm), flags=fm)
+            next_offset = offset
+            if kind != "q8_0":
+                factor = half(builder, builder.gep(block, [ir.Constant(i64, 2)])) if kind == "q4_1" else d
+                next_offset = builder.fadd(offset, builder.fmul(factor, builder.load(builder.gep(sums_data, [b])),
+                                                                flags=fm), flags=fm)
+            next_b = builder.add(b, ir.Constant(i64, 1))
+            for phi, start, step in ((b, ir.Constant(i64, 0), next_b), (acc, zero16, next_acc),
+                                     (offset, zero, next_offset)):
+                phi.add_incoming(start, entry)
+                phi.add_incoming(step, loop)
+            builder.cbranch(builder.icmp_unsigned("<", next_b, blocks), loop, done)
+
+            builder.position_at_end(done)
+            final_acc, final_offset = builder.phi(v16f), builder.phi(_F32)
+            for phi, start, step in ((final_acc, zero16, next_acc), (final_offset, zero, next_offset)):
+                phi.add_incoming(start, entry)
+                phi.add_incoming(step, loop)
+            total = _sum(builder, final_acc)
+            if kind == "q4_0":
+                return builder.fsub(total, builder.fmul(ir.Constant(_F32, 8.0), final_offset, flags=fm), flags=fm)
+            return builder.fadd(total, final_offset, flags=fm)
+
+        return types.float32(row, x, sums), codegen
+
+    return row_dot
+
+
+q4_0_row_dot = _row_dot(18, 2, "q4_0")
+q4_1_row_dot = _row_dot(20, 4, "q4_1")
+q8_0_row_dot = _row_dot(34, 2, "q8_0")
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Hint the CPU to fetch the cache line holding array[offset] (a 1-D C array) ahead of its use."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        where = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+            where.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [where, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(array, offset), codegen
+
+
+@njit(cache=True)
+def _prefetch_row(matrix, n):
+    """Prefetch row n of a C-contiguous 2-D array, if it exists. Matvec kernels fetch a few rows ahead: without it
+    they compute on one row while waiting for the next, and decode ran 2.7x slower from memory than from cache."""
+    if n < matrix.shape[0]:
+        row = matrix[n]
+        for offset in range(0, row.shape[0], 64):
+            prefetch(row, offset)
+
+
+@njit(cache=True, fastmath=REASSOC)
+def dot(a, b):
+    """sum_k a[k] * b[k], vectorised (summation order free)."""
+    acc = np.float32(0.0)
+    for k in range(a.shape[0]):
+        acc += a[k] * b[k]
+    return acc
+
+
+@njit(cache=True, fastmath=REASSOC)
+def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
+    """out[m, n + i] = x[m] . w_i for every token m of x (M, K) and four weight rows w0..w3 (K,).
+
+    The GEMM microkernel: four tokens by four rows per pass over K, so each weight element loaded feeds four
+    multiply-adds and so does each activation (16 accumulators). Leftover tokens go one at a time, still four
+    rows per pass (the decode case).
+    """
+    M, K = x.shape
+    m = 0
+    while m + 4 <= M:
+        xa, xb, xc, xd = x[m], x[m + 1], x[m + 2], x[m + 3]
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
+        for k in range(K):
+            p, q, r, s = w0[k], w1[k], w2[k], w3[k]
+            u = xa[k]
+            a0, a1, a2, a3 = a0 + u * p, a1 + u * q, a2 + u * r, a3 + u * s
+            u = xb[k]
+            b0, b1, b2, b3 = b0 + u * p, b1 + u * q, b2 + u * r, b3 + u * s
+            u = xc[k]
+            c0, c1, c2, c3 = c0 + u * p, c1 + u * q, c2 + u * r, c3 + u * s
+            u = xd[k]
+            d0, d1, d2, d3 = d0 + u * p, d1 + u * q, d2 + u * r, d3 + u * s
+        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
+        out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = b0, b1, b2, b3
+        out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = c0, c1, c2, c3
+        out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = d0, d1, d2, d3
+        m += 4
+    while m < M:
+        xa = x[m]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for k in range(K):
+            u = xa[k]
+            a0, a1, a2, a3 = a0 + u * w0[k], a1 + u * w1[k], a2 + u * w2[k], a3 + u * w3[k]
+        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
+        m += 1
+
+
+@njit(cache=True)
+def _tokens_times_rows(x, rows, count, out, n):
+    """out[:, n:n + count] = x @ rows[:count].T for a block of up to four weight rows (count < 4: the last block)."""
+    if count == 4:
+        _tokens_times_rows4(x, rows[0], rows[1], rows[2], rows[3], out, n)
+    else:
+        for i in range(count):
+            for m in range(x.shape[0]):
+                out[m, n + i] = dot(x[m], rows[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise and normalisation
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=REASSOC)
+def _sum_squares(row):
+    acc = np.float32(0.0)
+    for k in range(row.shape[0]):
+        acc += row[k] * row[k]
+    return acc
+
+
+@njit(cache=True)
+def rms_norm(x, weight, eps, out):
+    """out[r] = weight * (x[r] * (1 / sqrt(mean(x[r]**2) + eps))) for x, out (R, D), rounded as the reference."""
+    R, D = x.shape
+    for r in range(R):
+        variance = _sum_squares(x[r]) / np.float32(D)
+        inverse = np.float32(1.0) / np.sqrt(variance + eps)
+        for d in range(D):
+            out[r, d] = weight[d] * (x[r, d] * inverse)
+
+
+@njit(cache=True)
+def rope(x, cos, sin, out):
+    """Rotate-half RoPE: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]).
+
+    x, out (B, H, T, D) with any strides (the backend passes transposed views); cos, sin (B, 1, T, D).
+    """
+    B, H, T, D = x.shape
+    half = D // 2
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                for d in range(half):
+                    out[b, h, t, d] = x[b, h, t, d] * cos[b, 0, t, d] + (-x[b, h, t, d + half]) * sin[b, 0, t, d]
+                for d in range(half, D):
+                    out[b, h, t, d] = x[b, h, t, d] * cos[b, 0, t, d] + x[b, h, t, d - half] * sin[b, 0, t, d]
+
+
+@njit(cache=True, parallel=True)
+def silu_mul(gate, up, out):
+    """out = gate / (1 + exp(-gate)) * up for gate, up, out (M, I), a token per iteration."""
+    M, width = gate.shape
+    for m in prange(M):
+        for i in range(width):
+            g = gate[m, i]
+            out[m, i] = g / (np.float32(1.0) + np.exp(-g)) * up[m, i]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention over the KV cache
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=REASSOC)
+def attention(q, k, v, length, mask, out):
+    """softmax(q k^T / sqrt(D), masked) v with grouped-query heads, one (batch, head, query) row per iteration.
+
+    q, out (B, T, H, D), C-contiguous (the memory behind the model's (B, H, T, D) views); k, v (B, KV, S_max, D)
+    C-contiguous cache buffers, of which the first `length` positions are used; mask (B, T, length) bool.
+    Query head h reads KV head h // (H // KV), so K/V are never repeated. As in the reference, a masked score is
+    the lowest float32, so a row with no allowed key (a padding query) averages V uniformly; in every other row
+    a masked key's weight is exp(lowest - max) = 0 in the reference too, so it is skipped here.
+    """
+    B, T, H, D = q.shape
+    group = H // k.shape[1]
+    scale = np.float32(D**-0.5)
+    for r in prange(B * H * T):
+        b, h, t = r // (H * T), (r // T) % H, r % T
+        keys, values = k[b, h // group], v[b, h // group]
+        query, row = q[b, t, h], out[b, t, h]
+        weights = np.empty(length, np.float32)
+        highest = LOWEST
+        allowed = 0
+        for s in range(length):
+            if mask[b, t, s]:
+                weights[s] = dot(query, keys[s]) * scale
+                highest = max(highest, weights[s])
+                allowed += 1
+        total = np.float32(0.0)
+        for s in range(length):
+            if allowed == 0:
+                weights[s] = np.float32(1.0)
+            elif mask[b, t, s]:
+                weights[s] = np.exp(weights[s] - highest)
+            else:
+                weights[s] = np.float32(0.0)
+            total += weights[s]
+        row[:] = 0.0
+        for s in range(length):  # sum_s w_s v_s, then one division by the total: fewer roundings than p_s = w_s / total
+            if weights[s] != 0.0:
+                value = values[s]
+                for d in range(D):
+                    row[d] += weights[s] * value[d]
+        for d in range(D):
+            row[d] /= total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float32 weights
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def float_matmul(x, w, out):
+    """out (M, N) = x (M, K) @ w.T for w (N, K) float32 as stored.
+
+    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, streams it at 21 GB/s
+    from memory here (NumPy's sgemv: 22; the 4x4 microkernel: 18). More tokens: four weight rows per iteration
+    through the microkernel.
+    """
+    N = w.shape[0]
+    if x.shape[0] == 1:
+        token = x[0]
+        for c in prange((N + 63) // 64):
+            for n in range(c * 64, min(N, c * 64 + 64)):
+                _prefetch_row(w, n + PREFETCH_ROWS)
+                out[0, n] = dot(w[n], token)
+        return
+    for block in prange((N + 3) // 4):
+        n = block * 4
+        for i in range(4):
+            _prefetch_row(w, n + PREFETCH_ROWS + i)
+        _tokens_times_rows(x, w[n:n + 4], min(4, N - n), out, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W8A8: per-token int8 activations, int8 weights, exact int32 accumulators (refllama/quant/int8.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def quantize_tokens(x, vllm, codes, scales):
+    """Per-token symmetric int8 codes (M, K) and scales (M,) of x (M, K) float32, bit for bit as int8.py.
+
+    "hf" (compressed-tensors): scale = absmax / 127.5 (eps if 0), codes = rint(clip(x / scale, -128, 127)).
+    "vllm": scale = absmax / 127, codes = rint(clip(x * (127 / absmax), -128, 127)); an all-zero row gives 0s.
+    """
+    M, K = x.shape
+    for m in range(M):
+        absmax = np.float32(0.0)
+        for k in range(K):
+            absmax = max(absmax, abs(x[m, k]))
+        if vllm:
+            scales[m] = absmax / np.float32(127.0)
+            inverse = np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
+            for k in range(K):
+                scaled = x[m, k] * inverse
+                if scaled != scaled:  # 0 * inf from a subnormal absmax: the kernel's saturating convert gives 0
+                    scaled = np.float32(0.0)
+                codes[m, k] = np.int8(np.rint(min(max(scaled, np.float32(-128.0)), np.float32(127.0))))
+        else:
+            scale = absmax / np.float32(127.5)
+            if scale == 0:
+                scale = np.float32(np.finfo(np.float32).eps)
+            scales[m] = scale
+            for k in range(K):
+                codes[m, k] = np.int8(np.rint(min(max(x[m, k] / scale, np.float32(-128.0)), np.float32(127.0))))
+
+
+@njit(cache=True, inline="always")
+def _w8a8_epilogue(acc, w_scale, a_scale, vllm):
+    if vllm:
+        return a_scale * (w_scale * np.float32(acc))
+    return (np.float32(acc) * w_scale) * a_scale
+
+
+@njit(cache=True)
+def _int8_dot(a, w):
+    """sum_k a[k] * w[k] of int8 vectors, exactly, in int32.
+
+    `int32(acc + int32(a) * int32(w))`: numba computes int32 products in int64; truncating inside the loop lets
+    LLVM keep 32-bit lanes, twice as fast as an int64 accumulator. The caller ensures K * 128 * 128 < 2**31.
+    """
+    acc = np.int32(0)
+    for k in range(a.shape[0]):
+        acc = np.int32(acc + np.int32(a[k]) * np.int32(w[k]))
+    return acc
+
+
+@njit(cache=True)
+def _int8_token_rows4(a, w0, w1, w2, w3):
+    """(a . w0, a . w1, a . w2, a . w3) for one token's int8 codes: each activation load feeds four rows."""
+    acc0 = acc1 = acc2 = acc3 = np.int32(0)
+    for k in range(a.shape[0]):
+        u = np.int32(a[k])
+        acc0 = np.int32(acc0 + u * np.int32(w0[k]))
+        acc1 = np.int32(acc1 + u * np.int32(w1[k]))
+        acc2 = np.int32(acc2 + u * np.int32(w2[k]))
+        acc3 = np.int32(acc3 + u * np.int32(w3[k]))
+    return acc0, acc1, acc2, acc3
+
+
+@njit(cache=True)
+def _int8_tokens4_rows4(a0, a1, a2, a3, w0, w1, w2, w3):
+    """The 16 int32 dot products of four tokens' codes with four weight rows (token-major), as the float
+    microkernel: every weight and activation element loaded feeds four multiply-adds (prefill, 1.3x)."""
+    c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.int32(0)
+    c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.int32(0)
+    for k in range(a0.shape[0]):
+        p, q, r, s = np.int32(w0[k]), np.int32(w1[k]), np.int32(w2[k]), np.int32(w3[k])
+        u = np.int32(a0[k])
+        c00, c01, c02, c03 = np.int32(c00 + u * p), np.int32(c01 + u * q), np.int32(c02 + u * r), np.int32(c03 + u * s)
+        u = np.int32(a1[k])
+        c10, c11, c12, c13 = np.int32(c10 + u * p), np.int32(c11 + u * q), np.int32(c12 + u * r), np.int32(c13 + u * s)
+        u = np.int32(a2[k])
+        c20, c21, c22, c23 = np.int32(c20 + u * p), np.int32(c21 + u * q), np.int32(c22 + u * r), np.int32(c23 + u * s)
+        u = np.int32(a3[k])
+        c30, c31, c32, c33 = np.int32(c30 + u * p), np.int32(c31 + u * q), np.int32(c32 + u * r), np.int32(c33 + u * s)
+    return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
+
+
+@njit(cache=True, parallel=True)
+def int8_matmul(a, w, w_scale, a_scale, vllm, out):
+    """out[m, n] from acc[m, n] = sum_k a[m, k] * w[n, k] (int8 codes, exact int32), then the scales.
+
+    a (M, K) int8 activation codes; w (N, K) int8 weights (row-major, as stored); w_scale (N,) float32;
+    a_scale (M,) float32; out (M, N) float32. Epilogue, as the reference rounds it: "hf" (acc * w_s) * a_s,
+    "vllm" a_s * (w_s * acc). Four weight rows per iteration: by four tokens at a time, then one at a time.
+    """
+    N = w.shape[0]
+    M = a.shape[0]
+    for block in prange((N + 3) // 4):
+        n = block * 4
+        for i in range(4):
+            _prefetch_row(w, n + PREFETCH_ROWS + i)
+        if n + 4 > N:  # the last rows, one at a time
+            for i in range(n, N):
+                for m in range(M):
+                    out[m, i] = _w8a8_epilogue(_int8_dot(a[m], w[i]), w_scale[i], a_scale[m], vllm)
+            continue
+        w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
+        m = 0
+        while m + 4 <= M:
+            accs = _int8_tokens4_rows4(a[m], a[m + 1], a[m + 2], a[m + 3], w0, w1, w2, w3)
+            for t in range(4):
+                for i in range(4):
+                    out[m + t, n + i] = _w8a8_epilogue(accs[4 * t + i], w_scale[n + i], a_scale[m + t], vllm)
+            m += 4
+        while m < M:
+            accs4 = _int8_token_rows4(a[m], w0, w1, w2, w3)
+            for i in range(4):
+                out[m, n + i] = _w8a8_epilogue(accs4[i], w_scale[n + i], a_scale[m], vllm)
+            m += 1
+
+
+EXACT_FLOAT_TERMS = 1024  # a float32 sum of up to 1024 int8 x int8 products is exact: |any partial sum| <= 2**24
+
+
+@njit(cache=True, parallel=True)
+def int8_matmul_float(a, w, w_scale, a_scale, vllm, out):
+    """int8_matmul for many tokens (prefill): the same int32 accumulators, bit for bit, with the float microkernel.
+
+    Every product of two int8 codes is an integer of magnitude <= 2**14, so a float32 sum of at most 1024 of them,
+    in any order and with fused multiply-adds, has only integer partial sums of magnitude <= 2**24: all exact.
+    K is cut into chunks of at most EXACT_FLOAT_TERMS; each chunk's dot products are computed in float32 (exact)
+    and added in int32. a (chunks, M, C) holds the activation codes as float32, K split into `chunks` runs of C
+    (zero-padded); w (N, K) int8 as stored, four rows at a time converted to float32 chunks in a scratch block.
+    The float microkernel is 1.5x faster than the int8 one here.
+    """
+    chunks, M, C = a.shape
+    N, K = w.shape
+    for c in prange((N + 63) // 64):  # 64 rows per iteration: one set of scratch allocations each
+        rows = np.zeros((chunks, 4, C), np.float32)  # the zero padding past K stays zero
+        part = np.empty((M, 4), np.float32)
+        acc = np.empty((M, 4), np.int32)
+        for n in range(c * 64, min(N, c * 64 + 64), 4):
+            count = min(4, N - n)
+            for i in range(count):
+                _prefetch_row(w, n + PREFETCH_ROWS + i)
+                for chunk in range(chunks):
+                    start = chunk * C
+                    for j in range(min(C, K - start)):
+                        rows[chunk, i, j] = np.float32(w[n + i, start + j])
+            for m in range(M):
+                for i in range(4):
+                    acc[m, i] = 0
+            for chunk in range(chunks):
+                _tokens_times_rows(a[chunk], rows[chunk], count, part, 0)
+                for m in range(M):
+                    for i in range(count):
+                        acc[m, i] += np.int32(part[m, i])
+            for m in range(M):
+                for i in range(count):
+                    out[m, n + i] = _w8a8_epilogue(acc[m, i], w_scale[n + i], a_scale[m], vllm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer codes with group scales (compressed-tensors int8 / pack-quantized, GPTQ, AWQ after its load-time repack)
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def dequantize_codes_row(codes, bits, zero, scale, group, out):
+    """One row of W = (code - zero[g]) * scale[g] into out (K,), exact (refllama/quant/types.py `dequantize`).
+
+    codes: the row's int8 codes (bits 0) or the bytes of its packed little-endian bit stream, code i at bits
+    [i*b, i*b + b) (bits 1..8). zero (int32), scale (float32): the row's (G,) values. group (K,) int32: g(i).
+    """
+    K = out.shape[0]
+    if bits == 0:
+        for i in range(K):
+            g = group[i]
+            out[i] = np.float32(np.int32(codes[i]) - zero[g]) * scale[g]
+        return
+    mask = (1 << bits) - 1
+    last = codes.shape[0] - 1
+    for i in range(K):
+        start = i * bits
+        byte = start >> 3
+        window = np.int32(codes[byte])
+        if byte < last:  # a code may straddle two bytes
+            window |= np.int32(codes[byte + 1]) << 8
+        g = group[i]
+        out[i] = np.float32(((window >> (start & 7)) & mask) - zero[g]) * scale[g]
+
+
+@njit(cache=True, parallel=True)
+def codes_matmul(codes, bits, zero, scale, group, x, out):
+    """out (M, N) = x (M, K) @ W.T with W given by its codes (N, row bytes), zero/scale (N, G), group (K,).
+
+    Four weight rows at a time are dequantized exactly into a scratch block in L1, then multiplied with every
+    token by the microkernel: one pass over the stored codes serves decode and prefill alike.
+    """
+    N = codes.shape[0]
+    K = x.shape[1]
+    for c in prange((N + 63) // 64):  # 64 rows per iteration: one scratch allocation each
+        rows = np.empty((4, K), np.float32)
+        for n in range(c * 64, min(N, c * 64 + 64), 4):
+            count = min(4, N - n)
+            for i in range(count):
+                _prefetch_row(codes, n + PREFETCH_ROWS + i)
+                dequantize_codes_row(codes[n + i], bits, zero[n + i], scale[n + i], group, rows[i])
+            _tokens_times_rows(x, rows, count, out, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF blocks (ggml-quants.c's dequantize_row_*, as refllama/formats/ggml_quants.py), one weight row at a time.
+# A row of an [out, in] weight is in/block consecutive blocks; each block starts with its fp16 scale(s).
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _dequantize_q8_0(row, out):
+    # 34 bytes: fp16 d, 32 int8 codes. w = d * q.
+    for b in range(out.shape[0] // 32):
+        block = row[b * 34:b * 34 + 34]
+        d = f16(block[0], block[1])
+        for j in range(32):
+            out[b * 32 + j] = d * np.float32(np.int8(block[2 + j]))
+
+
+@njit(cache=True)
+def _dequantize_q4(row, has_min, out):
+    # Q4_0 (18 bytes: fp16 d, 16 bytes) w = d * (nibble - 8); Q4_1 (20 bytes: fp16 d, fp16 m, 16 bytes)
+    # w = d * nibble + m. Byte j holds element j (low nibble) and element j + 16 (high nibble).
+    size = 20 if has_min else 18
+    for b in range(out.shape[0] // 32):
+        block = row[b * size:b * size + size]
+        d = f16(block[0], block[1])
+        codes = block[size - 16:]
+        if has_min:
+            m = f16(block[2], block[3])
+            for j in range(16):
+                out[b * 32 + j] = d * np.float32(np.uint8(codes[j] & 15)) + m
+                out[b * 32 + 16 + j] = d * np.float32(np.uint8(codes[j] >> 4)) + m
+        else:
+            for j in range(16):
+                out[b * 32 + j] = d * np.float32(np.int32(codes[j] & 15) - 8)
+                out[b * 32 + 16 + j] = d * np.float32(np.int32(codes[j] >> 4) - 8)
+
+
+@njit(cache=True)
+def _dequantize_q4_k(row, out):
+    # 144 bytes per 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes
+    # of nibbles. Each 32 bytes hold 64 values: low nibbles sub-block 2c, high nibbles sub-block 2c + 1.
+    # w = (d * scale) * q - (dmin * min). Scales/mins: ggml's get_scale_min_k4.
+    for b in range(out.shape[0] // 256):
+        block = row[b * 144:b * 144 + 144]
+        d, dmin = f16(block[0], block[1]), f16(block[2], block[3])
+        packed = block[4:16]
+        codes = block[16:]
+        for sub in range(8):
+            if sub < 4:
+                sc, mn = packed[sub] & 63, packed[sub + 4] & 63
+            else:
+                sc = (packed[sub + 4] & 15) | ((packed[sub - 4] >> 2) & 0x30)
+                mn = (packed[sub + 4] >> 4) | ((packed[sub] >> 2) & 0x30)
+            factor, offset = d * np.float32(sc), dmin * np.float32(mn)
+            chunk = codes[(sub // 2) * 32:(sub // 2) * 32 + 32]
+            shift = 4 * (sub % 2)
+            base = b * 256 + sub * 32
+            for j in range(32):
+                out[base + j] = factor * np.float32(np.uint8((chunk[j] >> shift) & 15)) - offset
+
+
+@njit(cache=True)
+def _dequantize_q6_k(row, out):
+    # 210 bytes per 256 values: 128 bytes low nibbles (ql), 64 bytes high 2-bit pairs (qh), 16 int8 scales, fp16 d.
+    # Per half of 128 values (64 bytes of ql, 32 of qh), value 32g + j (g < 4, j < 32) has low nibble
+    # ql[j + 32 * (g % 2)] >> (4 * (g // 2)) and high bits qh[j] >> 2g. w = (d * scale[value // 16]) * (q - 32).
+    for b in range(out.shape[0] // 256):
+        block = row[b * 210:b * 210 + 210]
+        d = f16(block[208], block[209])
+        for half in range(2):
+            ql = block[half * 64:half * 64 + 64]
+            qh = block[128 + half * 32:128 + half * 32 + 32]
+            for g in range(4):
+                low = ql[32 * (g % 2):32 * (g % 2) + 32]
+                shift = 4 * (g // 2)
+                for j in range(32):
+                    value = 128 * half + 32 * g + j
+                    q = np.int32((low[j] >> shift) & 15) | (np.int32((qh[j] >> (2 * g)) & 3) << 4)
+                    factor = d * np.float32(np.int8(block[192 + value // 16]))
+                    out[b * 256 + value] = factor * np.float32(q - 32)
+
+
+@njit(cache=True)
+def dequantize_gguf_row(kind, row, out):
+    """One weight row of ggml blocks (`kind` a GGMLType value in GGUF_BLOCKS) to float32, exactly as ggml."""
+    if kind == Q8_0:
+        _dequantize_q8_0(row, out)
+    elif kind == Q4_0 or kind == Q4_1:
+        _dequantize_q4(row, kind == Q4_1, out)
+    elif kind == Q4_K:
+        _dequantize_q4_k(row, out)
+    else:
+        _dequantize_q6_k(row, out)
+
+
+@njit(cache=True, parallel=True)
+def dequantize_gguf(kind, raw, rows, out):
+    """out[i] = weight row rows[i]; raw (N, bytes per row) uint8, out (len(rows), K). Embedding lookups."""
+    for i in prange(rows.shape[0]):
+        dequantize_gguf_row(kind, raw[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def gguf_matmul(kind, raw, x, out):
+    """out (M, N) = x (M, K) @ W.T from the blocks raw (N, bytes per row): four rows at a time are dequantized
+    exactly into a scratch block in L1, then multiplied with every token by the microkernel (prefill; decode for
+    the K-quants)."""
+    N = raw.shape[0]
+    K = x.shape[1]
+    for c in prange((N + 63) // 64):  # 64 rows per iteration: one scratch allocation each
+        rows = np.empty((4, K), np.float32)
+        for n in range(c * 64, min(N, c * 64 + 64), 4):
+            count = min(4, N - n)
+            for i in range(count):
+                _prefetch_row(raw, n + PREFETCH_ROWS + i)
+                dequantize_gguf_row(kind, raw[n + i], rows[i])
+            _tokens_times_rows(x, rows, count, out, n)
+
+
+@njit(cache=True)
+def _block_sums(x):
+    """(M, K / 32): the sum of each block of 32 activations, the offset term of Q4_0/Q4_1. A separate serial
+    function: inside a parallel=True kernel, numba turns each np.sum into a parallel region of its own, which cost
+    20x the whole matvec."""
+    M, K = x.shape
+    sums = np.empty((M, K // 32), np.float32)
+    for m in range(M):
+        for b in range(K // 32):
+            sums[m, b] = np.sum(x[m, b * 32:b * 32 + 32])
+    return sums
+
+
+@njit(cache=True, parallel=True)
+def gguf_matvec(kind, raw, x, out):
+    """out (M, N) = x (M, K) @ W.T for a few tokens straight from Q4_0, Q4_1 or Q8_0 blocks (decode).
+
+    y = sum_b d_b * (q_b . x_b), plus m_b * sum(x_b) for Q4_1, minus 8 d_b * sum(x_b) for Q4_0: the row_dot
+    intrinsics, a weight row per iteration, nothing dequantized.
+    """
+    N = raw.shape[0]
+    block_sums = _block_sums(x)
+    for n in prange(N):
+        _prefetch_row(raw, n + PREFETCH_ROWS)
+        row = raw[n]
+        for m in range(x.shape[0]):
+            if kind == Q8_0:
+                out[m, n] = q8_0_row_dot(row, x[m], block_sums[m])
+            elif kind == Q4_1:
+                out[m, n] = q4_1_row_dot(row, x[m], block_sums[m])
+            else:
+                out[m, n] = q4_0_row_dot(row, x[m], block_sums[m])
+
+
+GGUF_MATVEC = (Q4_0, Q4_1, Q8_0)  # block types gguf_matvec reads; the K-quants always go through gguf_matmul
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the backend passes: decode (one token,
+    whose transposed views NumPy still calls contiguous) and prefill (several tokens)."""
+    f32, i32 = np.float32, np.int32
+    for T in (1, 5):
+        x = np.ones((T, 256), f32)
+        rms_norm(x, np.ones(256, f32), f32(1e-5), np.empty_like(x))
+        float_matmul(x, np.ones((6, 256), f32), np.empty((T, 6), f32))
+        silu_mul(x, x, np.empty_like(x))
+        q = np.ones((1, T, 2, 64), f32)
+        table = np.ones((1, 1, T, 64), f32)
+        rope(q.transpose(0, 2, 1, 3), table, table, np.empty((1, T, 2, 64), f32).transpose(0, 2, 1, 3))
+        kv = np.ones((1, 1, 8, 64), f32)
+        attention(q, kv, kv, T, np.ones((1, T, T), np.bool_), np.empty((1, T, 2, 64), f32))
+        codes, scales = np.empty((T, 256), np.int8), np.empty(T, f32)
+        quantize_tokens(x, False, codes, scales)
+        int8_matmul(codes, np.ones((6, 256), np.int8), np.ones(6, f32), scales, False, np.empty((T, 6), f32))
+        int8_matmul_float(np.ones((1, T, 256), f32), np.ones((6, 256), np.int8), np.ones(6, f32), scales, False,
+                          np.empty((T, 6), f32))
+        zero, scale, group = np.zeros((6, 1), i32), np.ones((6, 1), f32), np.zeros(256, i32)
+        for stored, bits in ((np.ones((6, 256), np.int8), 0), (np.ones((6, 128), np.uint8), 4)):
+            codes_matmul(stored, bits, zero, scale, group, x, np.empty((T, 6), f32))
+        for kind, (size, block) in GGUF_BLOCKS.items():
+            raw = np.zeros((6, size * 256 // block), np.uint8)
+            dequantize_gguf(kind, raw, np.arange(T), np.empty((T, 256), f32))
+            gguf_matmul(kind, raw, x, np.empty((T, 6), f32))
+            if kind in GGUF_MATVEC:
+                gguf_matvec(kind, raw, x, np.empty((T, 6), f32))
+
+
+__all__ = ["GGUF_BLOCKS", "GGUF_MATVEC", "attention", "cache_dir", "codes_matmul", "dequantize_gguf",
+           "float_matmul", "gguf_matmul", "gguf_matvec", "int8_matmul", "int8_matmul_float", "quantize_tokens",
+           "rms_norm", "rope", "silu_mul", "warm_up"]

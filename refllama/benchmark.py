@@ -1,0 +1,171 @@
+"""Throughput of a loaded engine: prefill and decode tokens/s, time to first token, peak RSS, and where one decode
+step spends its time. `refllama bench` and tools/bench.py (which adds llama.cpp and HF transformers) use it.
+
+One repetition is what `generate_ids` does, timed: a prefill forward of the prompt, argmax (the first new token,
+so its end is the time to first token), then `new_tokens - 1` decode forwards, greedy, not stopping at eos.
+Prefill tokens/s = prompt tokens / prefill time; decode tokens/s = (new tokens - 1) / decode time. Each figure is
+the median over the repetitions, after one short untimed run that loads (or compiles) the kernels.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refllama.errors import InputError
+
+# An English paragraph for prompts, tokenized and cut (or repeated) to the prompt length.
+PROMPT_TEXT = (
+    "The history of the printing press begins with the invention of movable type, which allowed books to be copied "
+    "far faster than by hand. Within a few decades, presses had spread across Europe, and the price of books fell "
+    "sharply. Scholars could compare editions, merchants kept printed price lists, and new ideas moved between "
+    "cities in weeks rather than years. Historians still debate how much of the scientific revolution, the "
+    "Reformation and the growth of literacy should be credited to this one machine, but few doubt that the way "
+    "knowledge was stored and shared changed for good."
+)
+
+
+@dataclass
+class Throughput:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float  # medians over the repetitions
+    decode_tokens_per_s: float
+    time_to_first_token_s: float
+    repetitions: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_ids(engine: Any, n: int) -> np.ndarray:
+    """n token ids of PROMPT_TEXT in the engine's tokenizer (repeated as needed), or a fixed id range without one."""
+    if engine.tokenizer is None:
+        return (np.arange(n) * 7919 % (engine.config.vocab_size - 1) + 1).astype(np.int64)
+    ids = list(engine.tokenizer.encode(PROMPT_TEXT))
+    return np.array((ids * (n // len(ids) + 1))[:n], dtype=np.int64)
+
+
+def generate_timed(engine: Any, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds, new ids): the prompt, then new_tokens greedy tokens through the KV cache."""
+    cache = engine.new_cache(1, len(ids) + new_tokens)
+    start = time.perf_counter()
+    token = int(np.argmax(engine.forward(ids[None], cache)[0, -1]))
+    first = time.perf_counter()
+    new = [token]
+    for _ in range(new_tokens - 1):
+        token = int(np.argmax(engine.forward(np.array([[token]]), cache)[0, -1]))
+        new.append(token)
+    return first - start, time.perf_counter() - first, new
+
+
+def measure(engine: Any, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 3) -> Throughput:
+    """Median prefill and decode throughput and time to first token over `repetitions` timed generations."""
+    if prompt_tokens < 1 or new_tokens < 2 or repetitions < 1:
+        raise InputError(f"a benchmark needs prompt tokens >= 1, new tokens >= 2 and repetitions >= 1, got "
+                         f"{prompt_tokens}, {new_tokens} and {repetitions}")
+    ids = prompt_ids(engine, prompt_tokens)
+    generate_timed(engine, ids[:8], 4)  # untimed: load or compile kernels, fault in pages
+    reps = []
+    for _ in range(repetitions):
+        prefill, decode, _ = generate_timed(engine, ids, new_tokens)
+        reps.append({"prefill_s": prefill, "decode_s": decode, "prefill_tokens_per_s": prompt_tokens / prefill,
+                     "decode_tokens_per_s": (new_tokens - 1) / decode})
+    return Throughput(prompt_tokens, new_tokens,
+                      statistics.median(r["prefill_tokens_per_s"] for r in reps),
+                      statistics.median(r["decode_tokens_per_s"] for r in reps),
+                      statistics.median(r["prefill_s"] for r in reps), reps)
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+
+_STATUS = Path("/proc/self/status")
+
+
+def rss_mb() -> float:
+    """The process's resident set now, in MiB (Linux; elsewhere the peak so far)."""
+    if _STATUS.exists():
+        return _status_kb("VmRSS:") / 1024
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set, in MiB (since reset_peak_rss on Linux; else since it started)."""
+    if _STATUS.exists():
+        return _status_kb("VmHWM:") / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; bytes on macOS, but no /proc
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# --- where a decode step goes ----------------------------------------------------------------------------------
+
+_OPS = ("embedding", "rms_norm", "linear", "apply_rope", "cache_write", "attention", "gated_activation")
+
+
+def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> dict[str, Any]:
+    """Median milliseconds per decode step by backend operation (Linears by projection), after a prefill of
+    `prompt_tokens`; `other` is the rest of the step (model.py's reshapes, residual adds, RoPE tables, mask,
+    Python). Shares sum to 1."""
+    backend = engine.backend
+    names = {id(engine.model.lm_head): "linear lm_head"}
+    for layer in engine.model.weights.layers:
+        for group in (layer.self_attention, layer.mlp):
+            for name, lin in vars(group).items():
+                names[id(lin)] = f"linear {name}"
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(op: str, fn: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args)
+            label = names.get(id(args[1]), "linear") if op == "linear" else op
+            spent[label] += time.perf_counter() - start
+            return result
+
+        return wrapper
+
+    originals = {op: getattr(backend, op) for op in _OPS}
+    ids = prompt_ids(engine, prompt_tokens)
+    cache = engine.new_cache(1, prompt_tokens + steps + 1)
+    token = int(np.argmax(engine.forward(ids[None], cache)[0, -1]))
+    per_step: list[dict[str, float]] = []
+    try:
+        for op, fn in originals.items():
+            setattr(backend, op, timed(op, fn))
+        for _ in range(steps):
+            spent.clear()
+            start = time.perf_counter()
+            token = int(np.argmax(engine.forward(np.array([[token]]), cache)[0, -1]))
+            total = time.perf_counter() - start
+            per_step.append({**spent, "other": total - sum(spent.values()), "total": total})
+    finally:
+        for op in _OPS:
+            delattr(backend, op)  # the instance attributes go; the class's methods show again
+    labels = sorted({k for step in per_step for k in step} - {"total"})
+    ms = {k: 1e3 * statistics.median(step.get(k, 0.0) for step in per_step) for k in labels}
+    total = sum(ms.values())
+    return {"ms_per_step": dict(sorted(ms.items(), key=lambda kv: -kv[1])),
+            "share": {k: v / total for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
+            "step_ms_median": 1e3 * statistics.median(step["total"] for step in per_step), "steps": steps}
