@@ -43,6 +43,8 @@ ROWS: dict[str, tuple[str, str, str, str | None]] = {
     "refllama numba W8A8": ("refllama", "q8", "w8a8", "numba"),
     "refllama numba Q8_0": ("refllama", "q8", "q8_0", "numba"),
     "refllama numba Q4_1": ("refllama", "q4", "q4_1", "numba"),
+    # MLX on Linux is the mlx[cpu] wheel (reference BLAS, one thread): a correctness backend here, Metal on a Mac
+    "refllama mlx f32": ("refllama", "f32", "f32", "mlx"),
     "llama.cpp f32": ("llama.cpp", "f32", "f32", None),
     "llama.cpp q8_0": ("llama.cpp", "q8", "q8_0", None),
     "llama.cpp Q4_1": ("llama.cpp", "q4", "q4_1", None),
@@ -259,8 +261,16 @@ def run_child(payload: dict[str, Any], threads: int, timeout: float = 3600) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def available(engine: str) -> str | None:
-    """None if the engine can run here, else why not."""
+def available(engine: str, backend: str | None = None) -> str | None:
+    """None if the engine (and refllama backend) can run here, else why not."""
+    if backend is not None:
+        from refllama.backends import get_backend
+        from refllama.errors import BackendError
+
+        try:
+            get_backend(backend)
+        except BackendError as e:
+            return str(e)
     modules = {"refllama": [], "llama.cpp": ["llama_cpp"], "hf": ["torch", "transformers", "gguf"]}[engine]
     for module in modules:
         try:
@@ -430,7 +440,7 @@ def main() -> int:
 
     for name in selected:
         engine, _, kind, backend = ROWS[name]
-        why_not = available(engine)
+        why_not = available(engine, backend)
         if why_not:
             print(f"skipping {name}: {why_not}", file=sys.stderr)
             report["rows"][name] = {"error": why_not}
