@@ -119,14 +119,15 @@ class GenericLlamaEngine:
                        max_len or c.max_position_embeddings, c.head_dim)
 
     def forward(self, token_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
-                positions: np.ndarray | None = None) -> np.ndarray:
+                positions: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         """Logits (B, T, vocab) as a host array for ids (B, T) following what `cache` holds.
 
         attention_mask (B, cache.length + T): 1 for real tokens, 0 for padding; positions (B, T): RoPE positions
-        (default: cache.length + arange(T)).
+        (default: cache.length + arange(T)); last_only: the last position's logits only, (B, 1, vocab).
         """
         ids = self.check_ids(token_ids, ndim=2)
-        return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions))
+        return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions,
+                                                        last_only=last_only))
 
     def trace(self, token_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Every intermediate of one full forward pass over one sequence, by stable name, as host arrays without
@@ -153,7 +154,7 @@ class GenericLlamaEngine:
         if max_new_tokens == 0:
             return []
         cache = self.new_cache(1, len(ids) + max_new_tokens)
-        logits = self.forward(ids[None, :], cache)[0, -1]  # prefill
+        logits = self.forward(ids[None, :], cache, last_only=True)[0, -1]  # prefill
         new: list[int] = []
         while True:
             token = int(np.argmax(logits))

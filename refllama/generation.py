@@ -245,7 +245,8 @@ def _steps(engine: GenericLlamaEngine,
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (B, L): each row counts from its first real token
 
     t0 = time.perf_counter()
-    logits = engine.forward(ids, cache, attention_mask=mask, positions=positions)  # (B, L, vocab)
+    echo = any(r.echo for r in requests)  # prompt logprobs need every position's logits, else the last suffices
+    logits = engine.forward(ids, cache, attention_mask=mask, positions=positions, last_only=not echo)
     prefill = time.perf_counter() - t0
     prompt_logprobs = [_prompt_logprobs(logits[b, L - len(p):], p, r) if r.echo else None
                        for b, (p, r) in enumerate(zip(prompts, requests, strict=True))]

@@ -30,11 +30,13 @@ class LlamaModel:
         self.lm_head = Linear(weights.lm_head if weights.lm_head is not None else weights.embeddings)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
-                positions: np.ndarray | None = None, trace: dict[str, Array] | None = None) -> Array:
+                positions: np.ndarray | None = None, trace: dict[str, Array] | None = None,
+                last_only: bool = False) -> Array:
         """Logits (B, T, vocab) for `input_ids` (B, T) following the `cache.length` tokens already cached.
 
         attention_mask (B, cache.length + T), 1 for real tokens and 0 for padding, hides padded slots;
-        positions (B, T) default to cache.length + arange(T); `trace`, if given, receives every intermediate
+        positions (B, T) default to cache.length + arange(T); `last_only` computes the logits of the last position
+        only (B, 1, vocab), all a prefill needs before decoding; `trace`, if given, receives every intermediate
         by name (embeddings, layers.N.input_norm, .q, .k, .v, .attention_output, .residual_attention,
         .post_attention_norm, .mlp_output, .residual, final_norm, logits).
         """
@@ -64,7 +66,9 @@ class LlamaModel:
             x = record(f"layers.{i}.residual", x + record(f"layers.{i}.mlp_output", self.mlp(h, layer.mlp)))
         cache.advance(T)
         x = record("final_norm", xp.rms_norm(x, self.weights.final_norm, c.rms_norm_eps))
-        return record("logits", xp.linear(x, self.lm_head))  # (B, T, vocab)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, hidden)
+        return record("logits", xp.linear(x, self.lm_head))  # (B, T or 1, vocab)
 
     def attention(self, layer: int, x: Array, w: AttentionWeights, cos: Array, sin: Array, mask: Array,
                   cache: KVCache, trace: dict[str, Array] | None = None) -> Array:

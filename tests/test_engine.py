@@ -87,3 +87,12 @@ def test_logits_beyond_max_position_embeddings(engines):
     engine = engines("dynamic")
     n = engine.config.max_position_embeddings + 8
     assert engine.logits(np.arange(n) % 64).shape == (n, 64)
+
+
+def test_last_only_prefill_equals_the_last_row(engines):
+    engine = engines("llama32", "float64")
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    full = engine.forward(ids, engine.new_cache(1, 8))
+    last = engine.forward(ids, engine.new_cache(1, 8), last_only=True)
+    assert last.shape == (1, 1, 64)
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-13)
