@@ -57,7 +57,7 @@ def generate_timed(engine: Any, ids: np.ndarray, new_tokens: int) -> tuple[float
     """(prefill seconds, decode seconds, new ids): the prompt, then new_tokens greedy tokens through the KV cache."""
     cache = engine.new_cache(1, len(ids) + new_tokens)
     start = time.perf_counter()
-    token = int(np.argmax(engine.forward(ids[None], cache)[0, -1]))
+    token = int(np.argmax(engine.forward(ids[None], cache, last_only=True)[0, -1]))  # as generate_ids
     first = time.perf_counter()
     new = [token]
     for _ in range(new_tokens - 1):
