@@ -23,6 +23,19 @@ MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 FIXTURE_NAMES = sorted(MANIFEST["fixtures"])
 
 
+def smollm2_path() -> Path:
+    """The installed SmolLM2 GGUF (the embedded default); skip without it, except in CI, which installs it."""
+    from refllama.default_model import default_model_path
+    from refllama.errors import CheckpointError
+
+    try:
+        return default_model_path()
+    except CheckpointError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"SmolLM2 not installed ({e})")
+
+
 def golden(name: str) -> dict[str, np.ndarray]:
     with np.load(GOLDEN / f"{name}.npz") as data:
         return {k: data[k] for k in data.files}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, smollm2_path
 
 
 def refllama(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -20,15 +19,7 @@ def refllama(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def default_model():
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return smollm2_path()
 
 
 def test_generate_greedy_text(default_model):

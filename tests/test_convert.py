@@ -11,21 +11,13 @@ import pytest
 import refllama
 from refllama.convert import gguf_to_hf, main
 
-from conftest import FIXTURES, GOLDEN
+from conftest import FIXTURES, GOLDEN, smollm2_path
 from test_gguf import hf_folder_to_gguf
 
 
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        gguf = default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    gguf = smollm2_path()
     return gguf, gguf_to_hf(gguf, tmp_path_factory.mktemp("smollm2-hf"))
 
 

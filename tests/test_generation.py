@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from refllama.chat import render_chat_template
 from refllama.errors import InputError
 from refllama.sampling import SamplingParams, process, sample
 
-from conftest import FIXTURE_NAMES, GOLDEN
+from conftest import FIXTURE_NAMES, GOLDEN, smollm2_path
 
 SAMPLING = json.loads((GOLDEN / "manifest.json").read_text())["sampling"]["cases"]
 
@@ -180,15 +179,7 @@ def test_a_batch_row_equals_the_request_alone(engines, case):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return refllama.load(default_model_path())
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return refllama.load(smollm2_path())
 
 
 def test_chat_request_uses_the_template_without_a_double_bos(smollm2):

