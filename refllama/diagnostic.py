@@ -360,28 +360,26 @@ class ModelDiagnostic:
         }
 
 
-def _folder_problems(source: TensorSource, config: LlamaConfig) -> list[str]:
-    expected = expected_shapes(config)
-    present = {n: source.info(n) for n in source.names()}
-    if config.quantization_config is not None:
-        return []  # quantized layouts are checked by the quantization loader at load time
-    problems = [f"missing tensor {n}" for n in sorted(set(expected) - set(present))
-                if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    problems += [f"{n} has shape {list(present[n].shape)}, the config needs {list(s)}"
-                 for n, s in expected.items() if n in present and present[n].shape != s]
-    return problems
-
-
-def _gguf_problems(gguf: GGUFFile, config: LlamaConfig) -> list[str]:
-    try:
-        source = GGUFTensorSource(gguf, config)
-    except RefLlamaError as e:
-        return [str(e)]
-    expected = expected_shapes(config)
+def _shape_problems(source: TensorSource | GGUFTensorSource, config: LlamaConfig) -> list[str]:
+    """Missing and misshapen tensors, from the headers (load_weight_map checks the same, and more, at load)."""
+    expected = expected_shapes(config)  # lm_head is already left out when tied
     present = {n: source.info(n).shape for n in source.names()}
     return [f"missing tensor {n}" for n in sorted(set(expected) - set(present))] + [
         f"{n} has shape {list(present[n])}, the config needs {list(s)}"
         for n, s in expected.items() if n in present and present[n] != s]
+
+
+def _folder_problems(source: TensorSource, config: LlamaConfig) -> list[str]:
+    if config.quantization_config is not None:
+        return []  # quantized layouts are checked by the quantization loader at load time
+    return _shape_problems(source, config)
+
+
+def _gguf_problems(gguf: GGUFFile, config: LlamaConfig) -> list[str]:
+    try:
+        return _shape_problems(GGUFTensorSource(gguf, config), config)
+    except RefLlamaError as e:
+        return [str(e)]
 
 
 # --- verification (opt-in: reads every byte) -------------------------------------------------------------------

@@ -200,17 +200,16 @@ def estimate(config: LlamaConfig, weights: WeightInfo, backend: str = "numpy", d
     req = MemoryRequirements(w, kv, act, overhead, total, context, batch_size, backend, dtype)
     if memory_limit is None or total <= memory_limit:
         return req
-    return replace(req, recommendations=_recommendations(config, weights, dtype, context, batch_size,
-                                                         tokens, memory_limit, overhead))
+    return replace(req, recommendations=_recommendations(config, weights, req, tokens, memory_limit))
 
 
-def _recommendations(config: LlamaConfig, weights: WeightInfo, dtype: DataType, context: int, batch: int,
-                     tokens: int, limit: int, overhead: int) -> list[MemoryOptimization]:
-    w = weights_in_memory(weights, dtype)
-    kv_per_position = kv_cache_bytes(config, dtype, 1, batch)
-    act = activation_bytes(config, dtype, tokens, tokens, batch)
+def _recommendations(config: LlamaConfig, weights: WeightInfo, req: MemoryRequirements, tokens: int,
+                     limit: int) -> list[MemoryOptimization]:
+    """What would make `req` fit `limit`, each with its figure; the other parts stay as estimated."""
+    dtype, context, batch = req.dtype, req.context_length, req.batch_size
+    w, overhead = req.model_weights, req.runtime_overhead
     out: list[MemoryOptimization] = []
-    rest = act + overhead + kv_cache_bytes(config, dtype, context, batch)
+    rest = req.activation_memory + overhead + req.kv_cache
     for qtype, bytes_per_weight in ((DataType.W8A16, 1.0 + 2 / 128), (DataType.W4A16, 0.5 + 2 / 32)):
         quantized = _quantized_weights(weights, dtype, bytes_per_weight)
         if quantized + rest <= limit:
@@ -231,8 +230,7 @@ def _recommendations(config: LlamaConfig, weights: WeightInfo, dtype: DataType, 
                 + activation_bytes(config, dtype, tokens, tokens, b) <= limit]
         if fits:
             out.append(ReduceBatchSize(fits[0]))
-    total = w + kv_per_position * context + act + overhead
-    out.append(UseModelSharding(max(2, math.ceil(total / limit))))
+    out.append(UseModelSharding(max(2, math.ceil(req.total_estimated / limit))))
     return out
 
 

@@ -16,7 +16,6 @@ tools/device_check.sh runs this file on a GPU machine. Bounds:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import zlib
 
@@ -24,24 +23,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from refllama.testing.plugin import cuda_device_count
 
-def _cuda_devices() -> int:
-    """CUDA devices the driver reports, asked without CuPy (so that this decides the skip reason)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return 0
-    for library in ("libcuda.so.1", "libcuda.so"):
-        try:
-            cuda = ctypes.CDLL(library)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return 0
-
-
-if _cuda_devices() == 0:
+if cuda_device_count() == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 cp = pytest.importorskip("cupy", reason="cupy not installed")
 
