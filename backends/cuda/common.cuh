@@ -21,6 +21,10 @@ typedef unsigned long long u64;
 struct f16 { unsigned short bits; };
 struct bf16 { unsigned short bits; };
 
+#ifdef REFLLAMA_CUDA_ON_CPU  // tests/cuda_cpu/cuda_cpu.h: the same conversions without PTX
+__device__ __forceinline__ float f16_to_float(unsigned short h) { return cpu_f16_to_float(h); }
+__device__ __forceinline__ unsigned short float_to_f16(float f) { return cpu_float_to_f16(f); }
+#else
 __device__ __forceinline__ float f16_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -32,6 +36,7 @@ __device__ __forceinline__ unsigned short float_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));  // round to nearest even, as NumPy
     return h;
 }
+#endif
 
 __device__ __forceinline__ float bf16_to_float(unsigned short b) {
     return __uint_as_float(((u32)b) << 16);  // exact: bfloat16 is the top half of a float32
