@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from refllama.backends import numba_kernels as kernels  # first: it sets NUMBA_CACHE_DIR, then imports numba
@@ -40,6 +41,7 @@ from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
 from refllama.weights import Linear
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
 SMALL_BATCH = 8  # up to this many tokens: fused matvec for Q4_0/Q4_1/Q8_0 blocks, the int8 kernel for W8A8
 DEFAULT_THREADS = 2
 
@@ -100,6 +102,15 @@ class NumbaBackend(NumpyBackend):
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
+    def asarray(self, a: np.ndarray) -> np.ndarray:
+        """As the numpy backend, except that bfloat16 matrices (Linear weights, the embedding table, 2-D scales)
+        stay as stored, memory-mapped: the matmul kernels widen them exactly as they read (`kernels.widen`), and
+        every other reader converts them (`_float32`). Vectors (norm weights, biases) become float32."""
+        a = np.asarray(a)
+        if a.dtype == BF16 and a.ndim == 2:
+            return a
+        return super().asarray(a)
+
     # --- gathers and elementwise -----------------------------------------------------------------------------
 
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
@@ -111,7 +122,7 @@ class NumbaBackend(NumpyBackend):
             out = np.empty((rows.size, blocks.in_features), np.float32)
             kernels.dequantize_gguf(blocks.kind, blocks.raw, rows, out)
             return out.reshape(*np.shape(ids), blocks.in_features)
-        return table[ids]
+        return _float32(table[ids])
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
@@ -157,7 +168,8 @@ class NumbaBackend(NumpyBackend):
         M = x.shape[0]
         if isinstance(w, np.ndarray):
             out = np.empty((M, w.shape[0]), np.float32)
-            kernels.float_matmul(x, np.ascontiguousarray(w), out)
+            w = np.ascontiguousarray(w)
+            kernels.float_matmul(x, w.view(np.uint16) if w.dtype == BF16 else w, out)
             return out
         if isinstance(w, Int8Weight) and w.activation is not None:
             return self._w8a8(x, w)
@@ -231,6 +243,11 @@ class NumbaBackend(NumpyBackend):
                 raise BackendError(f"the numba backend has no kernel for GGUF {GGMLType(kind).name} blocks")
             p = self._prepared[w] = _Blocks(np.ascontiguousarray(w.raw), kind, int(w.shape[1]))
         return p
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """float32 values of a float32 or bfloat16 array (exact)."""
+    return a.astype(np.float32) if a.dtype == BF16 else a
 
 
 def _cache_buffer(a: np.ndarray) -> np.ndarray:

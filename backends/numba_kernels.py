@@ -207,6 +207,21 @@ def prefetch(typingctx, array, offset):
     return types.none(array, offset), codegen
 
 
+@intrinsic
+def widen(typingctx, value):
+    """A weight element as float32: float32 as is; uint16, the bits of a bfloat16, widened exactly (the bfloat16
+    is the top half of the float32). Kernels over float weights read either, so a bfloat16 checkpoint's matrices
+    stay as stored: half the bytes to stream per token, and the same float32 products as after a conversion."""
+    if value == types.float32:
+        return types.float32(value), lambda context, builder, signature, args: args[0]
+    if value == types.uint16:
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16)), _F32)
+
+        return types.float32(value), codegen
+    return None
+
+
 @njit(cache=True)
 def _prefetch_row(matrix, n):
     """Prefetch row n of a C-contiguous 2-D array, if it exists. Matvec kernels fetch a few rows ahead: without it
@@ -219,10 +234,10 @@ def _prefetch_row(matrix, n):
 
 @njit(cache=True, fastmath=REASSOC)
 def dot(a, b):
-    """sum_k a[k] * b[k], vectorised (summation order free)."""
+    """sum_k a[k] * b[k], vectorised (summation order free); a may be a row of bfloat16 bits (`widen`)."""
     acc = np.float32(0.0)
     for k in range(a.shape[0]):
-        acc += a[k] * b[k]
+        acc += widen(a[k]) * b[k]
     return acc
 
 
@@ -232,7 +247,7 @@ def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
 
     The GEMM microkernel: four tokens by four rows per pass over K, so each weight element loaded feeds four
     multiply-adds and so does each activation (16 accumulators). Leftover tokens go one at a time, still four
-    rows per pass (the decode case).
+    rows per pass (the decode case). Weight rows are float32 or bfloat16 bits (`widen`).
     """
     M, K = x.shape
     m = 0
@@ -241,7 +256,7 @@ def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
         a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
         c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
         for k in range(K):
-            p, q, r, s = w0[k], w1[k], w2[k], w3[k]
+            p, q, r, s = widen(w0[k]), widen(w1[k]), widen(w2[k]), widen(w3[k])
             u = xa[k]
             a0, a1, a2, a3 = a0 + u * p, a1 + u * q, a2 + u * r, a3 + u * s
             u = xb[k]
@@ -260,7 +275,8 @@ def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for k in range(K):
             u = xa[k]
-            a0, a1, a2, a3 = a0 + u * w0[k], a1 + u * w1[k], a2 + u * w2[k], a3 + u * w3[k]
+            a0, a1, a2, a3 = (a0 + u * widen(w0[k]), a1 + u * widen(w1[k]), a2 + u * widen(w2[k]),
+                              a3 + u * widen(w3[k]))
         out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
         m += 1
 
@@ -273,7 +289,7 @@ def _tokens_times_rows(x, rows, count, out, n):
     else:
         for i in range(count):
             for m in range(x.shape[0]):
-                out[m, n + i] = dot(x[m], rows[i])
+                out[m, n + i] = dot(rows[i], x[m])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +396,7 @@ def attention(q, k, v, length, mask, out):
 
 @njit(cache=True, parallel=True)
 def float_matmul(x, w, out):
-    """out (M, N) = x (M, K) @ w.T for w (N, K) float32 as stored.
+    """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
 
     One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, streams it at 21 GB/s
     from memory here (NumPy's sgemv: 22; the 4x4 microkernel: 18). More tokens: four weight rows per iteration

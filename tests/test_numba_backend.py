@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -44,6 +45,8 @@ pytest.importorskip("numba")
 from refllama.backends import numba_kernels
 
 EPS32 = float(np.finfo(np.float32).eps)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+QUANT = FIXTURES / "quant"
 F32_ATOL = 2e-5
 SMOLLM2_ATOL = 2e-4
 ARGMAX_MARGIN = 1e-3
@@ -95,6 +98,41 @@ def test_float_linear(xp, M, N, K, bias):
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32) if bias else None
     _check_matmul(xp, x, Linear(w, b), w)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 5, 7), (1, 70, 64), (3, 8, 64), (9, 4, 33), (13, 7, 576)])
+def test_bfloat16_weights_are_read_as_stored_with_the_float32_products(xp, M, N, K):
+    """A bfloat16 matrix widened as the kernels read it gives the float32 kernel's result on the converted matrix,
+    bit for bit (same products, same order), and its rows through `embedding` are the converted rows."""
+    rng = np.random.default_rng(M * 100 + N * 10 + K)
+    x = rng.standard_normal((1, M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(BF16)
+    assert xp.asarray(w) is w  # kept as stored: no float32 copy
+    np.testing.assert_array_equal(xp.linear(x, Linear(w)), xp.linear(x, Linear(w.astype(np.float32))))
+    ids = np.array([[0, N - 1], [2, 1]])
+    got = xp.embedding(w, ids)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, w.astype(np.float32)[ids])
+
+
+def test_bfloat16_checkpoint_stays_memory_mapped(xp):
+    """Loading a bfloat16 folder keeps its matrices as the file's mapped bytes (vectors become float32), and the
+    logits are bit for bit those of the same backend on the weights converted to float32 first."""
+    folder = QUANT / "tiny-llama-bf16"
+    engine = refllama.load(folder, backend="numba")
+    weights = engine.model.weights
+    gate = weights.layers[0].mlp.gate_proj.weight
+    assert gate.dtype == BF16 and not gate.flags.owndata
+    np.testing.assert_array_equal(gate.view(np.uint16),
+                                  TensorSource(folder).get("model.layers.0.mlp.gate_proj.weight").view(np.uint16))
+    assert weights.final_norm.dtype == np.float32
+    config = LlamaConfig.from_dir(folder)
+    converted = load_weight_map(TensorSource(folder), config).map(
+        lambda a: a.astype(np.float32) if getattr(a, "dtype", None) == BF16 else a)
+    reference = refllama.GenericLlamaEngine(config, converted, xp)
+    assert reference.model.weights.layers[0].mlp.gate_proj.weight.dtype == np.float32
+    ids = np.arange(1, 40)
+    np.testing.assert_array_equal(engine.logits(ids), reference.logits(ids))
 
 
 # ---------------------------------------------------------------- W8A8: exact
