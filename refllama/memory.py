@@ -3,7 +3,8 @@
 The estimate counts what actually sits in memory while a model generates, as the numpy backend lays it out:
 
 * weights as they will be after loading: float tensors in the compute dtype (converted, or mapped pages that
-  generation touches), GGUF blocks dequantized, integer (quantized) tensors as stored;
+  generation touches), GGUF blocks dequantized, integer (quantized) tensors as stored, and what a backend reads
+  in place (numba: bfloat16 matrices, GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks) as stored;
 * the KV cache: 2 x layers x batch x kv_heads x context x head_dim in the compute dtype;
 * activations of the largest prefill step: the residual stream and the peak of a layer (attention scores with
   their softmax temporaries, or the MLP's gate/up temporaries, or the logits), whichever is largest;
@@ -149,13 +150,22 @@ def _itemsize(dtype: DataType) -> int:
     return {DataType.F64: 8, DataType.F32: 4, DataType.F16: 2, DataType.BF16: 2}[dtype]
 
 
-def weights_in_memory(weights: WeightInfo, dtype: DataType) -> int:
+# Stored types a backend reads in place, without a float copy: the numba backend's kernels take bfloat16 matrices
+# and these ggml block types as they lie in the file (docs/numba.md; tests/test_memory.py checks the list against
+# the backend's own).
+READ_AS_STORED = {"numba": frozenset({"BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"})}
+
+
+def weights_in_memory(weights: WeightInfo, dtype: DataType, backend: str = "numpy") -> int:
     """Weights after loading: float tensors (and dequantized GGUF blocks) in the compute dtype; integer tensors
-    (quantized checkpoints) as stored."""
+    (quantized checkpoints) and what the backend reads in place (READ_AS_STORED) as stored."""
     s = _itemsize(dtype)
+    in_place = READ_AS_STORED.get(backend, frozenset())
     total = 0
     for t in weights.tensors:
-        if t.dtype in FLOAT_DTYPES or t.dtype.startswith(("Q", "GGUF")):
+        if t.dtype in in_place and (t.dtype != "BF16" or len(t.shape) == 2):  # bf16 vectors become float32
+            total += t.nbytes
+        elif t.dtype in FLOAT_DTYPES or t.dtype.startswith(("Q", "GGUF")):
             total += t.numel * s
         else:
             total += t.nbytes
@@ -192,7 +202,7 @@ def estimate(config: LlamaConfig, weights: WeightInfo, backend: str = "numpy", d
     """MemoryRequirements for running the model; with `memory_limit`, the recommendations that make it fit."""
     context = context_length or config.max_position_embeddings
     tokens = min(prefill_tokens or context, context)
-    w = weights_in_memory(weights, dtype)
+    w = weights_in_memory(weights, dtype, backend)
     kv = kv_cache_bytes(config, dtype, context, batch_size)
     act = activation_bytes(config, dtype, tokens, tokens, batch_size)  # a prefill from an empty cache
     overhead = vocab_entries * TOKENIZER_BYTES_PER_TOKEN + LOAD_OVERHEAD_BYTES
