@@ -35,37 +35,35 @@ from hypothesis import strategies as st  # noqa: E402
 import refllama  # noqa: E402
 from refllama.backends import cupy_kernels as ck  # noqa: E402
 from refllama.backends import get_backend  # noqa: E402
-from refllama.config import ActivationType, LlamaConfig  # noqa: E402
+from refllama.config import ActivationType  # noqa: E402
 from refllama.dtypes import DataType  # noqa: E402
 from refllama.formats.ggml_quants import GGMLType  # noqa: E402
-from refllama.formats.safetensors import TensorSource  # noqa: E402
 from refllama.quant import gguf_blocks  # noqa: E402
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul  # noqa: E402
 from refllama.quant.packing import pack_rows  # noqa: E402
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight, dequantize  # noqa: E402
-from refllama.weights import Linear, load_weight_map  # noqa: E402
+from refllama.weights import Linear  # noqa: E402
 
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden  # noqa: E402
+from conftest import (  # noqa: E402
+    F32_ATOL,
+    F64_ATOL,
+    FIXTURE_NAMES,
+    GOLDEN,
+    HALF_ATOL,
+    LENGTHS,
+    QUANT_NAMES,
+    assert_close,
+    assert_smollm2_logits,
+    decode_rows,
+    engine_cache,
+    golden,
+    load_npz,
+    quant_engine,
+    quant_golden,
+)
+from test_quant_fixtures import W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key  # noqa: E402
 
-F32_ATOL = 2e-5
-F64_PURE_ATOL = 1e-12
-ARGMAX_MARGIN = 1e-3
-LENGTHS = MANIFEST["sequence_lengths"]
-HALF_ATOL = {"bfloat16": 0.1, "float16": 0.015}
-SMOLLM2_ATOL = 2e-4
 ALL_TYPES = [DataType.F32, DataType.F64, DataType.F16, DataType.BF16]
-QUANT = FIXTURES / "quant"
-
-
-def _top2_margin(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
-def _assert_close(ours: np.ndarray, ref: np.ndarray, atol: float) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
-    clear = _top2_margin(ref) > ARGMAX_MARGIN
-    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
 # ---------------------------------------------------------------- op by op
@@ -381,14 +379,7 @@ def test_gguf_blocks(dtype, name):
 
 @pytest.fixture(scope="module")
 def cupy_engines():
-    cache: dict[tuple[str, str], refllama.GenericLlamaEngine] = {}
-
-    def get(name: str, dtype: str = "float32") -> refllama.GenericLlamaEngine:
-        if (name, dtype) not in cache:
-            cache[name, dtype] = refllama.load(FIXTURES / name, backend="cupy", dtype=dtype)
-        return cache[name, dtype]
-
-    return get
+    return engine_cache("cupy")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -397,7 +388,7 @@ def test_float32_matches_hf_float32(cupy_engines, name, length):
     g = golden(name)
     ours = cupy_engines(name).logits(g[f"ids_{length}"])
     assert ours.dtype == np.float32
-    _assert_close(ours, g[f"logits_{length}_f32"], F32_ATOL)
+    assert_close(ours, g[f"logits_{length}_f32"], F32_ATOL)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -405,7 +396,7 @@ def test_float32_matches_hf_float32(cupy_engines, name, length):
 def test_float64_matches_hf_true_float64(cupy_engines, name, length):
     g = golden(name)
     ours = cupy_engines(name, "float64").logits(g[f"ids_{length}"])
-    np.testing.assert_allclose(ours, g[f"logits_{length}_f64"], rtol=0, atol=F64_PURE_ATOL)
+    np.testing.assert_allclose(ours, g[f"logits_{length}_f64"], rtol=0, atol=F64_ATOL)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -417,11 +408,8 @@ def test_greedy_continuation_matches_hf_generate(cupy_engines, name):
 def test_dynamic_ntk_cached_decoding_follows_hf_semantics(cupy_engines):
     g = golden("dynamic")
     engine = cupy_engines("dynamic")
-    ids = g[f"ids_{max(LENGTHS)}"]
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :16], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(16, len(ids))]
-    np.testing.assert_allclose(np.concatenate(rows), g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
+    rows = decode_rows(engine, g[f"ids_{max(LENGTHS)}"], prefill=16)
+    np.testing.assert_allclose(rows, g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -470,52 +458,33 @@ def test_cached_decoding_equals_full_forward(cupy_engines, case):
 # ---------------------------------------------------------------- quantized checkpoints (tests/fixtures/quant)
 
 
-QUANT_NAMES = sorted(p.name for p in QUANT.iterdir() if p.is_dir())
-
-
-def _quant_engine(name: str, dtype: str = "float32", semantics: str = "hf"):
-    folder = QUANT / name
-    config = LlamaConfig.from_dir(folder)
-    weights = load_weight_map(TensorSource(folder), config, activation_semantics=semantics)
-    return refllama.GenericLlamaEngine(config, weights, get_backend("cupy", dtype))
-
-
-def _quant_golden(name: str) -> dict[str, np.ndarray]:
-    with np.load(QUANT / name / "golden.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_quantized_fixture_matches_the_exact_function_of_the_checkpoint(name, dtype):
-    g = _quant_golden(name)
-    engine = _quant_engine(name, dtype)
+    g = quant_golden(name)
+    engine = quant_engine(name, "cupy", dtype)
     for prompt in ("a", "b"):
-        key = f"logits_{prompt}_f32dequant" if f"logits_{prompt}_f32dequant" in g else f"logits_{prompt}"
         logits = engine.logits(g[f"ids_{prompt}"])
-        _assert_close(logits, g[key], F32_ATOL)
+        assert_close(logits, g[reference_key(name, prompt)], F32_ATOL)
         # decode through the cache: the fused GEMV kernels
-        cache = engine.new_cache(1, len(g[f"ids_{prompt}"]))
-        ids = g[f"ids_{prompt}"]
-        rows = [engine.forward(ids[None, :3], cache)[0]] + [engine.forward(ids[None, t:t + 1], cache)[0]
-                                                             for t in range(3, len(ids))]
-        np.testing.assert_allclose(np.concatenate(rows), logits, rtol=0, atol=F32_ATOL)
+        np.testing.assert_allclose(decode_rows(engine, g[f"ids_{prompt}"], prefill=3), logits, rtol=0,
+                                   atol=F32_ATOL)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_w8a8_fixture(dtype):
-    g = _quant_golden("tiny-w8a8")
-    vllm, hf = _quant_engine("tiny-w8a8", dtype, "vllm"), _quant_engine("tiny-w8a8", dtype)
+    g = quant_golden("tiny-w8a8")
+    vllm, hf = quant_engine("tiny-w8a8", "cupy", dtype, "vllm"), quant_engine("tiny-w8a8", "cupy", dtype)
     for prompt in ("a", "b"):
-        _assert_close(vllm.logits(g[f"ids_{prompt}"]), g[f"logits_{prompt}_int8vllm"], F32_ATOL)
+        assert_close(vllm.logits(g[f"ids_{prompt}"]), g[f"logits_{prompt}_int8vllm"], F32_ATOL)
         ours, ref = hf.logits(g[f"ids_{prompt}"]), g[f"logits_{prompt}"]
-        assert np.abs(ours - ref).max() < 0.3  # the -127.5 tie (tests/test_quant_fixtures.py)
-        assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        assert np.abs(ours - ref).max() < W8A8_HF_ATOL  # the -127.5 tie (tests/test_quant_fixtures.py)
+        assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= W8A8_HF_TOP1
 
 
 def test_w8a8_layer0_equals_the_golden_exactly():
-    g = _quant_golden("tiny-w8a8")
-    engine = _quant_engine("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
+    engine = quant_engine("tiny-w8a8", "cupy")
     weight = engine.model.weights.layers[0].self_attention.q_proj.weight
     xp = engine.backend
     x = g["l0_q_proj_x_a"]
@@ -547,9 +516,7 @@ def _smollm2_path():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    with np.load(GOLDEN / "smollm2.npz") as data:
-        g = {k: data[k] for k in data.files}
-    return refllama.load(_smollm2_path(), backend="cupy", dtype="float32"), g
+    return refllama.load(_smollm2_path(), backend="cupy", dtype="float32"), load_npz(GOLDEN / "smollm2.npz")
 
 
 def test_smollm2_keeps_its_blocks_on_the_device(smollm2):
@@ -562,14 +529,7 @@ def test_smollm2_keeps_its_blocks_on_the_device(smollm2):
 @pytest.mark.parametrize("prompt", ["chat", "paragraph", "code", "unicode"])
 def test_smollm2_float32_logits_match_hf(smollm2, prompt):
     engine, g = smollm2
-    logits = engine.logits(g[f"{prompt}_ids"])
-    np.testing.assert_allclose(logits[g[f"{prompt}_positions"]], g[f"{prompt}_logits_f32"], rtol=0,
-                               atol=SMOLLM2_ATOL)
-    top_ids = g[f"{prompt}_topk_ids"].astype(np.int64)
-    top = g[f"{prompt}_topk_f32"]
-    np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), top, rtol=0, atol=SMOLLM2_ATOL)
-    clear = top[:, 0] - top[:, 1] > ARGMAX_MARGIN
-    np.testing.assert_array_equal(logits.argmax(-1)[clear], top_ids[clear, 0])
+    assert_smollm2_logits(engine.logits(g[f"{prompt}_ids"]), g, prompt)
 
 
 @pytest.mark.parametrize("prompt", ["chat", "paragraph", "code", "unicode"])

@@ -46,7 +46,23 @@ from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight
 from refllama.weights import Linear, load_weight_map
 
 import cuda_cpu
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, golden
+from conftest import (
+    F32_ATOL,
+    F64_ATOL,
+    FIXTURE_NAMES,
+    FIXTURES,
+    GOLDEN,
+    HALF_ATOL,
+    QUANT,
+    QUANT_NAMES,
+    SMOLLM2_ATOL,
+    assert_close,
+    decode_rows,
+    golden,
+    load_npz,
+    quant_golden,
+    smollm2_path,
+)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -555,13 +571,6 @@ def engine(emulated, folder: Path, dtype=DataType.F32, semantics="hf"):
     return refllama.GenericLlamaEngine(config, weights, backend(emulated, dtype))
 
 
-def _close(ours, ref, atol):
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 1e-3
-    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
-
-
 def test_signatures_cover_every_kernel():
     names = set(signatures())
     assert names == {k for ks in ck.MODULES.values() for k in ks}
@@ -574,8 +583,8 @@ def test_fixtures_through_the_backend(emulated, name):
     g = golden(name)
     e32, e64 = engine(emulated, FIXTURES / name), engine(emulated, FIXTURES / name, DataType.F64)
     for length in (10, 48):
-        _close(e32.logits(g[f"ids_{length}"]), g[f"logits_{length}_f32"], 2e-5)
-        np.testing.assert_allclose(e64.logits(g[f"ids_{length}"]), g[f"logits_{length}_f64"], rtol=0, atol=1e-12)
+        assert_close(e32.logits(g[f"ids_{length}"]), g[f"logits_{length}_f32"], F32_ATOL)
+        np.testing.assert_allclose(e64.logits(g[f"ids_{length}"]), g[f"logits_{length}_f64"], rtol=0, atol=F64_ATOL)
     assert e32.generate_ids(g["ids_10"], max_new_tokens=16) == g["greedy_f32"].tolist()
 
 
@@ -586,44 +595,37 @@ def test_cached_decoding_and_padded_batches(emulated):
     full = e.logits(ids)
     cache = e.new_cache(1, 40)
     rows = [e.forward(ids[None, :7], cache)[0]] + [e.forward(ids[None, t:t + 1], cache)[0] for t in range(7, 30)]
-    np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=F32_ATOL)
     a, b = g["ids_10"], g["ids_48"][:6]
     batch = np.stack([a, np.concatenate([np.zeros(4, np.int64), b])])
     attention = np.stack([np.ones(10, np.int64), np.r_[np.zeros(4, np.int64), np.ones(6, np.int64)]])
     positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0)
     logits = e.forward(batch, e.new_cache(2, 12), attention, positions)
-    np.testing.assert_allclose(logits[0], e.logits(a), rtol=0, atol=2e-5)
-    np.testing.assert_allclose(logits[1, 4:], e.logits(b), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(logits[0], e.logits(a), rtol=0, atol=F32_ATOL)
+    np.testing.assert_allclose(logits[1, 4:], e.logits(b), rtol=0, atol=F32_ATOL)
 
 
-@pytest.mark.parametrize("dtype,atol", [("bfloat16", 0.1), ("float16", 0.015)])
-def test_half_precision_paths(emulated, dtype, atol):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_paths(emulated, dtype):
     g = golden("llama32")
     e = engine(emulated, FIXTURES / "llama32", DataType.parse(dtype))
     ours = e.logits(g["ids_48"])
     assert ours.dtype == np.dtype(DataType.parse(dtype).numpy_dtype)
-    np.testing.assert_allclose(ours.astype(np.float32), g["logits_48_f32"], rtol=0, atol=atol)
+    np.testing.assert_allclose(ours.astype(np.float32), g["logits_48_f32"], rtol=0, atol=HALF_ATOL[dtype])
     assert len(e.generate_ids(g["ids_10"], 4, stop_at_eos=False)) == 4
 
 
-QUANT = FIXTURES / "quant"
-
-
-@pytest.mark.parametrize("name", sorted(p.name for p in QUANT.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("name", QUANT_NAMES)
 def test_quantized_fixtures(emulated, name):
-    with np.load(QUANT / name / "golden.npz") as data:
-        g = {k: data[k] for k in data.files}
+    g = quant_golden(name)
     semantics = "vllm" if name == "tiny-w8a8" else "hf"
     e = engine(emulated, QUANT / name, semantics=semantics)
     ids = g["ids_b"]
     key = "logits_b_int8vllm" if name == "tiny-w8a8" else (
         "logits_b_f32dequant" if "logits_b_f32dequant" in g else "logits_b")
     logits = e.logits(ids)
-    _close(logits, g[key], 2e-5)
-    cache = e.new_cache(1, len(ids))
-    rows = [e.forward(ids[None, :3], cache)[0]] + [e.forward(ids[None, t:t + 1], cache)[0]
-                                                   for t in range(3, len(ids))]
-    np.testing.assert_allclose(np.concatenate(rows), logits, rtol=0, atol=2e-5)
+    assert_close(logits, g[key], F32_ATOL)
+    np.testing.assert_allclose(decode_rows(e, ids, prefill=3), logits, rtol=0, atol=F32_ATOL)
 
 
 @pytest.mark.parametrize("dtype", [DataType.F32, DataType.F64, DataType.BF16])
@@ -732,16 +734,9 @@ def test_activations(emulated):
 
 def test_smollm2_gguf_blocks_end_to_end(emulated):
     """The embedded SmolLM2 (Q8_0 embeddings, Q4_1 matrices) kept as blocks: the chat prompt against HF."""
-    from refllama.default_model import default_model_path
-    from refllama.errors import CheckpointError
-
-    try:
-        path = default_model_path()
-    except CheckpointError as e:
-        pytest.skip(f"SmolLM2 not installed ({e})")
+    path = smollm2_path()
     module, _ = emulated
-    with np.load(GOLDEN / "smollm2.npz") as data:
-        g = {k: data[k] for k in data.files}
+    g = load_npz(GOLDEN / "smollm2.npz")
     from refllama.formats.gguf import GGUFFile
     from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
 
@@ -753,4 +748,4 @@ def test_smollm2_gguf_blocks_end_to_end(emulated):
     assert isinstance(e.model.weights.layers[0].mlp.up_proj.weight, gguf_blocks.GGUFBlockWeight)
     assert isinstance(e.model.weights.embeddings, gguf_blocks.GGUFBlockWeight)
     logits = e.logits(g["chat_ids"])
-    np.testing.assert_allclose(logits[g["chat_positions"]], g["chat_logits_f32"], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(logits[g["chat_positions"]], g["chat_logits_f32"], rtol=0, atol=SMOLLM2_ATOL)

@@ -30,34 +30,29 @@ from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.weights import Linear
 
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden, smollm2_path
+from conftest import (
+    F32_ATOL,
+    FIXTURE_NAMES,
+    GOLDEN,
+    HALF_ATOL,
+    LENGTHS,
+    assert_close,
+    assert_smollm2_logits,
+    decode_rows,
+    engine_cache,
+    golden,
+    load_npz,
+    smollm2_path,
+)
 
 mx = pytest.importorskip("mlx.core")
 
-F32_ATOL = 2e-5  # the numpy backend's bound against HF float32 (tests/test_golden.py)
-ARGMAX_MARGIN = 1e-3
-LENGTHS = MANIFEST["sequence_lengths"]
-HALF_ATOL = {"bfloat16": 0.1, "float16": 0.015}
-SMOLLM2_ATOL = 2e-4
 HALF_TYPES = [DataType.F16, DataType.BF16]
 
 
 @pytest.fixture(scope="module")
 def mlx_engines():
-    """Engines on the mlx backend, cached per (fixture, dtype)."""
-    cache: dict[tuple[str, str], refllama.GenericLlamaEngine] = {}
-
-    def get(name: str, dtype: str = "float32") -> refllama.GenericLlamaEngine:
-        if (name, dtype) not in cache:
-            cache[name, dtype] = refllama.load(FIXTURES / name, backend="mlx", dtype=dtype)
-        return cache[name, dtype]
-
-    return get
-
-
-def _top2_margin(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+    return engine_cache("mlx")
 
 
 # ---------------------------------------------------------------- op by op
@@ -215,12 +210,9 @@ def test_float64_is_not_offered():
 @pytest.mark.parametrize("length", LENGTHS)
 def test_float32_matches_hf_float32(mlx_engines, name, length):
     g = golden(name)
-    ref = g[f"logits_{length}_f32"]
     ours = mlx_engines(name).logits(g[f"ids_{length}"])
     assert ours.dtype == np.float32
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=F32_ATOL)
-    clear = _top2_margin(ref) > ARGMAX_MARGIN
-    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert_close(ours, g[f"logits_{length}_f32"], F32_ATOL)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -233,12 +225,8 @@ def test_dynamic_ntk_cached_decoding_follows_hf_semantics(mlx_engines):
     """Past max_position_embeddings each cached key keeps the rotation it was written with, as in HF."""
     g = golden("dynamic")
     engine = mlx_engines("dynamic")
-    ids = g[f"ids_{max(LENGTHS)}"]
-    prefill = 16
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :prefill], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(prefill, len(ids))]
-    np.testing.assert_allclose(np.concatenate(rows), g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
+    rows = decode_rows(engine, g[f"ids_{max(LENGTHS)}"], prefill=16)
+    np.testing.assert_allclose(rows, g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
 
 
 # ---------------------------------------------------------------- half precision end to end
@@ -258,10 +246,7 @@ def test_bfloat16_decodes_through_the_cache(mlx_engines):
     g = golden("llama32")
     engine = mlx_engines("llama32", "bfloat16")
     ids = g["ids_48"][:24]
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :8], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(8, len(ids))]
-    cached = np.concatenate(rows).astype(np.float32)
+    cached = decode_rows(engine, ids, prefill=8).astype(np.float32)
     np.testing.assert_allclose(cached, mlx_engines("llama32").logits(ids), rtol=0, atol=HALF_ATOL["bfloat16"])
     new = engine.generate_ids(g["ids_10"], max_new_tokens=16, stop_at_eos=False)
     assert len(new) == 16 and all(0 <= t < engine.config.vocab_size for t in new)
@@ -322,28 +307,15 @@ def test_the_graph_does_not_grow_across_decode_steps(mlx_engines):
 # ---------------------------------------------------------------- SmolLM2 (the default model)
 
 
-def _smollm2_path():
-    return smollm2_path()
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    with np.load(GOLDEN / "smollm2.npz") as data:
-        g = {k: data[k] for k in data.files}
-    return refllama.load(_smollm2_path(), backend="mlx", dtype="float32"), g
+    return refllama.load(smollm2_path(), backend="mlx", dtype="float32"), load_npz(GOLDEN / "smollm2.npz")
 
 
 @pytest.mark.parametrize("prompt", ["chat", "code"])  # 42 and 72 tokens: MLX's CPU matmul is slow
 def test_smollm2_float32_logits_match_hf(smollm2, prompt):
     engine, g = smollm2
-    logits = engine.logits(g[f"{prompt}_ids"])
-    np.testing.assert_allclose(logits[g[f"{prompt}_positions"]], g[f"{prompt}_logits_f32"], rtol=0,
-                               atol=SMOLLM2_ATOL)
-    top_ids = g[f"{prompt}_topk_ids"].astype(np.int64)
-    top = g[f"{prompt}_topk_f32"]
-    np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), top, rtol=0, atol=SMOLLM2_ATOL)
-    clear = top[:, 0] - top[:, 1] > ARGMAX_MARGIN
-    np.testing.assert_array_equal(logits.argmax(-1)[clear], top_ids[clear, 0])
+    assert_smollm2_logits(engine.logits(g[f"{prompt}_ids"]), g, prompt)
 
 
 def test_smollm2_greedy_continuation_matches_hf(smollm2):

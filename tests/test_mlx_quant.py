@@ -23,17 +23,6 @@ from dataclasses import dataclass, fields, replace
 import ml_dtypes
 import numpy as np
 import pytest
-import test_quant_fixtures as numpy_quant
-from test_quant_fixtures import (
-    F32_ATOL,
-    NAMES,
-    PROMPTS,
-    QUANT,
-    W8A8_HF_ATOL,
-    W8A8_HF_TOP1,
-    golden,
-    reference_key,
-)
 
 import refllama
 from refllama.backends import get_backend
@@ -44,28 +33,19 @@ from refllama.quant import int8 as ref_int8
 from refllama.quant.packing import pack_rows
 from refllama.weights import Linear, quantized_linears
 
-from conftest import GOLDEN, ROOT
+from conftest import F32_ATOL, GOLDEN, QUANT_NAMES, ROOT, assert_close, quant_engine, quant_golden
+from test_quant_fixtures import PROMPTS, W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key
 
 mx = pytest.importorskip("mlx.core")
 mlx_backend = pytest.importorskip("refllama.backends.mlx_backend")
 
-WEIGHT_ONLY = [n for n in NAMES if n != "tiny-w8a8"]
+WEIGHT_ONLY = [n for n in QUANT_NAMES if n != "tiny-w8a8"]
 HALF_ATOL = {"bfloat16": 0.2, "float16": 0.03}
 W8A8_HALF_ATOL = 0.5
 ALL_TYPES = [DataType.F32, DataType.BF16, DataType.F16]
 
-_ENGINES: dict[tuple[str, str, str], refllama.GenericLlamaEngine] = {}
-
-
 def mlx_engine(name: str, dtype: str = "float32", semantics: str = "hf") -> refllama.GenericLlamaEngine:
-    key = (name, dtype, semantics)
-    if key not in _ENGINES:
-        _ENGINES[key] = refllama.load(QUANT / name, backend="mlx", dtype=dtype, quant_semantics=semantics)
-    return _ENGINES[key]
-
-
-def _assert_close(ours: np.ndarray, ref: np.ndarray, atol: float) -> None:
-    numpy_quant._assert_close(ours, ref, atol)
+    return quant_engine(name, "mlx", dtype, semantics)
 
 
 # ---------------------------------------------------------------- fixtures end to end (float32)
@@ -74,22 +54,22 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray, atol: float) -> None:
 @pytest.mark.parametrize("name", WEIGHT_ONLY)
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_float32_matches_the_exact_function_of_the_checkpoint(name, prompt):
-    g = golden(name)
+    g = quant_golden(name)
     ours = mlx_engine(name).logits(g[f"ids_{prompt}"])
     assert ours.dtype == np.float32
-    _assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)
-    _assert_close(ours, numpy_quant.engine(name).logits(g[f"ids_{prompt}"]), F32_ATOL)
+    assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)
+    assert_close(ours, quant_engine(name).logits(g[f"ids_{prompt}"]), F32_ATOL)
 
 
 def test_w8a8_vllm_semantics_match_their_reference():
-    g = golden("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
     for prompt in PROMPTS:
         ours = mlx_engine("tiny-w8a8", semantics="vllm").logits(g[f"ids_{prompt}"])
-        _assert_close(ours, g[f"logits_{prompt}_int8vllm"], F32_ATOL)
+        assert_close(ours, g[f"logits_{prompt}_int8vllm"], F32_ATOL)
 
 
 def test_w8a8_hf_semantics_match_hf_within_the_tie_bound():
-    g = golden("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
     for prompt in PROMPTS:
         ours = mlx_engine("tiny-w8a8").logits(g[f"ids_{prompt}"])
         ref = g[f"logits_{prompt}"]
@@ -101,7 +81,7 @@ def test_w8a8_hf_semantics_match_hf_within_the_tie_bound():
 
 def test_w8a8_layer0_from_hfs_input_exactly():
     """HF's own layer-0 q_proj input: codes, token scales and int32 accumulators equal; outputs as the reference."""
-    g = golden("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
     weight = mlx_engine("tiny-w8a8").model.weights.layers[0].self_attention.q_proj.weight
     x = mx.array(g["l0_q_proj_x_a"])
     codes, scale = mlx_backend.quantize_tokens_hf(x)
@@ -120,7 +100,7 @@ def test_w8a8_layer0_from_hfs_input_exactly():
 
 @pytest.mark.parametrize("name", ["tiny-w8a8", "tiny-w4a16-g32-asym", "tiny-gptq-w4g32-actorder"])
 def test_cached_decoding_equals_a_full_forward(name):
-    g = golden(name)
+    g = quant_golden(name)
     e = mlx_engine(name)
     ids = g["ids_b"]
     cache = e.new_cache(1, len(ids))
@@ -130,9 +110,9 @@ def test_cached_decoding_equals_a_full_forward(name):
 
 @pytest.mark.parametrize("name", ["tiny-w4a16-g32", "tiny-gptq-w4g32-actorder"])
 def test_greedy_generation_matches_the_numpy_backend(name):
-    g = golden(name)
+    g = quant_golden(name)
     ours = mlx_engine(name).generate_ids(g["ids_a"], max_new_tokens=8, stop_at_eos=False)
-    assert ours == numpy_quant.engine(name).generate_ids(g["ids_a"], max_new_tokens=8, stop_at_eos=False)
+    assert ours == quant_engine(name).generate_ids(g["ids_a"], max_new_tokens=8, stop_at_eos=False)
 
 
 def test_paths_taken_per_fixture():
@@ -146,10 +126,10 @@ def test_paths_taken_per_fixture():
 # ---------------------------------------------------------------- half precision end to end
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", QUANT_NAMES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_stays_close_to_float32(name, dtype):
-    g = golden(name)
+    g = quant_golden(name)
     atol = W8A8_HALF_ATOL if name == "tiny-w8a8" else HALF_ATOL[dtype]
     for prompt in PROMPTS:
         ours = mlx_engine(name, dtype).logits(g[f"ids_{prompt}"])
@@ -176,13 +156,13 @@ def to_compute(weight, np_dtype):
     return replace(weight, scale=np.asarray(weight.scale).astype(np_dtype))
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "tiny-llama-bf16"])
+@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-llama-bf16"])
 def test_dequantize_equals_the_reference_for_every_fixture_linear(name):
     ours = quantized_linears(mlx_engine(name).model.weights)
-    ref = quantized_linears(numpy_quant.engine(name).model.weights)
+    ref = quantized_linears(quant_engine(name).model.weights)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_array_equal(np.array(mlx_backend.dequantize(a)), dequantize(b))
-    g = golden(name)
+    g = quant_golden(name)
     attention = mlx_engine(name).model.weights.layers[0].self_attention
     for proj in ("q_proj", "k_proj"):
         w = mlx_backend.dequantize(getattr(attention, proj).weight)

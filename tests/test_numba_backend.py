@@ -38,7 +38,25 @@ from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.packing import pack_rows
 from refllama.weights import Linear, load_weight_map
 
-from conftest import FIXTURE_NAMES, FIXTURES, GOLDEN, MANIFEST, golden, smollm2_path
+from conftest import (
+    F32_ATOL,
+    FIXTURE_NAMES,
+    GOLDEN,
+    LENGTHS,
+    QUANT,
+    QUANT_NAMES,
+    SMOLLM2_ATOL,
+    assert_close,
+    assert_smollm2_logits,
+    decode_rows,
+    engine_cache,
+    golden,
+    load_npz,
+    quant_engine,
+    quant_golden,
+    smollm2_path,
+)
+from test_quant_fixtures import W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key
 
 pytest.importorskip("numba")
 
@@ -46,12 +64,6 @@ from refllama.backends import numba_kernels
 
 EPS32 = float(np.finfo(np.float32).eps)
 BF16 = np.dtype(ml_dtypes.bfloat16)
-QUANT = FIXTURES / "quant"
-F32_ATOL = 2e-5
-SMOLLM2_ATOL = 2e-4
-ARGMAX_MARGIN = 1e-3
-LENGTHS = MANIFEST["sequence_lengths"]
-QUANT = FIXTURES / "quant"
 BLOCK_TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K]
 
 
@@ -354,19 +366,7 @@ def test_compiled_kernels_are_cached_outside_the_sources():
 
 @pytest.fixture(scope="module")
 def engines():
-    cache: dict[str, refllama.GenericLlamaEngine] = {}
-
-    def get(name: str) -> refllama.GenericLlamaEngine:
-        if name not in cache:
-            cache[name] = refllama.load(FIXTURES / name, backend="numba")
-        return cache[name]
-
-    return get
-
-
-def _top2_margin(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+    return engine_cache("numba")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -374,23 +374,17 @@ def test_fixtures_match_hf_float32(engines, name):
     g = golden(name)
     engine = engines(name)
     for length in LENGTHS:
-        ref = g[f"logits_{length}_f32"]
         ours = engine.logits(g[f"ids_{length}"])
         assert ours.dtype == np.float32
-        np.testing.assert_allclose(ours, ref, rtol=0, atol=F32_ATOL)
-        clear = _top2_margin(ref) > ARGMAX_MARGIN
-        np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+        assert_close(ours, g[f"logits_{length}_f32"], F32_ATOL)
     assert engine.generate_ids(g["ids_10"], max_new_tokens=16) == g["greedy_f32"].tolist()
 
 
 def test_dynamic_ntk_cached_decoding_follows_hf_semantics(engines):
     g = golden("dynamic")
     engine = engines("dynamic")
-    ids = g[f"ids_{max(LENGTHS)}"]
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :16], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(16, len(ids))]
-    np.testing.assert_allclose(np.concatenate(rows), g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
+    rows = decode_rows(engine, g[f"ids_{max(LENGTHS)}"], prefill=16)
+    np.testing.assert_allclose(rows, g["cached_decode_f32"], rtol=0, atol=F32_ATOL)
 
 
 @pytest.mark.parametrize("name", ["llama32", "sharded"])
@@ -419,55 +413,32 @@ def test_padded_batch_matches_single_sequences(engines):
 # ---------------------------------------------------------------- quantized fixtures (tests/fixtures/quant/)
 
 
-QUANT_NAMES = sorted(p.name for p in QUANT.iterdir() if p.is_dir()) if QUANT.is_dir() else []
-
-
-def _quant_engine(name: str, semantics: str = "hf") -> refllama.GenericLlamaEngine:
-    folder = QUANT / name
-    config = LlamaConfig.from_dir(folder)
-    weights = load_weight_map(TensorSource(folder), config, activation_semantics=semantics)
-    return refllama.GenericLlamaEngine(config, weights, get_backend("numba", "float32"))
-
-
 @pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
 def test_quantized_fixtures_match_the_exact_function_of_the_checkpoint(name):
-    with np.load(QUANT / name / "golden.npz") as data:
-        g = {k: data[k] for k in data.files}
-    engine = _quant_engine(name)
+    g = quant_golden(name)
+    engine = quant_engine(name, "numba")
     for prompt in ("a", "b"):
-        key = f"logits_{prompt}_f32dequant" if f"logits_{prompt}_f32dequant" in g else f"logits_{prompt}"
-        ours = engine.logits(g[f"ids_{prompt}"])
-        np.testing.assert_allclose(ours, g[key], rtol=0, atol=F32_ATOL)
-        clear = _top2_margin(g[key]) > ARGMAX_MARGIN
-        np.testing.assert_array_equal(ours.argmax(-1)[clear], g[key].argmax(-1)[clear])
+        assert_close(engine.logits(g[f"ids_{prompt}"]), g[reference_key(name, prompt)], F32_ATOL)
 
 
-@pytest.mark.skipif("tiny-w8a8" not in QUANT_NAMES, reason="tests/fixtures/quant/tiny-w8a8 is not in this checkout")
 def test_w8a8_fixture_matches_its_references():
     """vLLM semantics (no rounding ties) within 2e-5 of their reference; compressed-tensors semantics within the
-    -127.5 tie bound of tests/test_quant_fixtures.py (0.3, top-1 >= 0.9)."""
-    with np.load(QUANT / "tiny-w8a8" / "golden.npz") as data:
-        g = {k: data[k] for k in data.files}
-    vllm, hf = _quant_engine("tiny-w8a8", "vllm"), _quant_engine("tiny-w8a8", "hf")
+    -127.5 tie bound of tests/test_quant_fixtures.py."""
+    g = quant_golden("tiny-w8a8")
+    vllm, hf = quant_engine("tiny-w8a8", "numba", semantics="vllm"), quant_engine("tiny-w8a8", "numba")
     for prompt in ("a", "b"):
         ids = g[f"ids_{prompt}"]
         np.testing.assert_allclose(vllm.logits(ids), g[f"logits_{prompt}_int8vllm"], rtol=0, atol=F32_ATOL)
         ours, ref = hf.logits(ids), g[f"logits_{prompt}"]
-        assert np.abs(ours - ref).max() < 0.3 and (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        assert np.abs(ours - ref).max() < W8A8_HF_ATOL and (ours.argmax(-1) == ref.argmax(-1)).mean() >= W8A8_HF_TOP1
 
 
 # ---------------------------------------------------------------- SmolLM2 from its Q4_1 GGUF, read as blocks
 
 
-def _smollm2_path() -> Path:
-    return smollm2_path()
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    with np.load(GOLDEN / "smollm2.npz") as data:
-        g = {k: data[k] for k in data.files}
-    return refllama.load(_smollm2_path(), backend="numba"), g
+    return refllama.load(smollm2_path(), backend="numba"), load_npz(GOLDEN / "smollm2.npz")
 
 
 def test_smollm2_keeps_its_blocks_memory_mapped(smollm2):
@@ -477,21 +448,14 @@ def test_smollm2_keeps_its_blocks_memory_mapped(smollm2):
     assert isinstance(up, GGUFBlockWeight) and up.ggml_type is GGMLType.Q4_1
     assert up.raw.dtype == np.uint8 and not up.raw.flags.owndata and not up.raw.flags.writeable  # the mapped file
     assert isinstance(weights.embeddings, GGUFBlockWeight) and weights.embeddings.ggml_type is GGMLType.Q8_0
-    numpy_engine = refllama.load(_smollm2_path(), backend="numpy")  # the numpy backend still dequantizes at load
+    numpy_engine = refllama.load(smollm2_path(), backend="numpy")  # the numpy backend still dequantizes at load
     assert numpy_engine.model.weights.layers[0].mlp.up_proj.weight.dtype == np.float32
 
 
 @pytest.mark.parametrize("prompt", ["chat", "paragraph", "code", "unicode"])
 def test_smollm2_float32_logits_match_hf(smollm2, prompt):
     engine, g = smollm2
-    logits = engine.logits(g[f"{prompt}_ids"])
-    np.testing.assert_allclose(logits[g[f"{prompt}_positions"]], g[f"{prompt}_logits_f32"], rtol=0,
-                               atol=SMOLLM2_ATOL)
-    top_ids = g[f"{prompt}_topk_ids"].astype(np.int64)
-    top = g[f"{prompt}_topk_f32"]
-    np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), top, rtol=0, atol=SMOLLM2_ATOL)
-    clear = top[:, 0] - top[:, 1] > ARGMAX_MARGIN
-    np.testing.assert_array_equal(logits.argmax(-1)[clear], top_ids[clear, 0])
+    assert_smollm2_logits(engine.logits(g[f"{prompt}_ids"]), g, prompt)
 
 
 def test_smollm2_greedy_continuation_matches_hf(smollm2):
@@ -502,11 +466,7 @@ def test_smollm2_greedy_continuation_matches_hf(smollm2):
 def test_smollm2_cached_decoding_through_the_fused_kernels(smollm2):
     """Decode steps (one token: the fused Q4_1/Q8_0 matvec) against HF's logits of the full sequence."""
     engine, g = smollm2
-    ids = g["code_ids"]
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :40], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(40, len(ids))]
-    logits = np.concatenate(rows)
+    logits = decode_rows(engine, g["code_ids"], prefill=40)
     top_ids = g["code_topk_ids"].astype(np.int64)
     np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), g["code_topk_f32"], rtol=0,
                                atol=SMOLLM2_ATOL)
@@ -518,7 +478,7 @@ def test_q4_1_gguf_peak_rss_is_about_its_file_size():
     KV cache. Counted in a fresh process from its RSS once the interpreter, NumPy, the compiled kernels and the
     GGUF metadata (the config) are in; the tokenizer is not built (its Python objects take about 35 MB, which
     tools/bench.py's whole-process figure includes)."""
-    path = _smollm2_path()
+    path = smollm2_path()
     script = (
         "import numpy as np\n"
         "from refllama.backends import get_backend, numba_kernels\n"

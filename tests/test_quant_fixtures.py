@@ -37,57 +37,32 @@ from refllama.quant import Int8Weight, PackedIntWeight, dequantize
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul
 from refllama.weights import load_weight_map, quantized_linears
 
-from conftest import FIXTURES, GOLDEN
+from conftest import (
+    F32_ATOL,
+    F64_ATOL,
+    GOLDEN,
+    QUANT,
+    QUANT_NAMES,
+    assert_close,
+    quant_engine,
+    quant_golden,
+)
 
-QUANT = FIXTURES / "quant"
-NAMES = sorted(p.name for p in QUANT.iterdir() if p.is_dir())
-F32_ATOL = 2e-5  # float32 engine vs HF float32 (measured <= 7.0e-6)
-F64_PURE_ATOL = 1e-12  # float64 engine vs HF patched to true float64 (measured 1.1e-14)
 W8A8_HF_ATOL = 0.3  # the -127.5 tie (module docstring); measured 0.08 (f32) / 0.135 (f64)
 W8A8_HF_TOP1 = 0.9
-ARGMAX_MARGIN = 1e-3
 PROMPTS = ("a", "b")
-
-
-def golden(name: str) -> dict[str, np.ndarray]:
-    with np.load(QUANT / name / "golden.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 def reference_key(name: str, prompt: str) -> str:
     """The golden key the engine must match tightly: the exact-dequant reference where HF's route was inexact."""
-    g = golden(name)
+    g = quant_golden(name)
     return f"logits_{prompt}_f32dequant" if f"logits_{prompt}_f32dequant" in g else f"logits_{prompt}"
 
 
-_ENGINES: dict[tuple[str, str, str], refllama.GenericLlamaEngine] = {}
-
-
-def engine(name: str, dtype: str = "float32", semantics: str = "hf") -> refllama.GenericLlamaEngine:
-    key = (name, dtype, semantics)
-    if key not in _ENGINES:
-        folder = QUANT / name
-        config = LlamaConfig.from_dir(folder)
-        weights = load_weight_map(TensorSource(folder), config, activation_semantics=semantics)
-        _ENGINES[key] = refllama.GenericLlamaEngine(config, weights, get_backend("numpy", dtype))
-    return _ENGINES[key]
-
-
-def _top2_margin(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
-def _assert_close(ours: np.ndarray, ref: np.ndarray, atol: float) -> None:
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
-    clear = _top2_margin(ref) > ARGMAX_MARGIN
-    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", QUANT_NAMES)
 def test_fixture_files_match_their_manifest(name):
     index = json.loads((GOLDEN / "quant_manifest.json").read_text())["tiny_fixtures"]["folders"]
-    assert sorted(index) == NAMES
+    assert sorted(index) == QUANT_NAMES
     manifest_bytes = (QUANT / name / "manifest.json").read_bytes()
     assert hashlib.sha256(manifest_bytes).hexdigest() == index[name]["manifest_sha256"]
     manifest = json.loads(manifest_bytes)
@@ -96,29 +71,29 @@ def test_fixture_files_match_their_manifest(name):
         assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"], fname
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "tiny-w8a8"])
+@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_float32_engine_matches_the_exact_function_of_the_checkpoint(name, prompt):
-    g = golden(name)
-    ours = engine(name).logits(g[f"ids_{prompt}"])
+    g = quant_golden(name)
+    ours = quant_engine(name).logits(g[f"ids_{prompt}"])
     assert ours.dtype == np.float32
-    _assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)
+    assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "tiny-w8a8"])
+@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
 def test_float64_engine_matches_too(name):
-    g = golden(name)
+    g = quant_golden(name)
     for prompt in PROMPTS:
-        ours = engine(name, "float64").logits(g[f"ids_{prompt}"])
-        _assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)  # the references are float32
+        ours = quant_engine(name, dtype="float64").logits(g[f"ids_{prompt}"])
+        assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)  # the references are float32
         if f"logits_{prompt}_f64pure" in g:
-            np.testing.assert_allclose(ours, g[f"logits_{prompt}_f64pure"], rtol=0, atol=F64_PURE_ATOL)
+            np.testing.assert_allclose(ours, g[f"logits_{prompt}_f64pure"], rtol=0, atol=F64_ATOL)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if "dequant_l0_q_proj" in golden(n)])
+@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if "dequant_l0_q_proj" in quant_golden(n)])
 def test_unpackers_equal_the_golden_dequant_bit_for_bit(name):
-    g = golden(name)
-    attention = engine(name).model.weights.layers[0].self_attention
+    g = quant_golden(name)
+    attention = quant_engine(name).model.weights.layers[0].self_attention
     for proj in ("q_proj", "k_proj"):
         weight = getattr(attention, proj).weight
         assert isinstance(weight, Int8Weight | PackedIntWeight)
@@ -131,24 +106,24 @@ def test_loaded_types_per_fixture():
                 "tiny-w4a16-g32-asym": (PackedIntWeight, 4, None), "tiny-gptq-w4g32": (PackedIntWeight, 4, None),
                 "tiny-gptq-w4g32-actorder": (PackedIntWeight, 4, None), "tiny-awq-w4g32": (PackedIntWeight, 4, None)}
     for name, (kind, bits, semantics) in expected.items():
-        weights = quantized_linears(engine(name).model.weights)
+        weights = quantized_linears(quant_engine(name).model.weights)
         assert len(weights) == 14 and all(type(w) is kind for w in weights), name  # lm_head stays float
         if bits is not None:
             assert {w.bits for w in weights} == {bits}, name
         if semantics is not None:
             assert {w.activation.semantics for w in weights} == {semantics}
-    actorder = quantized_linears(engine("tiny-gptq-w4g32-actorder").model.weights)[0]
+    actorder = quantized_linears(quant_engine("tiny-gptq-w4g32-actorder").model.weights)[0]
     assert actorder.g_idx is not None and not np.all(np.diff(actorder.g_idx) >= 0)  # not monotonic
-    assert quantized_linears(engine("tiny-gptq-w4g32").model.weights)[0].g_idx is None
-    asym = quantized_linears(engine("tiny-w4a16-g32-asym").model.weights)[0]
+    assert quantized_linears(quant_engine("tiny-gptq-w4g32").model.weights)[0].g_idx is None
+    asym = quantized_linears(quant_engine("tiny-w4a16-g32-asym").model.weights)[0]
     assert asym.zero is not None and asym.zero.shape == (128, 4)
 
 
 # --- W8A8 -------------------------------------------------------------------------------------------------------
 
 def test_w8a8_layer0_intermediates_equal_the_golden_exactly():
-    g = golden("tiny-w8a8")
-    weight = engine("tiny-w8a8").model.weights.layers[0].self_attention.q_proj.weight
+    g = quant_golden("tiny-w8a8")
+    weight = quant_engine("tiny-w8a8").model.weights.layers[0].self_attention.q_proj.weight
     x = g["l0_q_proj_x_a"]  # HF's own input to layer-0 q_proj, (7, 128) float32
     codes, scale = quantize_tokens_hf(x)
     np.testing.assert_array_equal(codes, g["l0_q_proj_ct_codes_a"])
@@ -168,29 +143,29 @@ def test_w8a8_layer0_intermediates_equal_the_golden_exactly():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_w8a8_vllm_semantics_match_their_reference(dtype):
-    g = golden("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
     for prompt in PROMPTS:
-        ours = engine("tiny-w8a8", dtype, "vllm").logits(g[f"ids_{prompt}"])
-        _assert_close(ours, g[f"logits_{prompt}_int8vllm"], F32_ATOL)
+        ours = quant_engine("tiny-w8a8", dtype=dtype, semantics="vllm").logits(g[f"ids_{prompt}"])
+        assert_close(ours, g[f"logits_{prompt}_int8vllm"], F32_ATOL)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_w8a8_hf_semantics_match_hf_within_the_tie_bound(dtype):
-    g = golden("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
     for prompt in PROMPTS:
-        ours = engine("tiny-w8a8", dtype).logits(g[f"ids_{prompt}"])
+        ours = quant_engine("tiny-w8a8", dtype=dtype).logits(g[f"ids_{prompt}"])
         ref = g[f"logits_{prompt}"]
         assert np.abs(ours - ref).max() < W8A8_HF_ATOL
         assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= W8A8_HF_TOP1
     # the two semantics really differ on this model (notes: up to 0.18), so the tests above can tell them apart
-    vllm = engine("tiny-w8a8", dtype, "vllm").logits(g["ids_b"])
+    vllm = quant_engine("tiny-w8a8", dtype=dtype, semantics="vllm").logits(g["ids_b"])
     assert np.abs(vllm - g["logits_b_int8vllm"]).max() < 1e-4 < np.abs(vllm - g["logits_b"]).max()
 
 
 def test_w8a8_cached_decoding_equals_a_full_forward():
     """Per-token activation scales do not depend on other tokens, so the KV cache changes nothing."""
-    g = golden("tiny-w8a8")
-    e = engine("tiny-w8a8")
+    g = quant_golden("tiny-w8a8")
+    e = quant_engine("tiny-w8a8")
     ids = g["ids_b"]
     cache = e.new_cache(1, len(ids))
     rows = [e.forward(ids[None, :5], cache)[0]] + [e.forward(ids[None, t:t + 1], cache)[0] for t in range(5, 19)]
@@ -202,15 +177,15 @@ def test_dequantize_option_keeps_w8a8_and_dequantizes_the_rest():
     config = LlamaConfig.from_dir(folder)
     weights = load_weight_map(TensorSource(folder), config, dequantize=True)
     assert not quantized_linears(weights)
-    g = golden("tiny-w4a16-g32-asym")
+    g = quant_golden("tiny-w4a16-g32-asym")
     ours = refllama.GenericLlamaEngine(config, weights, get_backend("numpy")).logits(g["ids_b"])
-    np.testing.assert_array_equal(ours, engine("tiny-w4a16-g32-asym").logits(g["ids_b"]))
+    np.testing.assert_array_equal(ours, quant_engine("tiny-w4a16-g32-asym").logits(g["ids_b"]))
     w8a8 = load_weight_map(TensorSource(QUANT / "tiny-w8a8"), LlamaConfig.from_dir(QUANT / "tiny-w8a8"),
                            dequantize=True)
     assert len(quantized_linears(w8a8)) == 14  # dequantizing would drop the activation quantization
 
 
 def test_greedy_generation_runs_on_a_w8a8_folder():
-    g = golden("tiny-w8a8")
-    new = engine("tiny-w8a8").generate_ids(g["ids_a"], max_new_tokens=6, stop_at_eos=False)
+    g = quant_golden("tiny-w8a8")
+    new = quant_engine("tiny-w8a8").generate_ids(g["ids_a"], max_new_tokens=6, stop_at_eos=False)
     assert len(new) == 6 and new[0] == int(g["logits_a"][-1].argmax())

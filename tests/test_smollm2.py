@@ -14,41 +14,34 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, smollm2_path
+from conftest import GOLDEN, assert_smollm2_logits, load_npz, smollm2_path
 
-F32_ATOL = 2e-4
-F64_ATOL = 1e-11
-ARGMAX_MARGIN = 1e-3
+F64_ATOL = 1e-11  # float64 vs HF patched to true float64 (float32: conftest.SMOLLM2_ATOL, 2e-4)
 PROMPTS = ["chat", "paragraph", "code", "unicode"]
-
-
-def _model_path():
-    return smollm2_path()
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(GOLDEN / "smollm2.npz") as data:
-        return {k: data[k] for k in data.files}
+    return load_npz(GOLDEN / "smollm2.npz")
 
 
 @pytest.fixture(scope="module")
 def engine32():
     import refllama
 
-    return refllama.load(_model_path(), dtype="float32")
+    return refllama.load(smollm2_path(), dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def engine64():
     import refllama
 
-    return refllama.load(_model_path(), dtype="float64")
+    return refllama.load(smollm2_path(), dtype="float64")
 
 
 def test_golden_was_made_from_this_file():
     manifest = json.loads((GOLDEN / "manifest.json").read_text())["smollm2"]
-    digest = hashlib.sha256(_model_path().read_bytes()).hexdigest()
+    digest = hashlib.sha256(smollm2_path().read_bytes()).hexdigest()
     assert digest == manifest["gguf_sha256"]
 
 
@@ -63,14 +56,7 @@ def test_config_from_gguf(engine32):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_float32_logits_match_hf(engine32, golden, prompt):
-    logits = engine32.logits(golden[f"{prompt}_ids"])
-    np.testing.assert_allclose(logits[golden[f"{prompt}_positions"]], golden[f"{prompt}_logits_f32"],
-                               rtol=0, atol=F32_ATOL)
-    top_ids = golden[f"{prompt}_topk_ids"].astype(np.int64)
-    top = golden[f"{prompt}_topk_f32"]
-    np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), top, rtol=0, atol=F32_ATOL)
-    clear = top[:, 0] - top[:, 1] > ARGMAX_MARGIN
-    np.testing.assert_array_equal(logits.argmax(-1)[clear], top_ids[clear, 0])
+    assert_smollm2_logits(engine32.logits(golden[f"{prompt}_ids"]), golden, prompt)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -102,7 +88,7 @@ def test_chat_prompt_ids_round_trip(engine32, golden):
 def test_generate_with_the_default_model():
     import refllama
 
-    _model_path()
+    smollm2_path()
     response = refllama.generate("The capital of France is", max_new_tokens=8)
     assert str(response) == response.text == " Paris.\n\nThe answer is:"
     chat = refllama.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
