@@ -61,6 +61,7 @@ from conftest import (  # noqa: E402
     quant_engine,
     quant_golden,
 )
+from test_cupy_kernels import random_blocks  # noqa: E402
 from test_quant_fixtures import W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key  # noqa: E402
 
 ALL_TYPES = [DataType.F32, DataType.F64, DataType.F16, DataType.BF16]
@@ -346,13 +347,7 @@ def test_int8_weight_only_linear(zero_point, group):
 
 
 def _gguf_weight(name: str, N: int, K: int, rng) -> gguf_blocks.GGUFBlockWeight:
-    blocks = np.zeros((N, K // 32), dtype=np.dtype(ck._GGUF_FIELDS[name]))
-    blocks["d"] = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16)
-    if "m" in blocks.dtype.names:
-        blocks["m"] = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16)
-    low, high = (-128, 128) if name == "Q8_0" else (0, 256)
-    blocks["qs"] = rng.integers(low, high, blocks["qs"].shape)
-    return gguf_blocks.GGUFBlockWeight(blocks.view(np.uint8).reshape(N, -1), GGMLType[name], (N, K))
+    return gguf_blocks.GGUFBlockWeight(random_blocks(name, N, K, rng), GGMLType[name], (N, K))
 
 
 @pytest.mark.parametrize("dtype", ALL_TYPES)

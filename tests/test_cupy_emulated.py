@@ -63,6 +63,7 @@ from conftest import (
     quant_golden,
     smollm2_path,
 )
+from test_cupy_kernels import random_blocks
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -669,12 +670,7 @@ def test_gguf_blocks(emulated, name):
     xp = backend(emulated)
     rng = np.random.default_rng(3)
     N, K = 40, 128
-    blocks = np.zeros((N, K // 32), dtype=np.dtype(ck._GGUF_FIELDS[name]))
-    blocks["d"] = (rng.standard_normal(blocks.shape) * 0.05).astype(np.float16)
-    if "m" in blocks.dtype.names:
-        blocks["m"] = (rng.standard_normal(blocks.shape) * 0.05).astype(np.float16)
-    blocks["qs"] = rng.integers(-128 if name == "Q8_0" else 0, 128 if name == "Q8_0" else 256, blocks["qs"].shape)
-    w = gguf_blocks.GGUFBlockWeight(blocks.view(np.uint8).reshape(N, -1), GGMLType[name], (N, K))
+    w = gguf_blocks.GGUFBlockWeight(random_blocks(name, N, K, rng), GGMLType[name], (N, K))
     dense = gguf_blocks.dequantize(w)
     np.testing.assert_array_equal(xp.to_numpy(xp.dequantize(w)), dense)
     ids = np.array([[3, 0], [39, 3]])

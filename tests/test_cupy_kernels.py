@@ -340,7 +340,7 @@ def test_fused_kernel_choice():
     assert not ck.fused_groups_ok(48, False) and not ck.fused_groups_ok(128, True)
 
 
-def _blocks(name: str, N: int, K: int, rng: np.random.Generator) -> np.ndarray:
+def random_blocks(name: str, N: int, K: int, rng: np.random.Generator) -> np.ndarray:
     """Random ggml blocks with finite fp16 scales, as uint8 rows [N, bytes per row]."""
     blocks = np.zeros((N, K // 32), dtype=np.dtype(ck._GGUF_FIELDS[name]))
     blocks["d"] = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16)
@@ -357,7 +357,7 @@ def test_gguf_layouts_are_ggml_bit_for_bit(name):
     give ggml's float32 weights exactly."""
     rng = np.random.default_rng(len(name))
     N, K = 7, 160
-    raw = _blocks(name, N, K, rng)
+    raw = random_blocks(name, N, K, rng)
     ref = ggml_quants.dequantize(raw.reshape(-1), GGMLType[name], (N, K))
     layout = ck.gguf_layout(raw, name, (N, K))
     assert layout.group_size == 32 and layout.scale.dtype == np.float16
