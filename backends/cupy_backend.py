@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from refllama.backends import cupy_kernels as ck
+from refllama.backends.base import Backend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
@@ -36,7 +37,6 @@ from refllama.formats.ggml_quants import GGMLType
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight
-from refllama.weights import Linear
 
 _ML_FLOATS = (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -102,18 +102,21 @@ class _QuantLayout:
     shape: tuple[int, int]
 
 
-class CupyBackend:
+class CupyBackend(Backend):
     name = "cupy"
     # float32 and float64 are held to the numpy backend's bounds; float16 and bfloat16 follow HF's half-precision
     # conventions (bfloat16 arrays need CuPy >= 14).
-    supported_dtypes = (DataType.F32, DataType.F64, DataType.F16, DataType.BF16)
+    dtypes = (DataType.F32, DataType.F64, DataType.F16, DataType.BF16)
+    extra = "cupy"
+    marker = "refllama_gpu"
     # GGUF block types the kernels read: the loader keeps these as GGUFBlockWeight (refllama/quant/gguf_blocks.py);
     # they are repacked once, at first use, into the layouts of dequant.cu. Other types arrive dequantized.
-    gguf_block_types = frozenset(GGMLType[name] for name in ck.GGUF_BLOCK_TYPES)
+    reads_as_stored = frozenset(ck.GGUF_BLOCK_TYPES)
+    quantized_fallback = "raise"  # every quantized weight type has a kernel (linear_kernels, below the class)
 
     def __init__(self, dtype: DataType = DataType.F32, device: int | None = None):
-        if dtype not in self.supported_dtypes:
-            names = ", ".join(d.value for d in self.supported_dtypes)
+        if dtype not in self.dtypes:
+            names = ", ".join(d.value for d in self.dtypes)
             raise BackendError(f"the cupy backend computes in {names}, not {dtype.value}")
         try:
             count = cp.cuda.runtime.getDeviceCount()
@@ -189,15 +192,16 @@ class CupyBackend:
 
     # ------------------------------------------------------------------ Linear
 
-    def linear(self, x: cp.ndarray, layer: Linear) -> cp.ndarray:
-        w = layer.weight
-        if isinstance(w, Int8Weight) and w.activation is not None:
-            return self._linear_w8a8(x, layer)
-        if isinstance(w, Int8Weight | PackedIntWeight | GGUFBlockWeight):
-            return self._linear_codes(x, self.quant_layout(w), layer.bias)
-        return self._linear_float(x, w, layer.bias)
+    def _linear_int8(self, x: cp.ndarray, w: Int8Weight, bias: cp.ndarray | None) -> cp.ndarray:
+        if w.activation is not None:
+            return self._linear_w8a8(x, w, bias)
+        return self._linear_codes(x, self.quant_layout(w), bias)
 
-    def _linear_float(self, x: cp.ndarray, w: cp.ndarray, bias: cp.ndarray | None) -> cp.ndarray:
+    def _linear_weight_only(self, x: cp.ndarray, w: PackedIntWeight | GGUFBlockWeight,
+                            bias: cp.ndarray | None) -> cp.ndarray:
+        return self._linear_codes(x, self.quant_layout(w), bias)
+
+    def matmul(self, x: cp.ndarray, w: cp.ndarray, bias: cp.ndarray | None = None) -> cp.ndarray:
         N, K = w.shape
         lead = x.shape[:-1]
         x2 = cp.ascontiguousarray(x.reshape(-1, K))
@@ -223,7 +227,7 @@ class CupyBackend:
         M = x2.shape[0]
         launch = ck.dequant_gemv_launch(self.suffix, q.kind, M, N, K) if q.kind and _aligned(x2) else None
         if launch is None:
-            return self._linear_float(x2, self.dequantize_layout(q), bias).reshape(*lead, N)
+            return self.matmul(x2, self.dequantize_layout(q), bias).reshape(*lead, N)
         y = cp.empty((M, N), dtype=self.np_dtype)
         self.kernels.launch(launch, q.codes, np.int32(q.row_words), q.scale, np.int32(q.scale_rs), _ptr(q.zero),
                             np.int32(q.zero_rs), np.int32(q.zero_default), _ptr(q.mins), np.int32(q.group_size), x2,
@@ -294,8 +298,7 @@ class CupyBackend:
         """refllama.quant.types.dequantize (gguf_blocks.dequantize) on the device: W [out, in], compute dtype."""
         return self.dequantize_layout(self.quant_layout(w, permute=False))
 
-    def _linear_w8a8(self, x: cp.ndarray, layer: Linear) -> cp.ndarray:
-        w: Int8Weight = layer.weight
+    def _linear_w8a8(self, x: cp.ndarray, w: Int8Weight, bias: cp.ndarray | None) -> cp.ndarray:
         N, K = w.shape
         lead = x.shape[:-1]
         x2 = cp.ascontiguousarray(x.reshape(-1, K))
@@ -307,7 +310,7 @@ class CupyBackend:
         epi = EPI_HF if semantics == "hf" else EPI_VLLM
         self.kernels.launch(ck.int8_launch(self.suffix, M, N, K), codes, w_q, np.int32(M), np.int32(N),
                             np.int32(K), np.int32(epi), x_scale, w_scale, np.int32(1 if w_scale.size == N else 0),
-                            _ptr(layer.bias), y, NULL)
+                            _ptr(bias), y, NULL)
         return y.reshape(*lead, N)
 
     def _w8a8_operands(self, w: Int8Weight) -> tuple[cp.ndarray, cp.ndarray]:
@@ -466,4 +469,8 @@ def _check_w8a8(w: Int8Weight) -> None:
         raise BackendError(f"an int32 accumulator overflows for K = {K} > {INT8_MAX_K}")
 
 
-__all__ = ["CupyBackend"]
+CupyBackend.linear_kernels = {Int8Weight: CupyBackend._linear_int8, PackedIntWeight: CupyBackend._linear_weight_only,
+                              GGUFBlockWeight: CupyBackend._linear_weight_only}
+BACKEND = CupyBackend
+
+__all__ = ["BACKEND", "CupyBackend"]

@@ -9,7 +9,7 @@ What differs from NumPy, and why (docs/mlx.md has the measurements):
   because MLX arrays do not export bfloat16 through the buffer protocol.
 * `mx.fast.scaled_dot_product_attention` is used for attention and `mx.fast.rms_norm` for float32 RMSNorm;
   RoPE is written out because `mx.fast.rope` builds its own float32 tables instead of taking ours.
-* Quantized Linears (refllama/quant/types.py) dispatch on the weight's type, as in the numpy backend. Weight-only
+* Quantized Linears (refllama/quant/types.py) are registered by type in `linear_kernels` (below the class). Weight-only
   ones run through `mx.quantized_matmul` in float32 where MLX's affine form (w = scale * u + bias, u unsigned
   codes in MLX's packing, which is our dense little-endian bit stream) holds the checkpoint's weights exactly,
   and are dequantized on the fly otherwise (`dequantize`, bit for bit the reference's); W8A8 quantizes its input
@@ -24,25 +24,28 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 
+from refllama.backends.base import Backend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight
-from refllama.weights import Linear
 
 _ML_FLOATS = (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
 _MX_DTYPES = {DataType.F32: mx.float32, DataType.F16: mx.float16, DataType.BF16: mx.bfloat16}
 
 
-class MlxBackend:
+class MlxBackend(Backend):
     name = "mlx"
     # No float64: Metal has none, and the numpy backend is the float64 reference.
-    supported_dtypes = (DataType.F32, DataType.F16, DataType.BF16)
+    dtypes = (DataType.F32, DataType.F16, DataType.BF16)
+    extra = "mlx"
+    marker = "refllama_mlx"
+    quantized_fallback = "reference"  # GGUF blocks never reach it (they are dequantized at load)
 
     def __init__(self, dtype: DataType = DataType.F32):
-        if dtype not in self.supported_dtypes:
-            names = ", ".join(d.value for d in self.supported_dtypes)
+        if dtype not in self.dtypes:
+            names = ", ".join(d.value for d in self.dtypes)
             raise BackendError(f"the mlx backend computes in {names}, not {dtype.value} "
                                f"(the numpy backend computes in float64)")
         self.dtype = dtype
@@ -72,20 +75,17 @@ class MlxBackend:
     def embedding(self, table: mx.array, ids: mx.array) -> mx.array:
         return table[ids]
 
-    def linear(self, x: mx.array, layer: Linear) -> mx.array:
-        weight = layer.weight
-        if isinstance(weight, mx.array):
-            y = x @ weight.T
-        elif isinstance(weight, Int8Weight) and weight.activation is not None:
-            y = w8a8_matmul(x, weight)
-        elif isinstance(weight, Int8Weight | PackedIntWeight):
-            y = self._weight_only(x, weight)
-        else:
-            raise BackendError(f"the mlx backend cannot run a Linear whose weight is a {type(weight).__name__} "
-                               f"(it runs float arrays, Int8Weight and PackedIntWeight)")
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y
+    def matmul(self, x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+        y = x @ weight.T
+        return y if bias is None else y + bias
+
+    def _linear_int8(self, x: mx.array, weight: Int8Weight, bias: mx.array | None) -> mx.array:
+        y = w8a8_matmul(x, weight) if weight.activation is not None else self._weight_only(x, weight)
+        return y if bias is None else y + bias
+
+    def _linear_packed(self, x: mx.array, weight: PackedIntWeight, bias: mx.array | None) -> mx.array:
+        y = self._weight_only(x, weight)
+        return y if bias is None else y + bias
 
     def _weight_only(self, x: mx.array, weight: Int8Weight | PackedIntWeight) -> mx.array:
         """W = (code - zero) * scale: MLX's quantized matmul in float32 where it holds W exactly, else on the fly.
@@ -147,6 +147,9 @@ class MlxBackend:
 
 
 # --- quantized Linears (refllama/quant/types.py) -----------------------------------------------------------------
+
+MlxBackend.linear_kernels = {Int8Weight: MlxBackend._linear_int8, PackedIntWeight: MlxBackend._linear_packed}
+BACKEND = MlxBackend
 
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)  # mx.quantized_matmul's affine widths (7 is not offered)
 AFFINE_GROUPS = (128, 64, 32)  # its group sizes; a per-channel row is split into the largest that divides it

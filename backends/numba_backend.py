@@ -39,7 +39,6 @@ from refllama.formats.ggml_quants import GGMLType
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
-from refllama.weights import Linear
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SMALL_BATCH = 8  # up to this many tokens: fused matvec for Q4_0/Q4_1/Q8_0 blocks, the int8 kernel for W8A8
@@ -89,12 +88,14 @@ class _Blocks:
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
-    supported_dtypes = (DataType.F32,)
-    # GGUF block types whose kernels read the stored blocks: the loader keeps these memory-mapped, as stored.
-    gguf_block_types = frozenset(GGMLType(kind) for kind in kernels.GGUF_BLOCKS)
+    dtypes = (DataType.F32,)
+    extra = "numba"
+    # bfloat16 matrices and the GGUF block types its kernels read stay memory-mapped as stored.
+    reads_as_stored = frozenset({"BF16", *(GGMLType(kind).name for kind in kernels.GGUF_BLOCKS)})
+    quantized_fallback = "raise"  # every quantized weight type has a kernel (linear_kernels, below the class)
 
     def __init__(self, dtype: DataType = DataType.F32):
-        if dtype not in self.supported_dtypes:
+        if dtype not in self.dtypes:
             raise BackendError(f"the numba backend computes in float32, not {dtype.value} "
                                "(the numpy backend computes in float64)")
         super().__init__(dtype)
@@ -154,39 +155,38 @@ class NumbaBackend(NumpyBackend):
                          out.reshape(-1, width))
         return out
 
-    # --- Linear ----------------------------------------------------------------------------------------------
+    # --- Linear: float weights here, quantized ones through `linear_kernels` (below the class) ----------------
 
-    def linear(self, x: np.ndarray, layer: Linear) -> np.ndarray:
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])  # (M, in)
-        y = self._matmul(x2, layer.weight).reshape(*x.shape[:-1], -1)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y
+    def matmul(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x (..., K) @ w.T for a float32 or bfloat16 weight (N, K): the register-blocked microkernel."""
+        x2 = _rows(x)  # (M, K)
+        out = np.empty((x2.shape[0], w.shape[0]), np.float32)
+        w = np.ascontiguousarray(w)
+        kernels.float_matmul(x2, w.view(np.uint16) if w.dtype == BF16 else w, out)
+        return _finish(out, x, bias)
 
-    def _matmul(self, x: np.ndarray, w: Any) -> np.ndarray:
-        """x (M, K) @ W.T -> (M, N) float32, for a float weight or a quantized weight object."""
-        M = x.shape[0]
-        if isinstance(w, np.ndarray):
-            out = np.empty((M, w.shape[0]), np.float32)
-            w = np.ascontiguousarray(w)
-            kernels.float_matmul(x, w.view(np.uint16) if w.dtype == BF16 else w, out)
-            return out
-        if isinstance(w, Int8Weight) and w.activation is not None:
-            return self._w8a8(x, w)
-        if isinstance(w, GGUFBlockWeight):
-            blocks = self._blocks(w)
-            out = np.empty((M, blocks.raw.shape[0]), np.float32)
-            if M <= SMALL_BATCH and blocks.kind in kernels.GGUF_MATVEC:
-                kernels.gguf_matvec(blocks.kind, blocks.raw, x, out)
-            else:
-                kernels.gguf_matmul(blocks.kind, blocks.raw, x, out)
-            return out
-        if isinstance(w, Int8Weight | PackedIntWeight):
-            c = self._codes(w)
-            out = np.empty((M, c.codes.shape[0]), np.float32)
-            kernels.codes_matmul(c.codes, c.bits, c.zero, c.scale, c.group, x, out)
-            return out
-        raise BackendError(f"the numba backend cannot multiply by a {type(w).__name__}")
+    def _linear_int8(self, x: np.ndarray, w: Int8Weight, bias: np.ndarray | None) -> np.ndarray:
+        x2 = _rows(x)
+        return _finish(self._w8a8(x2, w) if w.activation is not None else self._codes_matmul(x2, w), x, bias)
+
+    def _linear_packed(self, x: np.ndarray, w: PackedIntWeight, bias: np.ndarray | None) -> np.ndarray:
+        return _finish(self._codes_matmul(_rows(x), w), x, bias)
+
+    def _linear_blocks(self, x: np.ndarray, w: GGUFBlockWeight, bias: np.ndarray | None) -> np.ndarray:
+        x2 = _rows(x)
+        blocks = self._blocks(w)
+        out = np.empty((x2.shape[0], blocks.raw.shape[0]), np.float32)
+        if x2.shape[0] <= SMALL_BATCH and blocks.kind in kernels.GGUF_MATVEC:
+            kernels.gguf_matvec(blocks.kind, blocks.raw, x2, out)
+        else:
+            kernels.gguf_matmul(blocks.kind, blocks.raw, x2, out)
+        return _finish(out, x, bias)
+
+    def _codes_matmul(self, x: np.ndarray, w: Int8Weight | PackedIntWeight) -> np.ndarray:
+        c = self._codes(w)
+        out = np.empty((x.shape[0], c.codes.shape[0]), np.float32)
+        kernels.codes_matmul(c.codes, c.bits, c.zero, c.scale, c.group, x, out)
+        return out
 
     def _w8a8(self, x: np.ndarray, w: Int8Weight) -> np.ndarray:
         p = self._prepared.get(w)
@@ -243,6 +243,22 @@ class NumbaBackend(NumpyBackend):
                 raise BackendError(f"the numba backend has no kernel for GGUF {GGMLType(kind).name} blocks")
             p = self._prepared[w] = _Blocks(np.ascontiguousarray(w.raw), kind, int(w.shape[1]))
         return p
+
+
+NumbaBackend.linear_kernels = {Int8Weight: NumbaBackend._linear_int8, PackedIntWeight: NumbaBackend._linear_packed,
+                               GGUFBlockWeight: NumbaBackend._linear_blocks}
+BACKEND = NumbaBackend
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """x (..., K) as a C-contiguous float32 (M, K) matrix, the kernels' input layout."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+
+
+def _finish(out: np.ndarray, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """A kernel's (M, N) output back to x's leading shape (..., N), plus the bias."""
+    y = out.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
 
 
 def _float32(a: np.ndarray) -> np.ndarray:

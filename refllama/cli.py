@@ -329,15 +329,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from refllama.convert import gguf_to_hf
+    from refllama.formats.convert import gguf_to_hf
 
     print(f"wrote {gguf_to_hf(args.gguf, args.out_dir)}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from refllama.default_model import default_model_path
-    from refllama.diagnostic import ModelDiagnostic, verify
-    from refllama.memory import parse_bytes
+    from refllama.diagnostics.diagnostic import ModelDiagnostic, verify
+    from refllama.diagnostics.memory import parse_bytes
+    from refllama.formats.default_model import default_model_path
 
     path = default_model_path() if args.model is None else args.model
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
@@ -352,7 +352,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        from refllama.inspect_report import render
+        from refllama.diagnostics.report import render
 
         render(report)
     fits = limit is None or diag.memory_requirements.total_estimated <= limit

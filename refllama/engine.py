@@ -1,55 +1,58 @@
-"""GenericLlamaEngine: config + weights + backend + KV cache, with the public entry points."""
+"""GenericLlamaEngine: a loaded model on a backend, with the public entry points (logits, trace, generation)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 
-from refllama import generation
 from refllama.backends import Backend, get_backend
-from refllama.chat import Message
 from refllama.config import LlamaConfig
-from refllama.default_model import default_model_path
-from refllama.diagnostic import ModelDiagnostic
+from refllama.diagnostics.diagnostic import ModelDiagnostic
+from refllama.diagnostics.memory import BackendConfig, MemoryManager
 from refllama.dtypes import DataType, LayerDataTypeConfig
-from refllama.errors import CheckpointError, InputError
-from refllama.formats.gguf import GGUFFile
-from refllama.formats.safetensors import TensorSource, release_pages
-from refllama.generation import GenerationRequest, GenerationResponse
-from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
-from refllama.kv_cache import KVCache
-from refllama.memory import BackendConfig, MemoryManager, estimate
-from refllama.model import LlamaModel
+from refllama.errors import InputError
+from refllama.formats.default_model import default_model_path
+from refllama.formats.safetensors import release_pages
+from refllama.formats.tokenizer import LlamaTokenizer
+from refllama.generation import GenerationRequest, GenerationResponse, decode
+from refllama.generation.chat import Message
+from refllama.loading import admit, read_model
+from refllama.model.kv_cache import KVCache
+from refllama.model.llama import LlamaModel
+from refllama.model.weights import WeightMap
 from refllama.quant.quantize import apply_layer_dtypes
-from refllama.quant.quantize import set_precision as _set_precision
-from refllama.tokenizer import LlamaTokenizer
-from refllama.weights import WeightMap, load_weight_map
 
 
 class GenericLlamaEngine:
     def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend,
                  tokenizer: LlamaTokenizer | None = None, progress: Callable[[int, int], None] | None = None,
-                 *, layer_dtypes: LayerDataTypeConfig | None = None, quant_semantics: str = "hf"):
+                 *, quant_semantics: str = "hf", batch_size: int | None = None):
         """`weights` as loaded (host arrays in their stored dtype); the backend converts them once, reporting
-        `progress(done, total)` tensor by tensor. `layer_dtypes` quantizes or rounds them per layer first
-        (refllama/quant/quantize.py); the loaded map is kept as `source_weights` for `set_precision`."""
+        `progress(done, total)` tensor by tensor. `config.layer_dtypes`, when set, quantizes or rounds them per
+        layer first (refllama/quant/quantize.py); the loaded map is kept as `source_weights` for `set_precision`.
+        `batch_size` caps the rows `generate` runs as one batch (None: all requests at once)."""
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
+        self.batch_size = batch_size
         self.memory_manager = MemoryManager()
         self.source_weights = weights  # memory-mapped views: set_precision re-derives from these
-        if layer_dtypes is not None:
-            weights = apply_layer_dtypes(weights, layer_dtypes, semantics=quant_semantics)
+        if config.layer_dtypes is not None:
+            weights = apply_layer_dtypes(weights, config.layer_dtypes, semantics=quant_semantics)
+        self.model = LlamaModel(config, self._take(weights, progress), backend)
+
+    def _take(self, weights: WeightMap, progress: Callable[[int, int], None] | None = None) -> WeightMap:
+        """The backend's copy of every tensor; a converted tensor's mapped pages are let go at once."""
         total, done = len(weights.tensors()), 0
 
         def take(stored: np.ndarray):
-            # The backend's copy of a stored tensor; a converted tensor's mapped pages are let go at once.
             nonlocal done
-            array = backend.asarray(stored)
+            array = self.backend.asarray(stored)
             if array is not stored:
                 release_pages(stored)
             done += 1
@@ -57,58 +60,45 @@ class GenericLlamaEngine:
                 progress(done, total)
             return array
 
-        self.model = LlamaModel(config, weights.map(take), backend)
+        return weights.map(take)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32",
              progress: Callable[[int, int], None] | None = None, *, dequantize: bool = False,
-             quant_semantics: str = "hf", layer_dtypes: LayerDataTypeConfig | None = None) -> GenericLlamaEngine:
+             quant_semantics: str = "hf", layer_dtypes: LayerDataTypeConfig | None = None,
+             batch_size: int | None = None) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
 
-        Quantized checkpoints stay quantized unless `dequantize` (weight-only formats, to float32 at load);
-        `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes` applies
-        per-layer data types to a float checkpoint (docs/quantization.md)."""
-        options = {"layer_dtypes": layer_dtypes, "quant_semantics": quant_semantics}
-        path = Path(path).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            gguf = GGUFFile(path)
-            config = config_from_gguf(gguf)
-            ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
-            tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
-                if "tokenizer.ggml.model" in gguf.metadata else None
-            # Block types the backend's kernels read stay memory-mapped as stored (not when per-layer data types
-            # re-derive the weights from float); the rest become float32.
-            keep = getattr(ops, "gguf_block_types", frozenset()) if layer_dtypes is None else frozenset()
-            return cls(config, load_weight_map(GGUFTensorSource(gguf, config, keep), config), ops, tokenizer,
-                       progress, **options)
-        if not path.is_dir():
-            raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
-        config = LlamaConfig.from_dir(path)
-        ops = get_backend(backend, dtype)
-        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
-        weights = load_weight_map(TensorSource(path), config, dequantize=dequantize,
-                                  activation_semantics=quant_semantics)
-        return cls(config, weights, ops, tokenizer, progress, **options)
+        Quantized checkpoints stay quantized unless `dequantize` (weight-only formats and GGUF blocks, to float32
+        at load); `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes`
+        applies per-layer data types to a float checkpoint (docs/quantization.md)."""
+        ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
+        files = read_model(path, ops, dequantize=dequantize, quant_semantics=quant_semantics,
+                           layer_dtypes=layer_dtypes)
+        return cls(files.config, files.weights, ops, files.tokenizer, progress, quant_semantics=quant_semantics,
+                   batch_size=batch_size)
 
     def set_precision(self, layer_dtypes: LayerDataTypeConfig, *, group_size: int | None = 128,
                       quant_semantics: str = "hf") -> None:
         """Re-derive the weights from the kept source with new per-layer data types; no file is reread."""
-        _set_precision(self, layer_dtypes, group_size=group_size, semantics=quant_semantics)
+        derived = apply_layer_dtypes(self.source_weights, layer_dtypes, group_size=group_size,
+                                     semantics=quant_semantics)
+        self.config = replace(self.config, layer_dtypes=layer_dtypes)
+        self.model = LlamaModel(self.config, self._take(derived), self.backend)
 
     @classmethod
     def from_diagnostic(cls, diagnostic: ModelDiagnostic, backend_config: BackendConfig | None = None,
                         progress: Callable[[int, int], None] | None = None) -> GenericLlamaEngine:
-        """Load an analysed model (spec section 5). With a memory limit, the estimate for this backend, precision,
-        context and batch is checked first: MemoryLimitError, carrying the recommendations, before any large
-        allocation."""
+        """Load an analysed model as the backend configuration says. With a memory limit, the estimate for this
+        backend, precision, context and batch is checked first: MemoryLimitError, carrying the recommendations,
+        before any large allocation. `diagnostic.config.layer_dtypes`, when set, applies per-layer data types;
+        `with_quantization_support(False)` dequantizes weight-only quantized weights and GGUF blocks at load;
+        `with_batch_size(n)` caps the rows one `generate` call runs together."""
         bc = backend_config or BackendConfig()
-        requirements = estimate(diagnostic.config, diagnostic.weight_info, bc.backend.value, bc.precision,
-                                bc.context_length, bc.batch_size, memory_limit=bc.memory_limit,
-                                vocab_entries=diagnostic.tokenizer_info.vocab_size or 0)
-        manager = MemoryManager(bc.memory_limit)
-        manager.reserve(requirements)
-        engine = cls.load(diagnostic.model_path, backend=bc.backend.value, dtype=bc.precision, progress=progress)
+        manager = admit(diagnostic, bc)
+        engine = cls.load(diagnostic.model_path, backend=bc.backend, dtype=bc.precision, progress=progress,
+                          dequantize=not bc.quantization_support, layer_dtypes=diagnostic.config.layer_dtypes,
+                          batch_size=bc.batch_size)
         engine.memory_manager = manager
         return engine
 
@@ -149,19 +139,8 @@ class GenericLlamaEngine:
                      stop_at_eos: bool = True) -> list[int]:
         """Greedy decoding through the KV cache; returns the new ids (ending with the eos id if one stopped it)."""
         ids = self.check_ids(token_ids, ndim=1)
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if max_new_tokens == 0:
-            return []
-        cache = self.new_cache(1, len(ids) + max_new_tokens)
-        logits = self.forward(ids[None, :], cache, last_only=True)[0, -1]  # prefill
-        new: list[int] = []
-        while True:
-            token = int(np.argmax(logits))
-            new.append(token)
-            if len(new) == max_new_tokens or (stop_at_eos and token in self.config.eos_token_id):
-                return new
-            logits = self.forward(np.array([[token]]), cache)[0, -1]  # decode one step
+        stop = set(self.config.eos_token_id) if stop_at_eos else set()
+        return decode.greedy(self, ids, max_new_tokens, stop)
 
     @overload
     def generate(self, request: GenerationRequest) -> GenerationResponse: ...
@@ -169,16 +148,20 @@ class GenericLlamaEngine:
     def generate(self, request: Sequence[GenerationRequest]) -> list[GenerationResponse]: ...
 
     def generate(self, request):
-        """Generate for one request, or for a list of them as one padded batch (a response per request)."""
+        """Generate for one request, or for a list of them as padded batches of at most `batch_size` rows (a
+        response per request, in order)."""
         if isinstance(request, GenerationRequest):
-            return generation.run(self, [request])[0]
+            return decode.run(self, [request])[0]
         if not request or not all(isinstance(r, GenerationRequest) for r in request):
             raise InputError("generate takes a GenerationRequest or a non-empty list of them")
-        return generation.run(self, list(request))
+        requests = list(request)
+        size = self.batch_size or len(requests)
+        return [response for start in range(0, len(requests), size)
+                for response in decode.run(self, requests[start:start + size])]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The response text in pieces, as tokens arrive (no piece splits a UTF-8 character)."""
-        return generation.stream(self, request)
+        return decode.stream(self, request)
 
     def check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int = 1) -> np.ndarray:
         """Token ids as an int64 array, or InputError naming the first one outside the vocabulary."""
@@ -199,7 +182,7 @@ def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | Da
          progress: Callable[[int, int], None] | None = None, **options: Any) -> GenericLlamaEngine:
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
     `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
-    quant_semantics, layer_dtypes (GenericLlamaEngine.load)."""
+    quant_semantics, layer_dtypes, batch_size (GenericLlamaEngine.load)."""
     path = default_model_path() if path is None else path
     return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)
 

@@ -37,8 +37,8 @@ SMOLLM2_ATOL = 2e-4  # SmolLM2 in float32 vs HF float32 on the same GGUF
 
 def smollm2_path() -> Path:
     """The installed SmolLM2 GGUF (the embedded default); skip without it, except in CI, which installs it."""
-    from refllama.default_model import default_model_path
     from refllama.errors import CheckpointError
+    from refllama.formats.default_model import default_model_path
 
     try:
         return default_model_path()

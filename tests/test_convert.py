@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import refllama
-from refllama.convert import gguf_to_hf, main
+from refllama.formats.convert import gguf_to_hf, main
 
 from conftest import FIXTURES, GOLDEN, smollm2_path
 from test_gguf import hf_folder_to_gguf

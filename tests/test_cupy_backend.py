@@ -37,12 +37,12 @@ from refllama.backends import cupy_kernels as ck  # noqa: E402
 from refllama.backends import get_backend  # noqa: E402
 from refllama.config import ActivationType  # noqa: E402
 from refllama.dtypes import DataType  # noqa: E402
+from refllama.formats.checkpoint import Linear  # noqa: E402
 from refllama.formats.ggml_quants import GGMLType  # noqa: E402
 from refllama.quant import gguf_blocks  # noqa: E402
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul  # noqa: E402
 from refllama.quant.packing import pack_rows  # noqa: E402
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight, dequantize  # noqa: E402
-from refllama.weights import Linear  # noqa: E402
 
 from conftest import (  # noqa: E402
     F32_ATOL,
@@ -497,8 +497,8 @@ def test_w8a8_layer0_equals_the_golden_exactly():
 
 
 def _smollm2_path():
-    from refllama.default_model import default_model_path
     from refllama.errors import CheckpointError
+    from refllama.formats.default_model import default_model_path
 
     override = os.environ.get("REFLLAMA_SMOLLM2_GGUF")
     if override:

@@ -37,13 +37,14 @@ import refllama
 from refllama.backends import cupy_kernels as ck
 from refllama.config import ActivationType, LlamaConfig
 from refllama.dtypes import DataType
+from refllama.formats.checkpoint import load_weight_map
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.safetensors import TensorSource
+from refllama.model.weights import Linear
 from refllama.quant import gguf_blocks
 from refllama.quant.int8 import int8_accumulate
 from refllama.quant.packing import pack_rows, unpack_rows
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight
-from refllama.weights import Linear, load_weight_map
 
 import cuda_cpu
 from conftest import (
@@ -734,12 +735,13 @@ def test_smollm2_gguf_blocks_end_to_end(emulated):
     module, _ = emulated
     g = load_npz(GOLDEN / "smollm2.npz")
     from refllama.formats.gguf import GGUFFile
-    from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
+    from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
+    from refllama.loading import stored_block_types
 
     xp = module.CupyBackend(DataType.F32)
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
-    e = refllama.GenericLlamaEngine(config, load_weight_map(GGUFTensorSource(gguf, config, xp.gguf_block_types),
+    e = refllama.GenericLlamaEngine(config, load_weight_map(GGUFTensorSource(gguf, config, stored_block_types(xp)),
                                                             config), xp)
     assert isinstance(e.model.weights.layers[0].mlp.up_proj.weight, gguf_blocks.GGUFBlockWeight)
     assert isinstance(e.model.weights.embeddings, gguf_blocks.GGUFBlockWeight)

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import refllama
 from refllama.config import LlamaConfig
-from refllama.diagnostic import (
+from refllama.diagnostics.diagnostic import (
     Custom,
     Distilled,
     MetaLlama,
@@ -25,8 +25,7 @@ from refllama.diagnostic import (
     parameter_count,
     verify,
 )
-from refllama.dtypes import DataType
-from refllama.memory import (
+from refllama.diagnostics.memory import (
     BackendConfig,
     MemoryLimitError,
     QuantizeToDataType,
@@ -36,6 +35,7 @@ from refllama.memory import (
     estimate,
     parse_bytes,
 )
+from refllama.dtypes import DataType
 
 from conftest import FIXTURE_NAMES, FIXTURES, ROOT
 from test_config import LLAMA_31_8B_INSTRUCT, TINYLLAMA_CHAT
@@ -101,8 +101,8 @@ def test_fixtures_and_smollm2_analyse_from_headers(tmp_path):
 
 
 def test_smollm2_gguf_diagnostic():
-    from refllama.default_model import default_model_path
     from refllama.errors import CheckpointError
+    from refllama.formats.default_model import default_model_path
 
     try:
         path = default_model_path()
@@ -193,7 +193,7 @@ def test_verify_finds_nonfinite_values_and_checksum_mismatches(tmp_path):
     shutil.copytree(FIXTURES / "gelu", folder)
     report = verify(folder)
     assert report.ok and report.checked_tensors == 21 and report.manifest is None
-    from refllama.diagnostic import _sha256
+    from refllama.diagnostics.diagnostic import _sha256
 
     (folder / "SHA256SUMS").write_text(f"{_sha256(folder / 'model.safetensors')}  model.safetensors\n")
     assert verify(folder).checksums == {"model.safetensors": "ok"}

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import refllama
 from refllama import GenerationRequest
-from refllama.chat import render_chat_template
 from refllama.errors import InputError
-from refllama.sampling import SamplingParams, process, sample
+from refllama.generation.chat import render_chat_template
+from refllama.generation.sampling import SamplingParams, process, sample
 
 from conftest import FIXTURE_NAMES, GOLDEN, smollm2_path
 

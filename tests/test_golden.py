@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from refllama import rope
+from refllama.model import rope
 
 from conftest import (
     F32_ATOL,

@@ -65,18 +65,21 @@ def test_float32_checkpoint_loads_without_copying(checkpoints):
 def test_numba_estimate_counts_what_it_reads_in_place():
     """The numba backend keeps bfloat16 matrices and its GGUF block types as stored: the estimate counts their
     stored bytes (bfloat16 vectors become float32), while the numpy backend's counts every float in float32."""
+    from refllama.backends import numba_kernels
     from refllama.backends.numba_backend import NumbaBackend
-    from refllama.diagnostic import ModelDiagnostic
+    from refllama.diagnostics.diagnostic import ModelDiagnostic
+    from refllama.diagnostics.memory import reads_as_stored, weights_in_memory
     from refllama.dtypes import DataType
-    from refllama.memory import READ_AS_STORED, weights_in_memory
+    from refllama.formats.ggml_quants import GGMLType
 
-    assert READ_AS_STORED["numba"] == {t.name for t in NumbaBackend.gguf_block_types} | {"BF16"}
+    in_place = reads_as_stored("numba")
+    assert in_place == NumbaBackend.reads_as_stored == {GGMLType(k).name for k in numba_kernels.GGUF_BLOCKS} | {"BF16"}
     info = ModelDiagnostic.analyze_directory(FIXTURES / "quant" / "tiny-llama-bf16").weight_info
     assert {t.dtype for t in info.tensors} == {"BF16"}
     as_read = sum(t.nbytes if len(t.shape) == 2 else 4 * t.numel for t in info.tensors)
     assert weights_in_memory(info, DataType.F32, "numba") == as_read
     assert weights_in_memory(info, DataType.F32, "numpy") == sum(4 * t.numel for t in info.tensors)
     gguf = ModelDiagnostic.analyze_directory(smollm2_path()).weight_info
-    assert {t.dtype for t in gguf.tensors} <= READ_AS_STORED["numba"] | {"F32"}
+    assert {t.dtype for t in gguf.tensors} <= in_place | {"F32"}
     assert weights_in_memory(gguf, DataType.F32, "numba") == gguf.total_bytes  # the file's tensor bytes
     assert weights_in_memory(gguf, DataType.F32, "numpy") > 4 * gguf.total_bytes

@@ -28,7 +28,7 @@ from refllama.backends import get_backend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
-from refllama.weights import Linear
+from refllama.model.weights import Linear
 
 from conftest import (
     F32_ATOL,

@@ -28,10 +28,11 @@ import refllama
 from refllama.backends import get_backend
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
+from refllama.formats.checkpoint import quantized_linears
+from refllama.model.weights import Linear
 from refllama.quant import ActivationQuant, Int8Weight, PackedIntWeight, dequantize
 from refllama.quant import int8 as ref_int8
 from refllama.quant.packing import pack_rows
-from refllama.weights import Linear, quantized_linears
 
 from conftest import F32_ATOL, GOLDEN, QUANT_NAMES, ROOT, assert_close, quant_engine, quant_golden
 from test_quant_fixtures import PROMPTS, W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key
@@ -408,7 +409,7 @@ def test_w8a8_half_precision_rounds_a_float32_epilogue_once(dtype, semantics):
 @dataclass(frozen=True, eq=False)
 class Fp8BlockWeight:
     """A quantized weight type the backend does not know (as a GGUF block weight would be: the mlx backend does
-    not list `gguf_block_types`, so the engine never hands it one)."""
+    not list them in `reads_as_stored`, so the engine never hands it one)."""
 
     data: object
     scale: object

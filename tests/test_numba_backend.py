@@ -29,14 +29,15 @@ from refllama.backends import get_backend
 from refllama.config import ActivationType, LlamaConfig
 from refllama.errors import BackendError
 from refllama.formats import ggml_quants
+from refllama.formats.checkpoint import load_weight_map
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf_llama import config_from_gguf
 from refllama.formats.safetensors import TensorSource
-from refllama.gguf_llama import config_from_gguf
+from refllama.model.weights import Linear
 from refllama.quant import ActivationQuant, Int8Weight, PackedIntWeight
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.packing import pack_rows
-from refllama.weights import Linear, load_weight_map
 
 from conftest import (
     F32_ATOL,
@@ -484,15 +485,16 @@ def test_q4_1_gguf_peak_rss_is_about_its_file_size():
         "from refllama.backends import get_backend, numba_kernels\n"
         "from refllama.engine import GenericLlamaEngine\n"
         "from refllama.formats.gguf import GGUFFile\n"
-        "from refllama.gguf_llama import GGUFTensorSource, config_from_gguf\n"
-        "from refllama.weights import load_weight_map\n"
+        "from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf\n"
+        "from refllama.formats.checkpoint import load_weight_map\n"
+        "from refllama.loading import stored_block_types\n"
         f"gguf = GGUFFile({str(path)!r})\n"
         "config, backend = config_from_gguf(gguf), get_backend('numba')\n"
         "numba_kernels.warm_up()\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
         "status = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
         "base = status('VmRSS:')\n"
-        "source = GGUFTensorSource(gguf, config, backend.gguf_block_types)\n"
+        "source = GGUFTensorSource(gguf, config, stored_block_types(backend))\n"
         "engine = GenericLlamaEngine(config, load_weight_map(source, config), backend)\n"
         "engine.generate_ids(np.arange(100, 164), 64, stop_at_eos=False)\n"
         "print(base, status('VmHWM:'))\n"

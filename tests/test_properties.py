@@ -1,4 +1,4 @@
-"""Properties of the forward pass over random valid models (refllama.strategies), not just the eight fixtures.
+"""Properties of the forward pass over random valid models (refllama.testing.strategies), not just the eight fixtures.
 
 Each example writes a real checkpoint and loads it, so the loader, the config and the forward pass are all under
 test. Models are small enough (an example takes 5-50 ms) for every property to take the profile's full example
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import refllama
 from refllama import GenerationRequest, LlamaConfig
 from refllama.formats.safetensors import TensorSource
-from refllama.strategies import (
+from refllama.testing import assert_logits_close
+from refllama.testing.strategies import (
     Checkpoint,
     llama_checkpoints,
     llama_configs,
@@ -26,7 +27,6 @@ from refllama.strategies import (
     token_ids,
     write_checkpoint,
 )
-from refllama.testing import assert_logits_close
 
 PROFILE = {"float64": "f64", "float32": "f32"}
 dtypes = st.sampled_from(["float32", "float64"])

@@ -32,10 +32,10 @@ import pytest
 import refllama
 from refllama.backends import get_backend
 from refllama.config import LlamaConfig
+from refllama.formats.checkpoint import load_weight_map, quantized_linears
 from refllama.formats.safetensors import TensorSource
 from refllama.quant import Int8Weight, PackedIntWeight, dequantize
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul
-from refllama.weights import load_weight_map, quantized_linears
 
 from conftest import (
     F32_ATOL,

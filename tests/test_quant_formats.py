@@ -18,10 +18,10 @@ from safetensors.numpy import save_file
 
 import refllama
 from refllama.errors import ConfigError, InputError, RefLlamaError, WeightError
+from refllama.formats.checkpoint import quantized_linears
 from refllama.quant import Int8Weight, PackedIntWeight, dequantize, parse_quantization_config
 from refllama.quant.config import read_quantize_config
 from refllama.quant.packing import AWQ_ORDER, pack_awq, pack_rows, packed_words, unpack_awq, unpack_rows
-from refllama.weights import quantized_linears
 
 # --- config -------------------------------------------------------------------------------------------------------
 
@@ -277,8 +277,8 @@ def test_loader_round_trip_dequantizes_exactly(tmp_path, layout):
 
 def _load_map(folder, **options):
     from refllama.config import LlamaConfig
+    from refllama.formats.checkpoint import load_weight_map
     from refllama.formats.safetensors import TensorSource
-    from refllama.weights import load_weight_map
 
     return load_weight_map(TensorSource(folder), LlamaConfig.from_dir(folder), **options)
 

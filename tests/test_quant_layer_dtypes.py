@@ -14,7 +14,8 @@ import refllama
 from refllama.backends import get_backend
 from refllama.config import LlamaConfig
 from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
-from refllama.errors import ConfigError, InputError
+from refllama.errors import ConfigError
+from refllama.formats.checkpoint import load_weight_map, quantized_linears
 from refllama.formats.safetensors import SafetensorsFile, TensorSource
 from refllama.quant import Int8Weight, PackedIntWeight, dequantize
 from refllama.quant.quantize import (
@@ -22,10 +23,8 @@ from refllama.quant.quantize import (
     dequantize_weights,
     quantize_weight,
     set_activation_semantics,
-    set_precision,
 )
 from refllama.quant.types import codes_and_zero
-from refllama.weights import load_weight_map, quantized_linears
 
 from conftest import FIXTURES
 
@@ -130,18 +129,31 @@ def test_set_precision_rederives_from_the_source_without_reading_files(monkeypat
         raise AssertionError(f"set_precision read {name} from a file")
 
     monkeypatch.setattr(SafetensorsFile, "get", no_reads)
-    set_precision(engine, _every(DataType.W8A8), base)
+    engine.set_precision(_every(DataType.W8A8))
+    assert engine.config.layer_dtypes == _every(DataType.W8A8)
     np.testing.assert_allclose(engine.logits(IDS), reference, rtol=0, atol=1e-5)
-    set_precision(engine, _every(DataType.W8A8), base, semantics="vllm")
+    engine.set_precision(_every(DataType.W8A8), quant_semantics="vllm")
     assert np.abs(engine.logits(IDS) - reference).max() > 1e-3
-    set_precision(engine, LayerDataTypeConfig(embedding=DataType.BF16, layer_norm=DataType.BF16), base)
+    engine.set_precision(LayerDataTypeConfig(embedding=DataType.BF16, layer_norm=DataType.BF16))
     np.testing.assert_array_equal(engine.logits(IDS), original)  # back to the checkpoint as stored
-    engine.source_weights = base  # what GenericLlamaEngine keeps once wired up (docs/quantization.md)
-    set_precision(engine, _every(DataType.BF16))
+    engine.set_precision(_every(DataType.BF16))
     np.testing.assert_array_equal(engine.logits(IDS), original)  # bf16 -> BF16 changes nothing
-    del engine.source_weights
-    with pytest.raises(InputError, match="source weights"):
-        set_precision(engine, _every(DataType.W8A8))
+
+
+def test_config_layer_dtypes_applies_through_from_diagnostic():
+    """The spec's mixed-precision example: replace(diagnostic.config, layer_dtypes=...), then from_diagnostic."""
+    from dataclasses import replace
+
+    from refllama.diagnostics.diagnostic import ModelDiagnostic
+
+    diagnostic = ModelDiagnostic.analyze_directory(BASE)
+    layout = _every(DataType.W8A8)
+    diagnostic = replace(diagnostic, config=replace(diagnostic.config, layer_dtypes=layout))
+    engine = refllama.GenericLlamaEngine.from_diagnostic(diagnostic)
+    assert engine.config.layer_dtypes == layout
+    assert len(quantized_linears(engine.model.weights)) == 14  # 7 Linears x 2 layers
+    expected = _engine(apply_layer_dtypes(_load(BASE), layout)).logits(IDS)
+    np.testing.assert_array_equal(engine.logits(IDS), expected)
 
 
 def test_semantics_switch_and_dequantize_helpers():

@@ -180,8 +180,8 @@ def test_transformers_dequant_route_reproduces_the_fixture_goldens(name, key):
 
 
 def test_library_smollm2_checkpoint_matches_the_manifest():
-    from refllama.default_model import default_model_path
     from refllama.errors import CheckpointError
+    from refllama.formats.default_model import default_model_path
 
     try:
         default_model_path()

@@ -27,9 +27,9 @@ import sys
 import numpy as np
 import pytest
 
+from refllama.formats.checkpoint import quantized_linears
 from refllama.quant import Int8Weight
 from refllama.quant.int8 import quantize_tokens_hf, w8a8_matmul
-from refllama.weights import quantized_linears
 
 from conftest import GOLDEN, ROOT, smollm2_path
 

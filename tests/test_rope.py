@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 
-from refllama import rope
 from refllama.config import LlamaConfig
+from refllama.model import rope
 
 from test_config import LLAMA_31_8B_INSTRUCT, TINYLLAMA_CHAT
 

@@ -1,7 +1,7 @@
 """Tokenizers: llama.cpp's test vectors through every source refllama reads, round trips, conventions, errors.
 
 The vectors (tests/data/vocab/, see its README) are llama.cpp's own for the Llama 2 SentencePiece and Llama 3
-BPE vocabularies. Each vocabulary runs from its GGUF and from the folder files refllama/convert.py makes
+BPE vocabularies. Each vocabulary runs from its GGUF and from the folder files refllama/formats/convert.py makes
 of it: SentencePiece as tokenizer.model and as a Llama 2 style tokenizer.json; Llama 3 as tokenizer.json and
 as Meta's tiktoken rank file.
 """
@@ -21,11 +21,11 @@ import sentencepiece
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refllama import convert as convert_vocab
 from refllama.errors import CheckpointError, InputError
+from refllama.formats import convert as convert_vocab
 from refllama.formats import spm_proto
 from refllama.formats.gguf import GGUFFile
-from refllama.tokenizer import (
+from refllama.formats.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
     LLAMA31_SPECIAL_TOKENS,
     LlamaTokenizer,

@@ -7,7 +7,7 @@ Rows (each in a fresh process, with every thread pool set to --threads): refllam
 W8A8 (compressed-tensors), numba Q8_0 and Q4_1 (GGUF); llama.cpp (llama-cpp-python) f32, q8_0 and Q4_1 on the same
 GGUF files; HF transformers torch f32. A peer that is not installed is skipped with a message (`pip install
 'refllama[bench]'` installs them). Every engine gets the same prompt token ids and decodes greedily without
-stopping at eos. Figures are medians over --reps repetitions (refllama/benchmark.py says what one is).
+stopping at eos. Figures are medians over --reps repetitions (refllama/diagnostics/benchmark.py says what one is).
 
 The model files are made once in --work from the Q4_1 GGUF (the installed default model): an F32 GGUF (its
 weights dequantized, exactly) and a Q8_0 GGUF of those (gguf-py's quantizer, as llama.cpp's), both with the gguf
@@ -419,16 +419,16 @@ def main() -> int:
     if args.reps < 3:
         print("note: fewer than 3 repetitions", file=sys.stderr)
 
-    from refllama.default_model import default_model_path
+    from refllama.formats.default_model import default_model_path
     from refllama.formats.gguf import GGUFFile
-    from refllama.gguf_llama import config_from_gguf
-    from refllama.tokenizer import LlamaTokenizer
+    from refllama.formats.gguf_llama import config_from_gguf
+    from refllama.formats.tokenizer import LlamaTokenizer
 
     q4_1 = args.model or default_model_path()
     files = make_models(q4_1, args.work)
     gguf = GGUFFile(q4_1)
     tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=q4_1)
-    from refllama.benchmark import PROMPT_TEXT
+    from refllama.diagnostics.benchmark import PROMPT_TEXT
 
     text_ids = tokenizer.encode(PROMPT_TEXT)
     ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]

@@ -100,7 +100,8 @@ from refllama.formats.ggml_quants import GGMLType
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.packing import pack_rows
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight
-from refllama.weights import Linear, expected_shapes
+from refllama.formats.checkpoint import expected_shapes
+from refllama.model.weights import Linear
 
 OUT = Path(os.environ["OUT"])
 results: dict = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "cupy": cp.__version__}

@@ -249,7 +249,7 @@ SMOLLM2_NEW_TOKENS = 32
 
 def smollm2_gguf() -> Path:
     sys.path.insert(0, str(ROOT))
-    from refllama.default_model import default_model_path
+    from refllama.formats.default_model import default_model_path
 
     return default_model_path()
 

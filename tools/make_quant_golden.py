@@ -47,7 +47,7 @@ GROUP_NAME = "smollm2_w8a8"
 
 
 def smollm2_gguf() -> Path:
-    from refllama.default_model import default_model_path
+    from refllama.formats.default_model import default_model_path
 
     return default_model_path()
 
@@ -74,12 +74,12 @@ def quantization_block() -> dict:
 
 def write_refllama(out_dir: str | Path) -> Path:
     """SmolLM2 W8A8 written by refllama.quant from the GGUF: model.safetensors, config.json, tokenizer files."""
-    from refllama.convert import write_tokenizer_json
     from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
+    from refllama.formats.checkpoint import load_weight_map
+    from refllama.formats.convert import write_tokenizer_json
     from refllama.formats.gguf import GGUFFile
-    from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
+    from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
     from refllama.quant.quantize import apply_layer_dtypes, save_compressed_tensors
-    from refllama.weights import load_weight_map
 
     gguf = GGUFFile(smollm2_gguf())
     config = config_from_gguf(gguf)
@@ -112,7 +112,7 @@ def write_library(out_dir: str | Path) -> Path:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
 
-    from refllama.convert import gguf_to_hf
+    from refllama.formats.convert import gguf_to_hf
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -337,9 +337,9 @@ def report_layouts() -> list[dict]:
     with np.load(GOLDEN_DIR / "smollm2.npz") as g:
         prompts = {p: g[f"{p}_ids"] for p in ("chat", "paragraph", "code", "unicode")}
     engine = refllama.load(smollm2_gguf(), dtype="float32")
+    from refllama.formats.checkpoint import load_weight_map
     from refllama.formats.gguf import GGUFFile
-    from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
-    from refllama.weights import load_weight_map
+    from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 
     gguf = GGUFFile(smollm2_gguf())
     source = load_weight_map(GGUFTensorSource(gguf, config_from_gguf(gguf)), engine.config)

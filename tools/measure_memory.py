@@ -23,8 +23,8 @@ import ctypes, json, sys
 ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: no 2 MB huge pages inflating RSS
 import numpy as np
 import refllama
-from refllama.diagnostic import ModelDiagnostic
-from refllama.memory import estimate
+from refllama.diagnostics.diagnostic import ModelDiagnostic
+from refllama.diagnostics.memory import estimate
 
 def status(key):
     return int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024
@@ -76,8 +76,8 @@ def measure(path: Path, prompt_len: int = 96, new_tokens: int = 16, batch: int =
 def models() -> dict[str, Path]:
     found = {p.name: p for p in sorted((ROOT / "tests" / "fixtures").iterdir()) if (p / "config.json").is_file()}
     sys.path.insert(0, str(ROOT))
-    from refllama.default_model import default_model_path
     from refllama.errors import CheckpointError
+    from refllama.formats.default_model import default_model_path
 
     try:
         found["smollm2"] = default_model_path()

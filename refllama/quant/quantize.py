@@ -13,7 +13,8 @@ Asymmetric: scale = (max - min) / (qmax - qmin), zp = rint(clip(qmin - min / sca
 rint(clip(w / scale + zp)).
 
 `apply_layer_dtypes` applies a LayerDataTypeConfig (refllama.dtypes) to a float WeightMap at load;
-`set_precision` re-derives an engine's weights from the source it kept, without rereading any file.
+`GenericLlamaEngine.set_precision` re-derives its weights with `apply_layer_dtypes` from the source it kept,
+without rereading any file.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
-from refllama.errors import ConfigError, InputError
+from refllama.errors import ConfigError
 from refllama.quant.config import QuantizationSpec
 from refllama.quant.packing import pack_rows
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight, dequantize, is_quantized
@@ -159,7 +160,7 @@ def apply_layer_dtypes(weights: Any, layer_dtypes: LayerDataTypeConfig, *, group
     symmetric per-channel int8 weights (W8A16, I8) int8 activations as well, i.e. makes it W8A8; float
     activation types leave the compute to the engine's dtype.
     """
-    from refllama.weights import Linear  # weights imports this package
+    from refllama.formats.checkpoint import Linear  # weights imports this package
 
     presets = weight_presets(group_size)
     act8 = layer_dtypes.activations is DataType.I8
@@ -235,19 +236,6 @@ def set_activation_semantics(weights: Any, semantics: str) -> Any:
     return map_linear_weights(weights, fn)
 
 
-def set_precision(engine: Any, layer_dtypes: LayerDataTypeConfig, source: Any = None, *,
-                  group_size: int | None = 128, semantics: str = "hf") -> None:
-    """Re-derive `engine`'s weights from its kept source WeightMap with new per-layer types (no file is reread:
-    the source is the memory-mapped checkpoint). `source` defaults to `engine.source_weights`."""
-    from refllama.model import LlamaModel
-
-    source = source if source is not None else getattr(engine, "source_weights", None)
-    if source is None:
-        raise InputError("set_precision needs the source weights: this engine did not keep them")
-    derived = apply_layer_dtypes(source, layer_dtypes, group_size=group_size, semantics=semantics)
-    engine.model = LlamaModel(engine.config, derived.map(engine.backend.asarray), engine.backend)
-
-
 # --- writing a compressed-tensors checkpoint ---------------------------------------------------------------------
 
 def compressed_tensors_block(spec: QuantizationSpec, activations: bool, fmt: str,
@@ -302,7 +290,7 @@ def compressed_tensors_tensors(weights: Any) -> dict[str, np.ndarray]:
         out[p + "input_layernorm.weight"] = np.asarray(layer.input_layernorm)
         out[p + "post_attention_layernorm.weight"] = np.asarray(layer.post_attention_layernorm)
     if weights.lm_head is not None:
-        from refllama.weights import Linear
+        from refllama.model.weights import Linear
 
         put("lm_head", Linear(weights.lm_head))
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

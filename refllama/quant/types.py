@@ -11,7 +11,9 @@ Every quantized checkpoint format is loaded into one of two types, so each backe
 
 Both mean W[o, i] = (code[o, i] - zero[o, g(i)]) * scale[o, g(i)], with g(i) = g_idx[i] when stored (GPTQ
 act-order) and i // group_size otherwise (0 for per-channel and per-tensor). `dequantize` computes exactly that,
-in one place; every other backend is tested against it.
+in one place. Each weight carries its reference arithmetic as methods, `weight.dequantize(dtype)` and
+`weight.matmul(x)` (= x @ W.T as the checkpoint means it): the numpy backend runs these, a backend without a
+kernel for the type may fall back to them, and every kernel is tested against them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from refllama.errors import InputError, WeightError
+from refllama.quant.int8 import w8a8_matmul
 from refllama.quant.packing import unpack_rows
 
 Array = Any  # numpy here; a backend's own array type after WeightMap.map
@@ -60,6 +63,17 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
+    def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        return dequantize(self, dtype)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x (..., in) @ W.T -> (..., out) in x's dtype. W8A8: x quantized per token, an exact integer product,
+        then the scales (refllama/quant/int8.py); weight-only: W dequantized in x's dtype, then a float matmul
+        (exact W in float32 for bf16/f16 scales, so this is the checkpoint's function up to the matmul)."""
+        if self.activation is not None:
+            return w8a8_matmul(x, self.q, self.scale, self.activation.semantics)
+        return x @ dequantize(self, x.dtype).T
+
 
 @dataclass(frozen=True, eq=False)
 class PackedIntWeight:
@@ -76,6 +90,13 @@ class PackedIntWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.packed.shape[0]), self.in_features)
+
+    def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        return dequantize(self, dtype)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x (..., in) @ W.T -> (..., out): W dequantized in x's dtype, then a float matmul (weight-only)."""
+        return x @ dequantize(self, x.dtype).T
 
 
 QuantizedWeight = Int8Weight | PackedIntWeight

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refllama.backends import REGISTRY
+from refllama.backends import backend_class, installed, names
 from refllama.dtypes import DataType
 from refllama.errors import CheckpointError
 from refllama.testing.compare import Report, assert_logits_close
@@ -38,8 +38,6 @@ DEFAULT_DTYPES = ("float32", "float64")
 # The tolerance profile (refllama.testing.PROFILES) for a candidate computing in this dtype against the float64
 # reference; float16 has no calibration of its own and is held to bfloat16's.
 PROFILE_FOR_DTYPE = {"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "bf16"}
-# Backends whose engines need more than an import to run: their parameters carry these markers.
-BACKEND_MARKERS = {"mlx": "refllama_mlx", "cupy": "refllama_gpu"}
 MARKERS = {
     "refllama_gpu": "needs a CUDA device; skipped with the reason 'no CUDA device' where none answers",
     "refllama_mlx": "needs MLX; skipped with the reason 'mlx not installed' where mlx.core does not import",
@@ -64,19 +62,20 @@ class EngineSpec:
 
 def available_engines(backends: Sequence[str] | None = None,
                       dtypes: Sequence[str] = DEFAULT_DTYPES) -> list[EngineSpec]:
-    """The (backend, dtype) pairs of `refllama.backends.REGISTRY` that import here and support the dtype, in
-    registry order (None: every registered backend)."""
+    """The (backend, dtype) pairs of the backends (`refllama.backends.names()`) that import here and run the
+    dtype, in registry order (None: every backend)."""
     specs = []
-    for name, (module_name, class_name, _extra) in REGISTRY.items():
-        if backends is not None and name not in backends:
+    for cls in installed():
+        if backends is not None and cls.name not in backends:
             continue
-        try:
-            backend_class = getattr(importlib.import_module(module_name), class_name)
-        except ImportError:
-            continue
-        specs += [EngineSpec(name, DataType.parse(d).value) for d in dtypes
-                  if DataType.parse(d) in backend_class.supported_dtypes]
+        specs += [EngineSpec(cls.name, DataType.parse(d).value) for d in dtypes if DataType.parse(d) in cls.dtypes]
     return specs
+
+
+def backend_marks(name: str) -> list[pytest.MarkDecorator]:
+    """The marker a backend declares (Backend.marker), as pytest marks for its test parameters."""
+    marker = backend_class(name).marker
+    return [getattr(pytest.mark, marker)] if marker else []
 
 
 def cuda_device_count() -> int:
@@ -145,7 +144,7 @@ class EngineCache:
 
     def load(self, path: str | Path | None, backend: str, dtype: str) -> Any:
         import refllama
-        from refllama.default_model import default_model_path
+        from refllama.formats.default_model import default_model_path
 
         if path is None:
             try:
@@ -228,10 +227,10 @@ def _listed(config: pytest.Config, name: str) -> list[str] | None:
 
 def _check_engine_options(config: pytest.Config) -> None:
     """Unknown backend or dtype names are usage errors, before collection (checking imports nothing)."""
-    unknown = sorted(set(_listed(config, "refllama_backends") or ()) - set(REGISTRY))
+    unknown = sorted(set(_listed(config, "refllama_backends") or ()) - set(names()))
     if unknown:
         raise pytest.UsageError(f"refllama_backends: unknown backend {', '.join(unknown)} (registered: "
-                                f"{', '.join(REGISTRY)})")
+                                f"{', '.join(names())})")
     for d in _listed(config, "refllama_dtypes") or ():
         try:
             DataType.parse(d)
@@ -272,8 +271,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if _SPECS not in config.stash:
         config.stash[_SPECS] = available_engines(_listed(config, "refllama_backends"),
                                                  _listed(config, "refllama_dtypes") or DEFAULT_DTYPES)
-    params = [pytest.param(s, id=s.id, marks=[getattr(pytest.mark, BACKEND_MARKERS[s.backend])]
-                           if s.backend in BACKEND_MARKERS else []) for s in config.stash[_SPECS]]
+    params = [pytest.param(s, id=s.id, marks=backend_marks(s.backend)) for s in config.stash[_SPECS]]
     metafunc.parametrize("refllama_engine", params, indirect=True)
 
 

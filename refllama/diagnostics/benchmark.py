@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from refllama.errors import InputError
+from refllama.generation.decode import forward_steps, greedy
 
 # An English paragraph for prompts, tokenized and cut (or repeated) to the prompt length.
 PROMPT_TEXT = (
@@ -54,16 +55,12 @@ def prompt_ids(engine: Any, n: int) -> np.ndarray:
 
 
 def generate_timed(engine: Any, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds, new ids): the prompt, then new_tokens greedy tokens through the KV cache."""
-    cache = engine.new_cache(1, len(ids) + new_tokens)
+    """(prefill seconds, decode seconds, new ids): the prompt, then new_tokens greedy tokens through the KV cache,
+    by the decode loop `generate_ids` runs (not stopping at eos)."""
+    first: list[float] = []
     start = time.perf_counter()
-    token = int(np.argmax(engine.forward(ids[None], cache, last_only=True)[0, -1]))  # as generate_ids
-    first = time.perf_counter()
-    new = [token]
-    for _ in range(new_tokens - 1):
-        token = int(np.argmax(engine.forward(np.array([[token]]), cache)[0, -1]))
-        new.append(token)
-    return first - start, time.perf_counter() - first, new
+    new = greedy(engine, ids, new_tokens, on_first=lambda: first.append(time.perf_counter()))
+    return first[0] - start, time.perf_counter() - first[0], new
 
 
 def measure(engine: Any, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 3) -> Throughput:
@@ -148,8 +145,8 @@ def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> di
 
     originals = {op: getattr(backend, op) for op in _OPS}
     ids = prompt_ids(engine, prompt_tokens)
-    cache = engine.new_cache(1, prompt_tokens + steps + 1)
-    token = int(np.argmax(engine.forward(ids[None], cache)[0, -1]))
+    loop = forward_steps(engine, ids[None], steps)
+    token = int(np.argmax(next(loop)[0, -1]))  # the prefill, untimed
     per_step: list[dict[str, float]] = []
     try:
         for op, fn in originals.items():
@@ -157,7 +154,7 @@ def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> di
         for _ in range(steps):
             spent.clear()
             start = time.perf_counter()
-            token = int(np.argmax(engine.forward(np.array([[token]]), cache)[0, -1]))
+            token = int(np.argmax(loop.send(np.array([token]))[0, -1]))
             total = time.perf_counter() - start
             per_step.append({**spent, "other": total - sum(spent.values()), "total": total})
     finally:

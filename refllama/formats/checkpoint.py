@@ -1,4 +1,4 @@
-"""Hugging Face tensor names -> the spec's WeightMap, with strict key and shape checks.
+"""Checkpoint tensors under Hugging Face names -> the spec's WeightMap, with strict key and shape checks.
 
 Weights stay as they are stored (read-only memory-mapped views); converting them to the compute dtype is the
 backend's job (`WeightMap.map`). A checkpoint whose tensors do not match the config fails here with every
@@ -11,9 +11,6 @@ Quantized checkpoints (compressed-tensors, GPTQ, AWQ: refllama/quant/) keep thei
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,87 +18,19 @@ import numpy as np
 from refllama.config import LlamaConfig
 from refllama.errors import WeightError
 from refllama.formats.safetensors import TensorSource
+from refllama.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, WeightMap
 from refllama.quant.config import QuantizationMethod, read_quantize_config
 from refllama.quant.loader import LINEAR_SUFFIXES, LinearPlan, TensorSpec, build_weight, plan_linears, tensor_specs
 from refllama.quant.types import ActivationQuant, Int8Weight, is_quantized
 from refllama.quant.types import dequantize as dequantize_weight
 
 if TYPE_CHECKING:
-    from refllama.gguf_llama import GGUFTensorSource
+    from refllama.formats.gguf_llama import GGUFTensorSource
 
 Array = Any  # a backend array: numpy.ndarray, cupy.ndarray, mlx.core.array
 
 # Tensors some exporters write that carry nothing the model reads (recomputed from the config).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-@dataclass
-class Linear:
-    """y = x @ weight.T + bias, with weight [out_features, in_features] as HF stores it: a float array, or a
-    quantized weight object (refllama.quant.Int8Weight / PackedIntWeight) that means the same matrix."""
-
-    weight: Array
-    bias: Array | None = None
-
-
-@dataclass
-class AttentionWeights:
-    q_proj: Linear  # [num_heads * head_dim, hidden]
-    k_proj: Linear  # [num_kv_heads * head_dim, hidden]
-    v_proj: Linear  # [num_kv_heads * head_dim, hidden]
-    o_proj: Linear  # [hidden, num_heads * head_dim]
-
-
-@dataclass
-class MLPWeights:
-    gate_proj: Linear  # [intermediate, hidden]
-    up_proj: Linear  # [intermediate, hidden]
-    down_proj: Linear  # [hidden, intermediate]
-
-
-@dataclass
-class LayerWeights:
-    self_attention: AttentionWeights
-    mlp: MLPWeights
-    input_layernorm: Array  # [hidden]
-    post_attention_layernorm: Array  # [hidden]
-
-
-@dataclass
-class WeightMap:
-    embeddings: Array  # [vocab, hidden]  (model.embed_tokens.weight)
-    layers: list[LayerWeights]
-    final_norm: Array  # [hidden]          (model.norm.weight)
-    lm_head: Array | None  # [vocab, hidden], None when tied to the embeddings
-
-    def map(self, fn: Callable[[Array], Array]) -> WeightMap:
-        """A new WeightMap with `fn` applied to every tensor (how a backend takes the weights in)."""
-        return _map_tree(self, fn)
-
-    def tensors(self) -> list[Array]:
-        """Every tensor, in a fixed order (the order `map` visits them)."""
-        out: list[Array] = []
-
-        def collect(array: Array) -> Array:
-            out.append(array)
-            return array
-
-        self.map(collect)
-        return out
-
-
-# Plain values inside weight objects (bit widths, group sizes, semantics names) are not tensors: `map` keeps them.
-_SCALARS = (int, float, str, bool, tuple, enum.Enum)
-
-
-def _map_tree(node: Any, fn: Callable[[Array], Array]) -> Any:
-    if node is None or isinstance(node, _SCALARS):
-        return node
-    if isinstance(node, list):
-        return [_map_tree(item, fn) for item in node]
-    if is_dataclass(node):
-        return replace(node, **{f.name: _map_tree(getattr(node, f.name), fn) for f in fields(node)})
-    return fn(node)
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

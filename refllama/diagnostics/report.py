@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from refllama.memory import format_bytes
+from refllama.diagnostics.memory import format_bytes
 
 
 def render(report: dict[str, Any], console: Console | None = None) -> None:

@@ -8,7 +8,6 @@ under a second.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 from collections import Counter
@@ -18,17 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from refllama.backends import REGISTRY
+from refllama import backends
 from refllama.config import LlamaConfig
+from refllama.diagnostics.memory import MemoryRequirements, estimate, format_bytes
 from refllama.dtypes import DataType
-from refllama.errors import CheckpointError, RefLlamaError
+from refllama.errors import BackendError, CheckpointError, RefLlamaError
+from refllama.formats.checkpoint import expected_shapes
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource
-from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
-from refllama.memory import MemoryRequirements, estimate, format_bytes
 from refllama.quant.config import QuantizationConfig
-from refllama.weights import expected_shapes
 
 SCHEMA_VERSION = 1
 
@@ -246,14 +245,13 @@ class BackendCompatibility:
 def check_backends(quantization: QuantizationConfig | None) -> list[BackendCompatibility]:
     """Which registered backends import here and which compute dtypes they offer for this model."""
     out = []
-    for name, (module, cls, extra) in REGISTRY.items():
+    for name in backends.names():
         try:
-            backend = getattr(importlib.import_module(module), cls)
-        except ImportError as e:
-            out.append(BackendCompatibility(name, False, [], f"not installed ({e.name}): pip install "
-                                                             f"'refllama[{extra}]'"))
+            backend = backends.backend_class(name)
+        except BackendError as e:
+            out.append(BackendCompatibility(name, False, [], f"not installed: {e}"))
             continue
-        dtypes = [d.value for d in backend.supported_dtypes]
+        dtypes = [d.value for d in backend.dtypes]
         note = "runs the float weights"
         if quantization is not None:
             note = f"{quantization.method.value} {quantization.format}".strip()

@@ -1,8 +1,11 @@
-"""Generation: requests and responses (spec section 5), the decode loop, stopping, streaming and batches.
+"""The decode loop, once: greedy ids, sampled requests, padded batches, streaming and the benchmark all run
+`forward_steps`.
 
-One loop serves a single request and a padded batch. A batch is left-padded: each row's real tokens sit at the
-right, padded slots are masked out of attention and every row has its own positions, so a row computes what it
-would alone. Sampling happens on the host, per row, from that row's own seeded NumPy Generator.
+It needs only a narrow handle on a model (`Model`: forward, new_cache, check_ids, config, tokenizer), which the
+engine is; nothing here imports the engine. One loop serves a single request and a padded batch. A batch is left-
+padded: each row's real tokens sit at the right, padded slots are masked out of attention and every row has its own
+positions, so a row computes what it would alone. Sampling happens on the host, per row, from that row's own seeded
+NumPy Generator.
 
 Stopping, per row: an id in the model's eos set (config.json and generation_config.json) -> "eos"; a stop string
 (found in the decoded text even when split across tokens, and trimmed from it) or an extra stop id -> "stop";
@@ -13,96 +16,77 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-from refllama.chat import Message, render_chat_template
+from refllama.config import LlamaConfig
 from refllama.errors import InputError
-from refllama.sampling import SamplingParams, log_softmax, sample
-
-if TYPE_CHECKING:
-    from refllama.engine import GenericLlamaEngine
-
-
-@dataclass
-class GenerationRequest:
-    """What to generate from: exactly one of `prompt` (text), `messages` (chat) or `token_ids`."""
-
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    token_ids: list[int] | None = None
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None  # None: none; N: each generated token's logprob and the top N alternatives
-    echo: bool = False  # also return the prompt tokens' logprobs
-    add_generation_prompt: bool = True  # chat: end the prompt with the assistant's turn header
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+from refllama.generation.chat import render_chat_template
+from refllama.generation.requests import GenerationRequest, GenerationResponse, Timings, TokenLogprob, Usage
+from refllama.generation.sampling import log_softmax, sample
 
 
-@dataclass
-class TokenLogprob:
-    """log p(token | everything before it) under the model (log-softmax of the raw logits, before sampling
-    processors), with the `top` most likely alternatives as (token id, logprob)."""
+class Model(Protocol):
+    """What generation needs of a loaded model (GenericLlamaEngine is one)."""
 
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+    config: LlamaConfig
+    tokenizer: Any  # a LlamaTokenizer, or None for a model without tokenizer files
 
+    def forward(self, token_ids: np.ndarray, cache: Any, attention_mask: np.ndarray | None = None,
+                positions: np.ndarray | None = None, last_only: bool = False) -> np.ndarray: ...
 
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> Any: ...
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    def check_ids(self, token_ids: Any, ndim: int = 1) -> np.ndarray: ...
 
 
-@dataclass
-class Timings:
-    prefill_seconds: float
-    decode_seconds: float
-    prefill_tokens: int
-    decode_tokens: int
+def forward_steps(model: Model, ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
+                  positions: np.ndarray | None = None,
+                  all_logits: bool = False) -> Generator[np.ndarray, np.ndarray, None]:
+    """The decode loop's forward passes: a prefill of ids (B, L), then one step per token the caller sends.
 
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("inf")
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("inf")
-
-
-@dataclass
-class GenerationResponse:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
-    usage: Usage
-    timings: Timings
-    prompt_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first prompt token
-
-    def __str__(self) -> str:
-        return self.text
+    Yields host logits: first the prefill's, (B, L, vocab) with `all_logits` else (B, 1, vocab); then, for each
+    array of next tokens (B,) sent in, that step's (B, 1, vocab). The KV cache holds L + max_new_tokens slots.
+    attention_mask (B, L) and positions (B, L) describe a left-padded batch (None: no padding).
+    """
+    B, L = ids.shape
+    cache = model.new_cache(B, L + max_new_tokens)
+    logits = model.forward(ids, cache, attention_mask=attention_mask, positions=positions, last_only=not all_logits)
+    next_positions = None if positions is None else positions[:, -1] + 1
+    while True:
+        tokens = yield logits
+        if attention_mask is not None:
+            attention_mask = np.concatenate([attention_mask, np.ones((B, 1), dtype=attention_mask.dtype)], axis=1)
+        step_positions = None if next_positions is None else next_positions[:, None]
+        logits = model.forward(np.asarray(tokens, dtype=np.int64).reshape(B, 1), cache,
+                               attention_mask=attention_mask, positions=step_positions)
+        if next_positions is not None:
+            next_positions = next_positions + 1
 
 
-def prompt_ids(engine: GenericLlamaEngine, request: GenerationRequest) -> list[int]:
+def greedy(model: Model, ids: np.ndarray, max_new_tokens: int, stop_ids: set[int] = frozenset(),
+           on_first: Any = None) -> list[int]:
+    """Greedy continuation of one sequence ids (L,): up to max_new_tokens ids, ending early with a stop id.
+    `on_first()`, if given, is called once the first new token is chosen (the time to first token)."""
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return []
+    steps = forward_steps(model, np.asarray(ids)[None, :], max_new_tokens)
+    logits = next(steps)  # the prefill
+    new: list[int] = []
+    while True:
+        token = int(np.argmax(logits[0, -1]))
+        new.append(token)
+        if on_first is not None and len(new) == 1:
+            on_first()
+        if len(new) == max_new_tokens or token in stop_ids:
+            return new
+        logits = steps.send(np.array([token]))  # decode one step
+
+
+def prompt_ids(engine: Model, request: GenerationRequest) -> list[int]:
     """The request's prompt as token ids (chat template applied, BOS as the tokenizer's files say, never twice)."""
     given = [x is not None for x in (request.prompt, request.messages, request.token_ids)]
     if sum(given) != 1:
@@ -131,7 +115,7 @@ def prompt_ids(engine: GenericLlamaEngine, request: GenerationRequest) -> list[i
 class _Row:
     """One request's state while the batch decodes."""
 
-    def __init__(self, engine: GenericLlamaEngine, request: GenerationRequest, ids: list[int], limit: int):
+    def __init__(self, engine: Model, request: GenerationRequest, ids: list[int], limit: int):
         self.request, self.prompt = request, ids
         self.params = request.sampling
         self.rng = np.random.default_rng(request.seed)
@@ -167,7 +151,7 @@ class _TextDecoder:
     suffix that could still grow into a stop string.
     """
 
-    def __init__(self, engine: GenericLlamaEngine, stop: Sequence[str]):
+    def __init__(self, engine: Model, stop: Sequence[str]):
         self.tokenizer, self.stop = engine.tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""
@@ -207,7 +191,7 @@ def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(lp[token]), [(int(i), float(lp[i])) for i in best])
 
 
-def run(engine: GenericLlamaEngine, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+def run(engine: Model, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
     """Generate for a batch of requests as one padded batch."""
     steps = _steps(engine, requests)
     while True:
@@ -217,14 +201,14 @@ def run(engine: GenericLlamaEngine, requests: Sequence[GenerationRequest]) -> li
             return done.value
 
 
-def stream(engine: GenericLlamaEngine, request: GenerationRequest) -> Iterator[str]:
+def stream(engine: Model, request: GenerationRequest) -> Iterator[str]:
     """Text pieces as tokens arrive; they concatenate to exactly the final response text."""
     for _, piece in _steps(engine, [request]):
         if piece:
             yield piece
 
 
-def _steps(engine: GenericLlamaEngine,
+def _steps(engine: Model,
            requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResponse]]:
     """The decode loop: yields (row, new final text) after each token, returns the responses."""
     limit = engine.config.max_position_embeddings
@@ -236,7 +220,6 @@ def _steps(engine: GenericLlamaEngine,
             raise InputError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
     rows = [_Row(engine, r, ids, limit) for r, ids in zip(requests, prompts, strict=True)]
     B, L = len(rows), max(len(ids) for ids in prompts)
-    cache = engine.new_cache(B, L + max(row.budget for row in rows))
 
     ids = np.zeros((B, L), dtype=np.int64)  # left padding; padded slots are masked, their ids never matter
     mask = np.zeros((B, L), dtype=np.int64)
@@ -246,12 +229,12 @@ def _steps(engine: GenericLlamaEngine,
 
     t0 = time.perf_counter()
     echo = any(r.echo for r in requests)  # prompt logprobs need every position's logits, else the last suffices
-    logits = engine.forward(ids, cache, attention_mask=mask, positions=positions, last_only=not echo)
+    steps = forward_steps(engine, ids, max(row.budget for row in rows), mask, positions, all_logits=echo)
+    logits = next(steps)  # the prefill
     prefill = time.perf_counter() - t0
     prompt_logprobs = [_prompt_logprobs(logits[b, L - len(p):], p, r) if r.echo else None
                        for b, (p, r) in enumerate(zip(prompts, requests, strict=True))]
     last = logits[:, -1]  # (B, vocab)
-    next_positions = positions[:, -1] + 1
     t1 = time.perf_counter()
     while True:
         for b, row in enumerate(rows):
@@ -260,10 +243,7 @@ def _steps(engine: GenericLlamaEngine,
                 yield b, row.decoder.emit(final=row.finish is not None)
         if all(row.finish is not None for row in rows):
             break
-        step_ids = np.array([[row.tokens[-1] if row.tokens else 0] for row in rows], dtype=np.int64)
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        last = engine.forward(step_ids, cache, attention_mask=mask, positions=next_positions[:, None])[:, -1]
-        next_positions = next_positions + 1
+        last = steps.send(np.array([row.tokens[-1] if row.tokens else 0 for row in rows]))[:, -1]
     decode = time.perf_counter() - t1
 
     timings = Timings(prefill, decode, sum(len(p) for p in prompts), sum(max(len(r.tokens) - 1, 0) for r in rows))

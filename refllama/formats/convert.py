@@ -10,8 +10,8 @@ llama.cpp's tokenizer test vectors through every folder format refllama reads:
 * a "gpt2" (byte-level BPE) vocabulary -> `tokenizer.json` + tokenizer_config.json, or, for Llama 3's,
   Meta's tiktoken rank file (`tokenizer.model`: one "base64(token bytes) rank" line per token).
 
-    python -m refllama.convert MODEL.gguf OUT_DIR                 # the whole model
-    python -m refllama.convert VOCAB.gguf OUT_DIR --vocab-only [--format tokenizer.model|tokenizer.json|tiktoken]
+    python -m refllama.formats.convert MODEL.gguf OUT_DIR                 # the whole model (= refllama convert)
+    python -m refllama.formats.convert VOCAB.gguf OUT_DIR --vocab-only [--format FORMAT]  # FORMAT: see FORMATS
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, decoders, models, normalizers, processors
 
 from refllama.errors import RefLlamaError, TokenizerError
+from refllama.formats.checkpoint import load_weight_map
 from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.spm_proto import PieceType
-from refllama.gguf_llama import GGUFTensorSource, config_from_gguf
-from refllama.tokenizer import LlamaTokenizer, bytes_to_unicode, sentencepiece_proto_from_gguf
-from refllama.weights import load_weight_map
+from refllama.formats.tokenizer import LlamaTokenizer, bytes_to_unicode, sentencepiece_proto_from_gguf
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:

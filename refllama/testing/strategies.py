@@ -8,7 +8,7 @@ activation, eps, and the stored dtype. Checkpoints are real Hugging Face folders
 them through its own loader.
 
     from hypothesis import given
-    from refllama.strategies import llama_checkpoints, llama_configs
+    from refllama.testing.strategies import llama_checkpoints, llama_configs
 
     @given(llama_checkpoints(llama_configs(num_key_value_heads=1)))   # MQA only
     def test_my_engine(checkpoint): ...
@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 
 from refllama.config import ActivationType, LlamaConfig, RopeScaling
 from refllama.dtypes import DataType
-from refllama.weights import expected_shapes
+from refllama.formats.checkpoint import expected_shapes
 
 STORED_DTYPES = (DataType.F32, DataType.F16, DataType.BF16)
 _FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}

@@ -17,17 +17,17 @@ load + generate (within 15%).
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from refllama import backends
 from refllama.config import ActivationType, LlamaConfig
 from refllama.dtypes import DataType
-from refllama.errors import RefLlamaError
+from refllama.errors import BackendError, InputError, RefLlamaError
 
 if TYPE_CHECKING:
-    from refllama.diagnostic import WeightInfo
+    from refllama.diagnostics.diagnostic import WeightInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Measured: building SmolLM2's 49,152-token byte-level BPE tokenizer plus the GGUF vocabulary arrays costs
@@ -38,23 +38,25 @@ TOKENIZER_BYTES_PER_TOKEN = 800
 LOAD_OVERHEAD_BYTES = 64 * 1024
 
 
-class BackendType(enum.Enum):
-    NUMPY = "numpy"
-    NUMBA = "numba"
-    CUPY = "cupy"
-    MLX = "mlx"
-
-
 @dataclass(frozen=True)
 class BackendConfig:
     """Which backend, compute precision, memory limit and workload a model is loaded for (spec section 5)."""
 
-    backend: BackendType = BackendType.NUMPY
+    backend: str = "numpy"  # a name in refllama.backends.names()
     precision: DataType = DataType.F32
     memory_limit: int | None = None  # bytes
     context_length: int | None = None  # default: max_position_embeddings
     batch_size: int = 1
     quantization_support: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in backends.names():
+            raise BackendError(f"unknown backend {self.backend!r} (available: {', '.join(backends.names())})")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def with_backend(self, name: str) -> BackendConfig:
+        return replace(self, backend=name)
 
     def with_memory_limit(self, limit: int | str) -> BackendConfig:
         return replace(self, memory_limit=parse_bytes(limit))
@@ -66,9 +68,11 @@ class BackendConfig:
         return replace(self, context_length=n)
 
     def with_batch_size(self, n: int) -> BackendConfig:
+        """The batch the memory estimate assumes and the most rows one `generate` call runs together."""
         return replace(self, batch_size=n)
 
     def with_quantization_support(self, enabled: bool) -> BackendConfig:
+        """False: weight-only quantized weights and GGUF blocks are dequantized to float at load."""
         return replace(self, quantization_support=enabled)
 
 
@@ -150,17 +154,22 @@ def _itemsize(dtype: DataType) -> int:
     return {DataType.F64: 8, DataType.F32: 4, DataType.F16: 2, DataType.BF16: 2}[dtype]
 
 
-# Stored types a backend reads in place, without a float copy: the numba backend's kernels take bfloat16 matrices
-# and these ggml block types as they lie in the file (docs/numba.md; tests/test_memory.py checks the list against
-# the backend's own).
-READ_AS_STORED = {"numba": frozenset({"BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"})}
+def reads_as_stored(backend: str) -> frozenset[str]:
+    """The stored types `backend` reads in place (Backend.reads_as_stored); nothing for a backend that is not
+    installed here (the estimate then counts its weights converted, an over-estimate)."""
+    if backend not in backends.names():
+        raise BackendError(f"unknown backend {backend!r} (available: {', '.join(backends.names())})")
+    try:
+        return backends.backend_class(backend).reads_as_stored
+    except BackendError:
+        return frozenset()
 
 
 def weights_in_memory(weights: WeightInfo, dtype: DataType, backend: str = "numpy") -> int:
     """Weights after loading: float tensors (and dequantized GGUF blocks) in the compute dtype; integer tensors
-    (quantized checkpoints) and what the backend reads in place (READ_AS_STORED) as stored."""
+    (quantized checkpoints) and what the backend reads in place (Backend.reads_as_stored) as stored."""
     s = _itemsize(dtype)
-    in_place = READ_AS_STORED.get(backend, frozenset())
+    in_place = reads_as_stored(backend)
     total = 0
     for t in weights.tensors:
         if t.dtype in in_place and (t.dtype != "BF16" or len(t.shape) == 2):  # bf16 vectors become float32

@@ -1,0 +1,84 @@
+"""From a path on disk to what an engine is made of: format detection, the config, the weights as stored, the
+tokenizer; and memory admission before anything large is allocated.
+
+Nothing here computes: the weights come back as host arrays in their stored dtype (memory-mapped views), and the
+engine hands them to the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from refllama.backends import Backend
+from refllama.config import LlamaConfig
+from refllama.diagnostics.diagnostic import ModelDiagnostic
+from refllama.diagnostics.memory import BackendConfig, MemoryManager, estimate
+from refllama.dtypes import LayerDataTypeConfig
+from refllama.errors import CheckpointError
+from refllama.formats.checkpoint import load_weight_map
+from refllama.formats.ggml_quants import GGMLType
+from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
+from refllama.formats.safetensors import TensorSource
+from refllama.formats.tokenizer import LlamaTokenizer
+from refllama.model.weights import WeightMap
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class ModelFiles:
+    """A model as read from disk: its config, its weights as stored, and its tokenizer (None without one)."""
+
+    config: LlamaConfig
+    weights: WeightMap
+    tokenizer: LlamaTokenizer | None
+
+
+def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, quant_semantics: str = "hf",
+               layer_dtypes: LayerDataTypeConfig | None = None) -> ModelFiles:
+    """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
+
+    GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
+    per-layer data types that re-derive the weights from float); the rest become float32. `dequantize` makes
+    weight-only quantized Linears float32 at load (W8A8 keeps its integer GEMM: dequantizing it would change the
+    function); `quant_semantics` ("hf", "vllm") is how W8A8 Linears quantize their inputs. `layer_dtypes` is
+    recorded in the config (the engine applies it).
+    """
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        gguf = GGUFFile(path)
+        config = config_from_gguf(gguf)
+        tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
+            if "tokenizer.ggml.model" in gguf.metadata else None
+        keep = frozenset() if dequantize or layer_dtypes is not None else stored_block_types(backend)
+        source: TensorSource | GGUFTensorSource = GGUFTensorSource(gguf, config, keep)
+    elif path.is_dir():
+        config = LlamaConfig.from_dir(path)
+        has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+        tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
+        source = TensorSource(path)
+    else:
+        raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
+    if layer_dtypes is not None:
+        config = replace(config, layer_dtypes=layer_dtypes)
+    weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics)
+    return ModelFiles(config, weights, tokenizer)
+
+
+def stored_block_types(backend: Backend) -> frozenset[GGMLType]:
+    """The GGUF block types `backend` reads as stored (kept memory-mapped as GGUFBlockWeight at load)."""
+    return frozenset(t for t in GGMLType if t.name in backend.reads_as_stored)
+
+
+def admit(diagnostic: ModelDiagnostic, backend_config: BackendConfig) -> MemoryManager:
+    """A MemoryManager holding the estimate for this backend, precision, context and batch; MemoryLimitError,
+    carrying the recommendations, when it does not fit the configured limit."""
+    bc = backend_config
+    requirements = estimate(diagnostic.config, diagnostic.weight_info, bc.backend, bc.precision,
+                            bc.context_length, bc.batch_size, memory_limit=bc.memory_limit,
+                            vocab_entries=diagnostic.tokenizer_info.vocab_size or 0)
+    manager = MemoryManager(bc.memory_limit)
+    manager.reserve(requirements)
+    return manager

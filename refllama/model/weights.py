@@ -1,0 +1,83 @@
+"""The weights the forward pass reads, as the spec's WeightMap: plain dataclasses under HF's names.
+
+A Linear's weight is a float array or a quantized weight object (refllama.quant) that means the same matrix; the
+backend's `linear` runs either. Backends take the weights in with `WeightMap.map` (one function per tensor).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+Array = Any  # a backend array: numpy.ndarray, cupy.ndarray, mlx.core.array
+
+
+@dataclass
+class Linear:
+    """y = x @ weight.T + bias, with weight [out_features, in_features] as HF stores it: a float array, or a
+    quantized weight object (refllama.quant.Int8Weight / PackedIntWeight) that means the same matrix."""
+
+    weight: Array
+    bias: Array | None = None
+
+
+@dataclass
+class AttentionWeights:
+    q_proj: Linear  # [num_heads * head_dim, hidden]
+    k_proj: Linear  # [num_kv_heads * head_dim, hidden]
+    v_proj: Linear  # [num_kv_heads * head_dim, hidden]
+    o_proj: Linear  # [hidden, num_heads * head_dim]
+
+
+@dataclass
+class MLPWeights:
+    gate_proj: Linear  # [intermediate, hidden]
+    up_proj: Linear  # [intermediate, hidden]
+    down_proj: Linear  # [hidden, intermediate]
+
+
+@dataclass
+class LayerWeights:
+    self_attention: AttentionWeights
+    mlp: MLPWeights
+    input_layernorm: Array  # [hidden]
+    post_attention_layernorm: Array  # [hidden]
+
+
+@dataclass
+class WeightMap:
+    embeddings: Array  # [vocab, hidden]  (model.embed_tokens.weight)
+    layers: list[LayerWeights]
+    final_norm: Array  # [hidden]          (model.norm.weight)
+    lm_head: Array | None  # [vocab, hidden], None when tied to the embeddings
+
+    def map(self, fn: Callable[[Array], Array]) -> WeightMap:
+        """A new WeightMap with `fn` applied to every tensor (how a backend takes the weights in)."""
+        return _map_tree(self, fn)
+
+    def tensors(self) -> list[Array]:
+        """Every tensor, in a fixed order (the order `map` visits them)."""
+        out: list[Array] = []
+
+        def collect(array: Array) -> Array:
+            out.append(array)
+            return array
+
+        self.map(collect)
+        return out
+
+
+# Plain values inside weight objects (bit widths, group sizes, semantics names) are not tensors: `map` keeps them.
+_SCALARS = (int, float, str, bool, tuple, enum.Enum)
+
+
+def _map_tree(node: Any, fn: Callable[[Array], Array]) -> Any:
+    if node is None or isinstance(node, _SCALARS):
+        return node
+    if isinstance(node, list):
+        return [_map_tree(item, fn) for item in node]
+    if is_dataclass(node):
+        return replace(node, **{f.name: _map_tree(getattr(node, f.name), fn) for f in fields(node)})
+    return fn(node)
