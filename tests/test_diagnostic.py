@@ -227,3 +227,34 @@ def test_inspect_command(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "verdict: loads and runs on numpy" in r.stdout and "verification: ok" in r.stdout
     assert "model weights" in r.stdout and "F32" in r.stdout
+
+
+def test_backend_config_names_do_what_they_say(monkeypatch):
+    """with_quantization_support(False) dequantizes at load; with_batch_size(n) is the batch the memory check
+    assumes and the most rows one generate call runs together; an unknown backend name is refused."""
+    from refllama.errors import BackendError
+    from refllama.formats.checkpoint import quantized_linears
+    from refllama.generation import GenerationRequest, decode
+    from refllama.loading import admit
+
+    folder = FIXTURES / "quant" / "tiny-gptq-w4g32"
+    d = ModelDiagnostic.analyze_directory(folder)
+    quantized = refllama.GenericLlamaEngine.from_diagnostic(d)
+    floats = refllama.GenericLlamaEngine.from_diagnostic(d, BackendConfig().with_quantization_support(False))
+    assert quantized_linears(quantized.model.weights) and not quantized_linears(floats.model.weights)
+    ids = [1, 5, 9, 13]
+    np.testing.assert_array_equal(floats.logits(ids), refllama.load(folder, dequantize=True).logits(ids))
+
+    one = estimate(d.config, d.weight_info, context_length=64)
+    two = BackendConfig().with_batch_size(2).with_context_length(64)
+    assert admit(d, two).allocated_memory > one.total_estimated
+    engine = refllama.GenericLlamaEngine.from_diagnostic(d, two)
+    batches = []
+    run = decode.run
+    monkeypatch.setattr(decode, "run", lambda model, requests: batches.append(len(requests)) or run(model, requests))
+    requests = [GenerationRequest(token_ids=[1, 2 + i], max_new_tokens=2) for i in range(3)]
+    responses = engine.generate(requests)
+    assert batches == [2, 1] and len(responses) == 3
+    assert [r.token_ids for r in responses] == [engine.generate(r).token_ids for r in requests]
+    with pytest.raises(BackendError, match="nmba"):
+        BackendConfig(backend="nmba")
