@@ -2,8 +2,9 @@
 
 The model (refllama/model/llama.py) is written once against these; a backend implements them on its own arrays
 and never sees a layer. Their reference arithmetic is refllama/model/ops.py (the numpy backend is those
-functions). Arrays also need the methods NumPy, CuPy and MLX arrays share: `reshape`, `transpose`, `shape`, `+`,
-`*`, and basic slicing for reads.
+functions). Arrays also need what every array API has: `shape`, `+`, and basic slicing for reads; the two layout
+changes the model makes (`split_heads`, `merge_heads`) are operations here, written with the `reshape` and
+`transpose` methods NumPy, CuPy and MLX arrays share, for a backend to override where its arrays lack them.
 
 A backend is a subclass of `Backend` in `backends/<name>_backend.py` whose module sets `BACKEND = TheClass`; the
 registry (`refllama.backends`) finds it by that file name and imports it only when asked for.
@@ -97,6 +98,16 @@ class Backend:
         names = ", ".join(t.__name__ for t in self.linear_kernels) or "none"
         raise BackendError(f"the {self.name} backend cannot run a Linear whose weight is a {type(w).__name__} "
                            f"(it runs float arrays and these quantized types: {names})")
+
+    def split_heads(self, x: Array, heads: int) -> Array:
+        """(B, T, heads * D) -> (B, heads, T, D)."""
+        B, T, _ = x.shape
+        return x.reshape(B, T, heads, -1).transpose(0, 2, 1, 3)
+
+    def merge_heads(self, x: Array) -> Array:
+        """(B, H, T, D) -> (B, T, H * D), the inverse of split_heads."""
+        B, H, T, D = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """weight * x / sqrt(mean(x**2, -1) + eps), normalising in at least float32."""

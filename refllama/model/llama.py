@@ -111,18 +111,16 @@ class LlamaModel:
     def attention(self, layer: int, x: Array, w: AttentionWeights, step: StepInputs, cache: KVCache,
                   trace: Trace = None) -> Array:
         c, xp = self.config, self.backend
-        B, T, _ = x.shape
-        H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = xp.linear(x, w.q_proj).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = xp.linear(x, w.k_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
-        v = xp.linear(x, w.v_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
+        H, KV = c.num_attention_heads, c.num_key_value_heads
+        q = xp.split_heads(xp.linear(x, w.q_proj), H)  # (B, T, H*D) -> (B, H, T, D)
+        k = xp.split_heads(xp.linear(x, w.k_proj), KV)  # (B, T, KV*D) -> (B, KV, T, D)
+        v = xp.split_heads(xp.linear(x, w.v_proj), KV)  # (B, T, KV*D) -> (B, KV, T, D)
         q, k = xp.apply_rope(q, step.cos, step.sin), xp.apply_rope(k, step.cos, step.sin)
         if trace is not None:
             trace.update({f"layers.{layer}.q": q, f"layers.{layer}.k": k, f"layers.{layer}.v": v})
         k, v = cache.update(layer, k, v)  # (B, KV, S, D): cached keys and values plus these
         out = xp.attention(q, k, v, step.mask)  # (B, H, T, D)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, H*D)
-        return xp.linear(out, w.o_proj)  # (B, T, hidden)
+        return xp.linear(xp.merge_heads(out), w.o_proj)  # (B, T, H*D) -> (B, T, hidden)
 
     def mlp(self, x: Array, w: MLPWeights) -> Array:
         xp = self.backend
