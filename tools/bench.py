@@ -131,8 +131,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps: int) -> dict[str, Any]:
     import refllama
-    from refllama import benchmark
     from refllama.backends import get_backend
+    from refllama.diagnostics import benchmark
 
     get_backend(spec["backend"])  # import the backend's libraries before the memory baseline
     base = benchmark.rss_mb()
@@ -167,7 +167,7 @@ def _timed_reps(run: Any, prompt: int, new: int, reps: int) -> dict[str, Any]:
 def _child_llama_cpp(spec: dict[str, Any], path: str, ids: np.ndarray, new: int, reps: int) -> dict[str, Any]:
     import llama_cpp
 
-    from refllama import benchmark
+    from refllama.diagnostics import benchmark
 
     base = benchmark.rss_mb()
     benchmark.reset_peak_rss()
@@ -202,7 +202,7 @@ def _child_hf(spec: dict[str, Any], path: str, ids: np.ndarray, new: int, reps: 
     import torch
     import transformers
 
-    from refllama import benchmark
+    from refllama.diagnostics import benchmark
 
     torch.set_num_threads(spec["threads"])
     base = benchmark.rss_mb()
