@@ -15,7 +15,7 @@ package; and a compressed-tensors W8A8 folder (tools/make_quant_golden.py: int8 
 per-token int8 activations, lm_head float32). So every row runs the same network.
 
 Also measured: the numba kernels' JIT time cold (empty cache directory) and warm (loaded from it), and where one
-decode step spends its time (refllama.benchmark.decode_profile). Output: a markdown table on stdout and in
+decode step spends its time (refllama.diagnostics.benchmark.decode_profile). Output: a markdown table on stdout and in
 OUT/bench.md, OUT/bench.json, and OUT/bench.png when matplotlib is installed.
 """
 
@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, str, str, str | None]] = {
 }
 PEER = {"f32": "llama.cpp f32", "q8": "llama.cpp q8_0", "q4": "llama.cpp Q4_1"}
 
-# The issue's targets: (row, metric, reference row, minimum ratio)
+# The targets: (row, metric, reference row, minimum ratio)
 TARGETS = [
     ("refllama numba W8A8", "decode", "llama.cpp q8_0", 0.8),
     ("refllama numba Q8_0", "decode", "llama.cpp q8_0", 0.8),
