@@ -73,7 +73,7 @@ def project_imports(modules: dict[str, Path]) -> list[Import]:
 
 
 def top_level_names(path: Path) -> set[str]:
-    """The names a module binds outside functions and classes ("*" when it star-imports)."""
+    """The names a module binds at run time outside functions and classes ("*" when it star-imports)."""
     names: set[str] = set()
 
     def visit(body: list[ast.stmt]) -> None:
@@ -85,6 +85,8 @@ def top_level_names(path: Path) -> set[str]:
             elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, ast.If) and _is_type_checking(node.test):
+                visit(node.orelse)  # names bound only for type checkers do not exist at run time
             else:  # if, try, with, for: their blocks run at import time too
                 for block in ("body", "orelse", "finalbody", "handlers"):
                     visit(getattr(node, block, []))
