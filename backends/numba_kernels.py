@@ -24,7 +24,7 @@ Pitfalls measured while writing these (docs/numba.md has the numbers):
 * From memory (not cache), a matvec waits on each row: prefetching a few rows ahead (`_prefetch_row`) made the
   decode matvecs 2.7x faster.
 * Inside `parallel=True`, writes through an array view created in the kernel are silently dropped
-  (shared/notes section 9). Every output array, views included, is therefore created by the caller.
+  (measured; docs/numba.md). Every output array, views included, is therefore created by the caller.
 
 NUMBA_CACHE_DIR is set below, before numba is imported, because numba reads it once at import. Compiled kernels
 go to a user cache directory, never beside the installed sources.

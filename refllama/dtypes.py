@@ -10,7 +10,7 @@ import numpy as np
 
 
 class DataType(enum.Enum):
-    """Data types of weights and computation (spec section 2), plus F64 for the oracle mode."""
+    """Data types of weights and computation (the spec's DataType), plus F64 for the oracle mode."""
 
     F64 = "float64"
     F32 = "float32"
@@ -74,7 +74,7 @@ class MLPComponent(enum.Enum):
 
 @dataclass(frozen=True)
 class LayerDataTypeConfig:
-    """Per-component data types (spec section 2). Applying it to weights is the quantization issue's work."""
+    """Per-component data types (the spec's LayerDataTypeConfig); refllama/quant/quantize.py applies them."""
 
     embedding: DataType = DataType.F32
     attention_weights: dict[AttentionComponent, DataType] = field(default_factory=dict)

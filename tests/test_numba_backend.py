@@ -475,7 +475,7 @@ def test_smollm2_cached_decoding_through_the_fused_kernels(smollm2):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
 def test_q4_1_gguf_peak_rss_is_about_its_file_size():
-    """The issue's bound: the model's peak RSS, loading and generating from the Q4_1 GGUF, <= 1.3 x file size +
+    """The target bound: the model's peak RSS, loading and generating from the Q4_1 GGUF, <= 1.3 x file size +
     KV cache. Counted in a fresh process from its RSS once the interpreter, NumPy, the compiled kernels and the
     GGUF metadata (the config) are in; the tokenizer is not built (its Python objects take about 35 MB, which
     tools/bench.py's whole-process figure includes)."""

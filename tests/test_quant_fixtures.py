@@ -1,4 +1,4 @@
-"""The tiny checkpoints made by the real tools (tests/fixtures/quant/, from shared/quant/) against their goldens.
+"""The tiny checkpoints made by the real tools (tests/fixtures/quant/, see its README) against their goldens.
 
 Each folder is compared with the golden of the same folder (its README and manifest.json say how each was made).
 Measured here, numpy backend, max |logit diff| over prompts a (7 tokens) and b (19 tokens):
@@ -16,7 +16,7 @@ negative puts it exactly on the -127.5 rounding tie, and which way it rounds dep
 Our float32 forward agrees with HF's to ~1e-6 upstream, which flips one such code at layer 0 (gate/up input, token
 13 of prompt b: HF -127, us -128); every later code for that token moves and the logits move by 0.08. In float64
 the scale itself is computed in float64, so more ties resolve differently. Hence the whole-model bound 0.3 with
-top-1 >= 0.9 (shared/notes section 2), while everything tie-free is held exactly: the layer-0 codes, scales and
+top-1 >= 0.9 (refllama/quant/int8.py), while everything tie-free is held exactly: the layer-0 codes, scales and
 int32 accumulators from HF's own input, and the vLLM semantics (whose absmax element maps to +-127, never a tie)
 to 2e-5.
 """

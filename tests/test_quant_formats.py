@@ -1,7 +1,7 @@
 """Quantized checkpoint formats: config parsing and matching, bit packing, loader round trips, typed errors.
 
 Round trips write a small random model in each on-disk layout with packers written here from the format
-descriptions (shared/notes/formats-and-numerics.md sections 1-4), independently of refllama/quant/packing.py,
+descriptions (docs/quantization.md), independently of refllama/quant/packing.py,
 then load it: every Linear must dequantize to exactly (q - z) * s, and the quantized engine must give bit for bit
 the logits of a float engine holding those dequantized weights (weight-only formats compute exactly that).
 """

@@ -15,7 +15,7 @@ package; and a compressed-tensors W8A8 folder (tools/make_quant_golden.py: int8 
 per-token int8 activations, lm_head float32). So every row runs the same network.
 
 Also measured: the numba kernels' JIT time cold (empty cache directory) and warm (loaded from it), and where one
-decode step spends its time (refllama.benchmark.decode_profile). Output: a markdown table on stdout and in
+decode step spends its time (refllama.diagnostics.benchmark.decode_profile). Output: a markdown table on stdout and in
 OUT/bench.md, OUT/bench.json, and OUT/bench.png when matplotlib is installed.
 """
 
@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, str, str, str | None]] = {
 }
 PEER = {"f32": "llama.cpp f32", "q8": "llama.cpp q8_0", "q4": "llama.cpp Q4_1"}
 
-# The issue's targets: (row, metric, reference row, minimum ratio)
+# The targets: (row, metric, reference row, minimum ratio)
 TARGETS = [
     ("refllama numba W8A8", "decode", "llama.cpp q8_0", 0.8),
     ("refllama numba Q8_0", "decode", "llama.cpp q8_0", 0.8),
@@ -131,8 +131,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps: int) -> dict[str, Any]:
     import refllama
-    from refllama import benchmark
     from refllama.backends import get_backend
+    from refllama.diagnostics import benchmark
 
     get_backend(spec["backend"])  # import the backend's libraries before the memory baseline
     base = benchmark.rss_mb()
@@ -167,7 +167,7 @@ def _timed_reps(run: Any, prompt: int, new: int, reps: int) -> dict[str, Any]:
 def _child_llama_cpp(spec: dict[str, Any], path: str, ids: np.ndarray, new: int, reps: int) -> dict[str, Any]:
     import llama_cpp
 
-    from refllama import benchmark
+    from refllama.diagnostics import benchmark
 
     base = benchmark.rss_mb()
     benchmark.reset_peak_rss()
@@ -202,7 +202,7 @@ def _child_hf(spec: dict[str, Any], path: str, ids: np.ndarray, new: int, reps: 
     import torch
     import transformers
 
-    from refllama import benchmark
+    from refllama.diagnostics import benchmark
 
     torch.set_num_threads(spec["threads"])
     base = benchmark.rss_mb()

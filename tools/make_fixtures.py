@@ -2,7 +2,7 @@
 
 Deterministic: each fixture's weights come from numpy's PCG64 with a fixed seed, so running this again writes
 the same bytes (`--check` verifies that against the committed files). Each fixture exercises one feature of the
-architecture; together they cover the config space the issue lists.
+architecture; together they cover the configuration options the forward pass branches on.
 
     python tools/make_fixtures.py            # (re)write tests/fixtures/
     python tools/make_fixtures.py --check    # regenerate in a temp dir and compare bytes

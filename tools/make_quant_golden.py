@@ -279,8 +279,8 @@ FIXTURES_DIR = ROOT / "tests" / "fixtures" / "quant"
 
 
 def index_fixtures() -> None:
-    """Record the tiny tool-made fixtures (copied verbatim from shared/quant/) in the manifest: each folder's own
-    manifest.json lists its files' sha256; this pins those manifests."""
+    """Record the tiny tool-made fixtures (the tools' output, copied verbatim; tests/fixtures/quant/README.md) in
+    the manifest: each folder's own manifest.json lists its files' sha256; this pins those manifests."""
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
     manifest["tiny_fixtures"] = {
         "description": "tiny quantized Llamas made by llm-compressor 0.14 and GPTQModel 7.6.0 from one random bf16 "

@@ -151,5 +151,5 @@ __device__ __forceinline__ A block_reduce(A v, A* scratch) {
 extern __shared__ __align__(16) unsigned char dynamic_smem[];
 
 // Instantiate a macro for every compute dtype: X(suffix, storage type). The suffixes are the ones
-// refllama/backends/cupy_kernels.py appends to kernel names.
+// backends/cupy_kernels.py appends to kernel names.
 #define FOR_EACH_DTYPE(X) X(f32, float) X(f64, double) X(f16, f16) X(bf16, bf16)

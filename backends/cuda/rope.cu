@@ -2,7 +2,7 @@
 //
 // Layout: x (B, H, T, D) is usually a strided view (the Linear output reshaped (B, T, H, D) and transposed), read
 // through its element strides (sb, sh, st; the last axis contiguous); cos, sin (B, 1, T, D) contiguous, already in
-// the compute dtype (computed in float64 on the host by refllama/rope.py, rounded once); out (B, H, T, D)
+// the compute dtype (computed in float64 on the host by refllama/model/rope.py, rounded once); out (B, H, T, D)
 // contiguous, so the transpose's copy happens here for free. One thread per rotated pair (d, d + D/2):
 //     out[d]       = x[d] * cos[d] + (-x[d + D/2]) * sin[d]
 //     out[d + D/2] = x[d + D/2] * cos[d + D/2] + x[d] * sin[d + D/2]

@@ -123,8 +123,8 @@ _OPS = ("embedding", "rms_norm", "linear", "apply_rope", "cache_write", "attenti
 
 def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> dict[str, Any]:
     """Median milliseconds per decode step by backend operation (Linears by projection), after a prefill of
-    `prompt_tokens`; `other` is the rest of the step (model.py's reshapes, residual adds, RoPE tables, mask,
-    Python). Shares sum to 1."""
+    `prompt_tokens`; `other` is the rest of the step (refllama/model/llama.py's reshapes, residual adds, RoPE
+    tables, mask, Python). Shares sum to 1."""
     backend = engine.backend
     names = {id(engine.model.lm_head): "linear lm_head"}
     for layer in engine.model.weights.layers:

@@ -1,4 +1,4 @@
-"""ModelDiagnostic: what a model folder or GGUF file holds and needs, read from headers only (spec section 1).
+"""ModelDiagnostic: what a model folder or GGUF file holds and needs, read from headers only.
 
 Nothing here reads tensor data (unless `verify` is asked for): safetensors headers, the shard index, config and
 tokenizer files, or a GGUF's header and metadata. A Llama 3.1 70B-shaped folder of 30 shards analyses in well

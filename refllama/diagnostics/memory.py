@@ -1,4 +1,4 @@
-"""Memory: what a model needs once loaded (spec section 7), backend configuration, and the enforced limit.
+"""Memory: what a model needs once loaded (MemoryRequirements), backend configuration, and the enforced limit.
 
 The estimate counts what actually sits in memory while a model generates, as the numpy backend lays it out:
 
@@ -40,7 +40,7 @@ LOAD_OVERHEAD_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """Which backend, compute precision, memory limit and workload a model is loaded for (spec section 5)."""
+    """Which backend, compute precision, memory limit and workload a model is loaded for (the spec's BackendConfig)."""
 
     backend: str = "numpy"  # a name in refllama.backends.names()
     precision: DataType = DataType.F32
@@ -76,7 +76,7 @@ class BackendConfig:
         return replace(self, quantization_support=enabled)
 
 
-# --- Memory optimizations (spec section 7), each with the figure that makes the model fit -----------------------
+# --- Memory optimizations (the spec's MemoryOptimization), each with the figure that makes the model fit --------
 
 @dataclass(frozen=True)
 class QuantizeToDataType:
@@ -136,7 +136,7 @@ class MemoryLimitError(RefLlamaError):
 
 
 class MemoryManager:
-    """Tracks what a loaded engine holds against an optional limit (spec section 7)."""
+    """Tracks what a loaded engine holds against an optional limit."""
 
     def __init__(self, available_memory: int | None = None):
         self.available_memory = available_memory

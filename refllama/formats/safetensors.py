@@ -2,9 +2,8 @@
 
 The `safetensors` package's NumPy loaders return copies (`load_file` took 190-310 ms on a 487 MB file, reading
 every byte) and know nothing of bfloat16 without help; reading the header ourselves and viewing the mapped
-file takes under a millisecond and touches only the pages a tensor actually uses (measured figures in
-shared/notes/formats-and-numerics.md section 9). So we parse the format here; it is an 8-byte length, a JSON
-header and a flat data region. The package is still used to write files (tools/, tests).
+file takes under a millisecond and touches only the pages a tensor actually uses. So we parse the format here;
+it is an 8-byte length, a JSON header and a flat data region. The package is still used to write files (tools/, tests).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""QuantizationConfig (spec section 4) parsed from an HF `quantization_config` block or GPTQ's quantize_config.json.
+"""The spec's QuantizationConfig, parsed from an HF `quantization_config` block or GPTQ's quantize_config.json.
 
 Reads compressed-tensors blocks (config_groups with targets, weights / input_activations / output_activations
 specs, ignore, per-group format) and the flat GPTQ/AWQ blocks (bits, group_size, sym, desc_act, zero_point).
 `scheme_for(module)` says which scheme, if any, a Linear runs; `check_runnable` rejects, with a ConfigError naming
 the scheme and the field, everything the reference cannot run exactly. Formats and their arithmetic are described
-in shared/notes/formats-and-numerics.md sections 1-4 and docs/quantization.md.
+in docs/quantization.md.
 """
 
 from __future__ import annotations

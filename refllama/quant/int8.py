@@ -1,6 +1,6 @@
 """W8A8 in the integer domain: per-token activation quantization, exact int32 accumulators, then the scales.
 
-Two named semantics for the activation step (shared/notes/formats-and-numerics.md section 2):
+Two named semantics for the activation step (docs/quantization.md):
 
 * "hf": compressed-tensors' formula, which HF transformers runs (`quantization/utils/helpers.py`,
   `calculate_qparams`; `lifecycle/forward_helpers.py`, `_quantize`): scale = absmax / 127.5 in the activation

@@ -1,8 +1,8 @@
 """Quantized checkpoint tensors -> Int8Weight / PackedIntWeight, with the tensor names and shapes each format needs.
 
 `plan_linears` decides, from the QuantizationConfig, what every Linear of the model is stored as; `tensor_specs`
-lists the tensors that storage must have (weights.py checks them all, with the float ones, before anything is
-read); `build_weight` assembles the weight object from zero-copy views. Layouts (shared/notes section 1-4):
+lists the tensors that storage must have (formats/checkpoint.py checks them all, with the float ones, before anything is
+read); `build_weight` assembles the weight object from zero-copy views. Layouts (docs/quantization.md):
 
 * ct-int: weight I8 [out, in], weight_scale, weight_zero_point (asym), weight_g_idx (optional)
   -> Int8Weight over views;

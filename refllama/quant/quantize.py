@@ -160,7 +160,7 @@ def apply_layer_dtypes(weights: Any, layer_dtypes: LayerDataTypeConfig, *, group
     symmetric per-channel int8 weights (W8A16, I8) int8 activations as well, i.e. makes it W8A8; float
     activation types leave the compute to the engine's dtype.
     """
-    from refllama.formats.checkpoint import Linear  # weights imports this package
+    from refllama.formats.checkpoint import Linear  # formats/checkpoint.py imports this package
 
     presets = weight_presets(group_size)
     act8 = layer_dtypes.activations is DataType.I8

@@ -38,7 +38,7 @@ PROFILES: dict[str, Profile] = {
                     "top-1 0.97-1.0; transformers bf16 vs f32 max 0.64-1.56"),
     "int8": Profile("int8", 0.5, 1e-3, 1e-3, 0.95, 1e-3,
                     "W8A8 with the same activation semantics: an independent engine vs transformers 2e-6, or 0.11 "
-                    "when the -127.5 rounding tie flips one code (shared/notes section 2)"),
+                    "when the -127.5 rounding tie flips one code (refllama/quant/int8.py)"),
     "q4": Profile("q4", 3.0, 2e-2, 5e-2, 0.95, 1e-3,
                   "4-bit kernels vs exact float32 dequantization: llama.cpp Q4_1 0.98-2.33 (top-1 97-98%), "
                   "transformers GPTQ/AWQ bf16 kernels 0.6-1.1 on SmolLM2-135M; the KL bound is not calibrated"),
