@@ -18,8 +18,8 @@ What a backend declares (class attributes, read by the registry, the loader, the
   "raise": refuse it).
 
 And the operations the forward pass calls (backends/base.py has each one's contract): asarray, to_numpy, zeros,
-cache_write, embedding, matmul (float weights), rms_norm, apply_rope, attention, gated_activation; `linear`,
-the dispatch between float and quantized weights, is inherited.
+cache_write, embedding, matmul (float weights), split_heads, merge_heads, rms_norm, apply_rope, attention,
+gated_activation; `linear`, the dispatch between float and quantized weights, is inherited.
 
 Where this file cannot follow ops.py to the letter, and why:
 
@@ -27,12 +27,9 @@ Where this file cannot follow ops.py to the letter, and why:
   `math.erf`, element by element, exactly as ops.py does, and rounded once to the compute dtype.
 * `cache_write` assigns into the preallocated buffer where the namespace's arrays are writeable and builds a new
   buffer of the same shape with `concat` where they are not (JAX).
-* Quantized weights have no kernel here: their arrays arrive as this backend's (the engine converts every tensor),
-  so `linear` brings them back to NumPy before the base class runs their reference `matmul` on the host.
-* The model (refllama/model/llama.py, kv_cache.py) calls `.reshape` and `.transpose` on arrays and indexes them
-  with fewer keys than axes; the standard has `reshape` and `permute_dims` as functions only and requires an
-  index to name every axis or hold an ellipsis. `ModelArray`, at the end of this file, supplies exactly that and
-  nothing more, so the operations above see only standard arrays.
+* The standard's arrays have no `reshape` / `transpose` methods (it has the functions `reshape` and
+  `permute_dims`), so this backend overrides the two layout operations whose defaults use them, `split_heads`
+  and `merge_heads`.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from dataclasses import fields, replace
 from types import ModuleType
 from typing import Any
 
@@ -48,11 +44,10 @@ import array_api_compat
 import ml_dtypes
 import numpy as np
 
-from refllama.backends.base import QUANTIZED_WEIGHTS, Backend
+from refllama.backends.base import Backend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
-from refllama.model.weights import Linear
 
 ENV = "REFLLAMA_ARRAY_API"
 DEFAULT_NAMESPACE = "array_api_strict"
@@ -87,63 +82,61 @@ class ArrayApiBackend(Backend):
 
     # --- moving arrays ---------------------------------------------------------------------------------------
 
-    def asarray(self, a: np.ndarray) -> ModelArray:
+    def asarray(self, a: np.ndarray) -> Any:
         """Floating point is rounded to the compute dtype on the host, once, as the numpy backend does (bfloat16 and
         float16 are not standard dtypes); integers and bools keep their dtype."""
         a = np.asarray(a)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.type in _ML_FLOATS:
             a = a.astype(self.np_dtype, copy=False)
-        return self._wrap(self.xp.asarray(a))
+        return self.xp.asarray(a)
 
-    def to_numpy(self, a: ModelArray) -> np.ndarray:
-        return np.from_dlpack(_data(a), device="cpu")  # DLPack: copies from a device, a view of host memory
+    def to_numpy(self, a: Any) -> np.ndarray:
+        return np.from_dlpack(a, device="cpu")  # DLPack: copies from a device, a view of host memory
 
-    def zeros(self, shape: tuple[int, ...]) -> ModelArray:
-        return self._wrap(self.xp.zeros(shape, dtype=self.xp_dtype))
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.xp.zeros(shape, dtype=self.xp_dtype)
 
-    def cache_write(self, buffer: ModelArray, values: ModelArray, start: int) -> ModelArray:
-        buf, new = _data(buffer), _data(values)  # (B, KV, S_max, D), (B, KV, T, D)
-        end = start + new.shape[2]
-        if array_api_compat.is_writeable_array(buf):
-            buf[:, :, start:end, :] = new
+    def cache_write(self, buffer: Any, values: Any, start: int) -> Any:
+        end = start + values.shape[2]  # buffer (B, KV, S_max, D), values (B, KV, T, D)
+        if array_api_compat.is_writeable_array(buffer):
+            buffer[:, :, start:end, :] = values
             return buffer
         # Immutable arrays: the same buffer rebuilt around the new slots, (B, KV, S_max, D).
-        return self._wrap(self.xp.concat([buf[:, :, :start, :], new, buf[:, :, end:, :]], axis=2))
+        return self.xp.concat([buffer[:, :, :start, :], values, buffer[:, :, end:, :]], axis=2)
 
     # --- the operations (refllama/model/ops.py, in the same order) -------------------------------------------
 
-    def embedding(self, table: ModelArray, ids: ModelArray) -> ModelArray:
-        xp, table, ids = self.xp, _data(table), _data(ids)
-        rows = xp.take(table, xp.reshape(ids, (-1,)), axis=0)  # (B*T, hidden): `take` wants 1-d indices
-        return self._wrap(xp.reshape(rows, (*ids.shape, table.shape[-1])))  # (B, T, hidden)
-
-    def matmul(self, x: ModelArray, weight: ModelArray, bias: ModelArray | None = None) -> ModelArray:
+    def embedding(self, table: Any, ids: Any) -> Any:
         xp = self.xp
-        y = xp.matmul(_data(x), xp.matrix_transpose(_data(weight)))  # (..., in) @ (in, out) -> (..., out)
-        return self._wrap(y if bias is None else y + _data(bias))
+        rows = xp.take(table, xp.reshape(ids, (-1,)), axis=0)  # (B*T, hidden): `take` wants 1-d indices
+        return xp.reshape(rows, (*ids.shape, table.shape[-1]))  # (B, T, hidden)
 
-    def linear(self, x: ModelArray, layer: Linear) -> ModelArray:
-        """The base class's dispatch, with a quantized weight's arrays brought back to the host for its reference
-        (views for a host namespace such as array_api_strict; a copy per call from a device)."""
-        w = layer.weight
-        if isinstance(w, QUANTIZED_WEIGHTS):
-            host = {f.name: self.to_numpy(v) for f in fields(w) if isinstance(v := getattr(w, f.name), ModelArray)}
-            layer = replace(layer, weight=replace(w, **host))
-        return super().linear(x, layer)
+    def matmul(self, x: Any, weight: Any, bias: Any | None = None) -> Any:
+        xp = self.xp
+        y = xp.matmul(x, xp.matrix_transpose(weight))  # (..., in) @ (in, out) -> (..., out)
+        return y if bias is None else y + bias
 
-    def rms_norm(self, x: ModelArray, weight: ModelArray, eps: float) -> ModelArray:
-        xp, x = self.xp, _data(x)
+    def split_heads(self, x: Any, heads: int) -> Any:
+        B, T, _ = x.shape
+        return self.xp.permute_dims(self.xp.reshape(x, (B, T, heads, -1)), (0, 2, 1, 3))  # (B, heads, T, D)
+
+    def merge_heads(self, x: Any) -> Any:
+        B, H, T, D = x.shape
+        return self.xp.reshape(self.xp.permute_dims(x, (0, 2, 1, 3)), (B, T, H * D))  # (B, T, H * D)
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
+        xp = self.xp
         variance = xp.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
-        return self._wrap(_data(weight) * (x * xp.astype(1.0 / xp.sqrt(variance + eps), x.dtype)))
+        return weight * (x * xp.astype(1.0 / xp.sqrt(variance + eps), x.dtype))
 
-    def apply_rope(self, x: ModelArray, cos: ModelArray, sin: ModelArray) -> ModelArray:
-        xp, x = self.xp, _data(x)
+    def apply_rope(self, x: Any, cos: Any, sin: Any) -> Any:
+        xp = self.xp
         half = x.shape[-1] // 2
         rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # (B, H, T, D)
-        return self._wrap(x * _data(cos) + rotated * _data(sin))
+        return x * cos + rotated * sin
 
-    def attention(self, q: ModelArray, k: ModelArray, v: ModelArray, mask: ModelArray) -> ModelArray:
-        xp, q, k, v, mask = self.xp, _data(q), _data(k), _data(v), _data(mask)
+    def attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        xp = self.xp
         B, H, T, D = q.shape
         KV, S = k.shape[1], k.shape[2]
         q = xp.reshape(q, (B, KV, H // KV, T, D))  # (B, KV, G, T, D): query head h = kv * G + g
@@ -155,10 +148,10 @@ class ArrayApiBackend(Backend):
         scores = xp.exp(scores)
         scores = scores / xp.sum(scores, axis=-1, keepdims=True)
         out = scores @ xp.expand_dims(v, axis=2)  # (B, KV, G, T, D)
-        return self._wrap(xp.reshape(out, (B, H, T, D)))
+        return xp.reshape(out, (B, H, T, D))
 
-    def gated_activation(self, gate: ModelArray, up: ModelArray, act: ActivationType) -> ModelArray:
-        xp, x = self.xp, _data(gate)
+    def gated_activation(self, gate: Any, up: Any, act: ActivationType) -> Any:
+        xp, x = self.xp, gate
         if act in (ActivationType.Silu, ActivationType.Swish):
             a = x / (1.0 + xp.exp(-x))
         elif act is ActivationType.Gelu:
@@ -170,68 +163,7 @@ class ArrayApiBackend(Backend):
             a = xp.maximum(x, xp.zeros_like(x))
         else:  # pragma: no cover - ActivationType is closed
             raise BackendError(f"activation {act} not implemented")
-        return self._wrap(a * _data(up))
-
-    def _wrap(self, a: Any) -> ModelArray:
-        return ModelArray(a, self.xp)
-
-
-# --- what the model asks of arrays beyond the standard -------------------------------------------------------
-
-
-class ModelArray:
-    """A standard array with the few methods refllama/model/llama.py and kv_cache.py call on backend arrays.
-
-    `reshape(*shape)` and `transpose(*axes)` as NumPy spells them (the standard: `xp.reshape`, `xp.permute_dims`),
-    indexing with fewer keys than axes (completed with an ellipsis, which the standard requires), `+` and `*`.
-    Every operation above unwraps its inputs (`_data`), so a backend on a namespace whose arrays already have these
-    (NumPy, CuPy, MLX) needs none of this.
-    """
-
-    __slots__ = ("data", "xp")
-
-    def __init__(self, data: Any, xp: ModuleType):
-        self.data, self.xp = data, xp
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.data.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    def reshape(self, *shape: int) -> ModelArray:
-        return ModelArray(self.xp.reshape(self.data, shape), self.xp)
-
-    def transpose(self, *axes: int) -> ModelArray:
-        return ModelArray(self.xp.permute_dims(self.data, axes), self.xp)
-
-    def __getitem__(self, key: Any) -> ModelArray:
-        key = key if isinstance(key, tuple) else (key,)
-        if not any(k is Ellipsis for k in key) and sum(k is not None for k in key) < self.data.ndim:
-            key = (*key, Ellipsis)
-        return ModelArray(self.data[key], self.xp)
-
-    def __add__(self, other: Any) -> ModelArray:
-        return ModelArray(self.data + _data(other), self.xp)
-
-    def __mul__(self, other: Any) -> ModelArray:
-        return ModelArray(self.data * _data(other), self.xp)
-
-    __radd__, __rmul__ = __add__, __mul__
-
-    def __repr__(self) -> str:
-        return f"ModelArray({self.data!r})"
-
-
-def _data(a: Any) -> Any:
-    """The standard array inside a ModelArray (anything else passes through)."""
-    return a.data if isinstance(a, ModelArray) else a
+        return a * up
 
 
 BACKEND = ArrayApiBackend

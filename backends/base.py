@@ -2,9 +2,10 @@
 
 The model (refllama/model/llama.py) is written once against these; a backend implements them on its own arrays
 and never sees a layer. Their reference arithmetic is refllama/model/ops.py (the numpy backend is those
-functions). Arrays also need what every array API has: `shape`, `+`, and basic slicing for reads; the two layout
-changes the model makes (`split_heads`, `merge_heads`) are operations here, written with the `reshape` and
-`transpose` methods NumPy, CuPy and MLX arrays share, for a backend to override where its arrays lack them.
+functions). Arrays also need what the Python array API standard gives every array: `shape`, `+`, and slicing that
+names every axis; the two layout changes the model makes (`split_heads`, `merge_heads`) are operations here,
+written with the `reshape` and `transpose` methods NumPy, CuPy and MLX arrays share, for a backend to override
+where its arrays lack them (backends/array_api_backend.py).
 
 A backend is a subclass of `Backend` in `backends/<name>_backend.py` whose module sets `BACKEND = TheClass`; the
 registry (`refllama.backends`) finds it by that file name and imports it only when asked for.
@@ -18,6 +19,7 @@ Quantized weights (refllama.quant: Int8Weight, PackedIntWeight, GGUFBlockWeight)
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -93,7 +95,7 @@ class Backend:
             if hasattr(w, "dtype") and hasattr(w, "shape"):  # a float array of this backend
                 return self.matmul(x, w, bias)
         elif self.quantized_fallback == "reference":
-            y = self.asarray(w.matmul(self.to_numpy(x)))  # the weight's own reference arithmetic, on the host
+            y = self.asarray(self._on_host(w).matmul(self.to_numpy(x)))  # the weight's own reference, on the host
             return y if bias is None else y + bias
         names = ", ".join(t.__name__ for t in self.linear_kernels) or "none"
         raise BackendError(f"the {self.name} backend cannot run a Linear whose weight is a {type(w).__name__} "
@@ -108,6 +110,13 @@ class Backend:
         """(B, H, T, D) -> (B, T, H * D), the inverse of split_heads."""
         B, H, T, D = x.shape
         return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+    def _on_host(self, w: Any) -> Any:
+        """A quantized weight whose arrays are NumPy's: the engine took every tensor into this backend's arrays,
+        the reference runs on the host (views for NumPy itself; a copy per call from a device)."""
+        arrays = {f.name: self.to_numpy(v) for f in fields(w) if not isinstance(v := getattr(w, f.name), np.ndarray)
+                  and hasattr(v, "shape") and hasattr(v, "dtype")}
+        return replace(w, **arrays) if arrays else w
 
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
         """weight * x / sqrt(mean(x**2, -1) + eps), normalising in at least float32."""

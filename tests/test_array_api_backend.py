@@ -46,7 +46,7 @@ xps = pytest.importorskip("array_api_strict", reason="the array_api extra is not
 from array_api_compat import array_namespace  # noqa: E402  (after the skip, as the backend below)
 
 from refllama.backends import array_api_backend  # noqa: E402  (after the skip: it needs array-api-compat)
-from refllama.backends.array_api_backend import ENV, ArrayApiBackend, ModelArray  # noqa: E402
+from refllama.backends.array_api_backend import ENV, ArrayApiBackend  # noqa: E402
 
 DTYPES = ["float64", "float32"]
 ATOL = {"float64": F64_ATOL, "float32": F32_ATOL}
@@ -80,7 +80,7 @@ def test_found_by_name_on_array_api_strict(engines, monkeypatch):
     backend = get_backend("array_api", "float64")
     assert backend.xp is xps
     weights = engines("llama32", "float64").model.weights
-    assert isinstance(weights.embeddings, ModelArray) and array_namespace(weights.embeddings.data) is xps
+    assert array_namespace(weights.embeddings) is xps
 
 
 def test_namespace_from_the_environment_or_the_argument(monkeypatch):
@@ -257,7 +257,7 @@ def test_quantized_fixture_runs_its_reference_on_the_host(dtype, monkeypatch):
     g = quant_golden(QUANT_NAME)
     engine = refllama.load(QUANT / QUANT_NAME, backend="array_api", dtype=dtype)
     weight = engine.model.weights.layers[0].mlp.up_proj.weight
-    assert isinstance(weight, PackedIntWeight) and isinstance(weight.packed, ModelArray)
+    assert isinstance(weight, PackedIntWeight) and array_namespace(weight.packed) is xps
     numpy_engine = refllama.load(QUANT / QUANT_NAME, backend="numpy", dtype=dtype)
     for prompt in ("a", "b"):
         ours = engine.logits(g[f"ids_{prompt}"])

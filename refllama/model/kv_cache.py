@@ -34,7 +34,7 @@ class KVCache:
         end, i = self.length + k.shape[2], layer - self.first_layer
         self.keys[i] = self.backend.cache_write(self.keys[i], k, self.length)
         self.values[i] = self.backend.cache_write(self.values[i], v, self.length)
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        return self.keys[i][:, :, :end, :], self.values[i][:, :, :end, :]
 
     def advance(self, new_tokens: int) -> None:
         """Mark `new_tokens` more slots filled, once every layer has written them."""

@@ -105,7 +105,7 @@ class LlamaModel:
         xp = self.backend
         x = _record(trace, "final_norm", xp.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps))
         if last_only:
-            x = x[:, -1:]  # (B, 1, hidden)
+            x = x[:, -1:, :]  # (B, 1, hidden)
         return _record(trace, "logits", xp.linear(x, self.lm_head))
 
     def attention(self, layer: int, x: Array, w: AttentionWeights, step: StepInputs, cache: KVCache,
