@@ -104,7 +104,7 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_size: int, path: P
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError("header entry needs dtype, shape and data_offsets", path, name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}", path, name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
