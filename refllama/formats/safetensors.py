@@ -13,23 +13,34 @@ import json
 import mmap
 import struct
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from refllama.errors import CheckpointError
 
-# safetensors dtype names -> NumPy dtypes (little-endian, as the format mandates).
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
+# safetensors dtype names -> NumPy dtype strings (little-endian, as the format mandates), or for ml_dtypes' types
+# their names in ml_dtypes: `numpy_dtype` imports it only when a file holds one (its import is slow).
+DTYPES: dict[str, str] = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
+    "BOOL": "?",
 }
+_ML_DTYPES = ("BF16", "F8_E4M3", "F8_E5M2")
+
+
+@cache
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a safetensors dtype name (a key of DTYPES)."""
+    if name in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, DTYPES[name]))
+    return np.dtype(DTYPES[name])
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's own limit
 
@@ -92,7 +103,7 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_size: int, path: P
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError("header entry needs dtype, shape and data_offsets", path, name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}", path, name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -104,7 +115,7 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_size: int, path: P
     if not 0 <= begin <= end <= data_size:
         raise CheckpointError(f"data_offsets {offsets} lie outside the data region ({data_size} bytes)",
                               path, name)
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
     if end - begin != expected:
         raise CheckpointError(f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}",
                               path, name)
@@ -138,7 +149,7 @@ class SafetensorsFile:
             info = self.tensors[name]
         except KeyError:
             raise CheckpointError("no such tensor", self.path, name) from None
-        dtype = DTYPES[info.dtype]
+        dtype = numpy_dtype(info.dtype)
         if info.numel == 0:
             return np.empty(info.shape, dtype=dtype)
         array = np.frombuffer(self._mapped(), dtype=dtype, count=info.numel, offset=info.begin)

@@ -12,19 +12,20 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
-
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING, Any
 
 from refllama.errors import InputError
+
+if TYPE_CHECKING:  # at run time jinja2 is imported by the functions below: plain prompts never need it
+    import jinja2
 
 Message = dict[str, Any]
 
 
 def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
@@ -38,7 +39,10 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -49,6 +53,8 @@ def render_chat_template(template: str, messages: Sequence[Message], *, add_gene
                          tools: Sequence[dict] | None = None, bos_token: str | None = None,
                          eos_token: str | None = None, **extra: Any) -> str:
     """The prompt text for `messages` ([{"role": ..., "content": ...}, ...])."""
+    import jinja2
+
     if not isinstance(messages, Sequence) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise InputError("messages must be a list of {'role': ..., 'content': ...} objects")
     try:

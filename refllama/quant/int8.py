@@ -17,7 +17,6 @@ Both then accumulate acc[m, n] = sum_k codes[m, k] * w[n, k] exactly in int32 an
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from refllama.errors import BackendError
@@ -27,6 +26,8 @@ INT8_MAX_K = (2**31 - 1) // (128 * 128)  # |acc| <= K * 128 * 128 must fit int32
 
 def quantize_tokens_hf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """compressed-tensors' dynamic per-token int8: codes int8 [..., K] and scale [..., 1] in x's dtype."""
+    import ml_dtypes  # here, not at the top: its import is slow (refllama/dtypes.py)
+
     x = np.asarray(x)
     absmax = np.max(np.abs(x), axis=-1, keepdims=True)  # = max(|min(x, 0)|, max(x, 0)), as calculate_qparams
     scale = absmax / x.dtype.type(127.5)  # (255 / 2), in the activation dtype

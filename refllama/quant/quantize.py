@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
@@ -47,6 +46,8 @@ def _opmath(dtype: np.dtype) -> type:
 
 
 def _eps(dtype: np.dtype) -> float:
+    import ml_dtypes  # here, not at the top: its import is slow (refllama/dtypes.py)
+
     return float(ml_dtypes.finfo(dtype).eps)
 
 
@@ -54,6 +55,8 @@ def quantize_weight(w: np.ndarray, spec: QuantizationSpec, activation: Activatio
                     name: str = "weight") -> Int8Weight | PackedIntWeight:
     """A float weight [out, in] (any float dtype) quantized as compressed-tensors would; 8-bit codes become an
     Int8Weight, narrower ones a PackedIntWeight. Scales keep the weight's dtype, as the library stores them."""
+    import ml_dtypes  # here, not at the top: its import is slow (refllama/dtypes.py)
+
     w = np.asarray(w)
     dtype = w.dtype
     if w.ndim != 2 or not (np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16):
