@@ -386,6 +386,21 @@ def test_a_client_leaving_mid_stream_stops_its_generation(live, smollm2):
     assert again.choices[0].finish_reason == "length"  # and the server goes on serving
 
 
+def test_requests_over_the_concurrency_limit_get_429(live, tiny):
+    engine = SlowEngine(tiny()[0], pause=0.01)
+    server = live(engine, "one-at-a-time", limits=Limits(max_concurrent=1))
+    body = {"prompt": [1, 5, 9, 20], "max_tokens": 120, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as first:  # holds the one slot
+        assert first.status_code == 200
+        busy = server.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 1})
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
+    deadline = time.monotonic() + 10
+    while server.health()["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert server.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 1}).status_code == 200
+
+
 def test_bounded_load(live, tiny):
     """48 requests from 8 concurrent clients (tools/serve_load.py runs the full 200): no errors, each answer the
     engine's, nothing left queued, resident memory flat."""
