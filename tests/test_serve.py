@@ -1,4 +1,7 @@
-"""`refllama serve` against live servers on 127.0.0.1, through the official openai client (about 15 s).
+"""`refllama serve` against live servers on 127.0.0.1, through the official openai client.
+
+Time: the tiny-fixture tests take about 12 s; the four SmolLM2 tests are bound by its decode speed (the whole file
+took 158 s on a two-core machine shared at load average 14, nearly all of it in SmolLM2 decoding).
 
 Servers run in this process, on a thread each, on a free port. The tiny fixture carries most tests (token-id
 prompts, no tokenizer); SmolLM2 is used where its tokenizer and chat template matter. Every number the server
