@@ -7,9 +7,8 @@ Servers run in this process, on a thread each, on a free port. The tiny fixture 
 prompts, no tokenizer); SmolLM2 is used where its tokenizer and chat template matter. Every number the server
 returns is compared with the engine's own result (for the tiny fixture, from an engine loaded separately from the
 same files; SmolLM2 is loaded once and its server is idle while the test asks the engine): bit for bit (==) where
-the server's
-promise is "the engine's number", never with a tolerance except for --padded-batches, whose promise is the
-engine's batch tolerance.
+the server's promise is "the engine's number", never with a tolerance except for --padded-batches, whose promise
+is the engine's batch tolerance.
 """
 
 from __future__ import annotations
