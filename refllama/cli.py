@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("gguf", type=Path)
     cv.add_argument("out_dir", type=Path)
     cv.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_serve_parser(sub)
     return parser
 
 
@@ -362,9 +364,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fits = limit is None or diag.memory_requirements.total_estimated <= limit
     return 0 if not diag.problems and fits and (verification is None or verification.ok) else 1
 
+# --- refllama serve (refllama/serve/, docs/serve.md) ---------------------------------------------------------
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    _add_model_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the folder's name)")
+    sv.add_argument("--api-key", default=os.environ.get("REFLLAMA_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $REFLLAMA_API_KEY, else none)")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    sv.add_argument("--padded-batches", action="store_true",
+                    help="batch prompts of different lengths together: faster, but a padded row's logprobs may "
+                         "differ in the last bits from the request alone")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
+    sv.add_argument("--max-tokens", type=int, default=4096, help="most tokens one choice may ask for")
+    sv.add_argument("--max-body", default="8MB", help="largest request body (default 8MB)")
+    sv.add_argument("--max-concurrent", type=int, default=64, help="requests queued or running; more get 429")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from refllama.diagnostics.memory import parse_bytes
+    from refllama.errors import InputError
+    from refllama.formats.default_model import default_model_path
+
+    try:
+        from refllama import serve
+    except ImportError as e:
+        raise InputError(f"refllama serve needs the serve extra: pip install 'refllama[serve]' ({e})") from None
+    limits = serve.Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                          max_body_bytes=parse_bytes(args.max_body), max_concurrent=args.max_concurrent)
+    engine = _load(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"refllama: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    name = args.model_name or serve.model_id(args.model or default_model_path())
+    serve.run(engine, name, args.host, args.port, log_level="warning" if args.quiet else "info", limits=limits,
+              api_key=args.api_key, max_batch_size=args.max_batch_size, padded_batches=args.padded_batches)
+
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert,
-            "inspect": cmd_inspect, "compare": cmd_compare, "bench": cmd_bench}
+            "inspect": cmd_inspect, "compare": cmd_compare, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,6 +208,13 @@ def stream(engine: Model, request: GenerationRequest) -> Iterator[str]:
             yield piece
 
 
+def steps(engine: Model,
+          requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResponse]]:
+    """One padded batch as it decodes, for a caller that interleaves batches or gives up on one (the HTTP server):
+    yields (row, new final text) after each token and returns the responses; closing it stops the batch."""
+    return _steps(engine, requests)
+
+
 def _steps(engine: Model,
            requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResponse]]:
     """The decode loop: yields (row, new final text) after each token, returns the responses."""
