@@ -70,6 +70,7 @@ class GenericLlamaEngine:
              batch_size: int | None = None, shards: int | Sequence[int] | None = None,
              devices: Sequence[str] | None = None, cluster: str | None = None,
              ray_address: str | None = None, ray_num_cpus: int | None = None,
+             ray_actor_options: dict[str, Any] | None = None,
              stage_timeout: float = DEFAULT_STAGE_TIMEOUT) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
 
@@ -80,12 +81,13 @@ class GenericLlamaEngine:
         Pipeline sharding (docs/sharding.md): `shards` splits the layers into that many stages balanced by bytes,
         or at explicit split points [0, ..., layers]; `devices` ("cuda:0", ...) places one stage on each (cupy);
         `cluster="ray"` runs each stage in a Ray actor (at `ray_address` or RAY_ADDRESS, else a local Ray started
-        with `ray_num_cpus`); a stage that dies or takes over `stage_timeout` seconds raises StageError."""
+        with `ray_num_cpus`; `ray_actor_options` such as {"num_cpus": 16} size the actors); a stage that dies or
+        takes over `stage_timeout` seconds raises StageError."""
         if shards is not None or devices is not None or cluster is not None:
             return cls._load_sharded(path, backend, dtype, shards, devices, cluster, batch_size=batch_size,
                                      dequantize=dequantize, quant_semantics=quant_semantics,
                                      layer_dtypes=layer_dtypes, ray_address=ray_address, ray_num_cpus=ray_num_cpus,
-                                     stage_timeout=stage_timeout)
+                                     ray_actor_options=ray_actor_options, stage_timeout=stage_timeout)
         ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
         files = read_model(path, ops, dequantize=dequantize, quant_semantics=quant_semantics,
                            layer_dtypes=layer_dtypes)
@@ -96,7 +98,8 @@ class GenericLlamaEngine:
     def _load_sharded(cls, path: str | Path, backend: str, dtype: str | DataType, shards: int | Sequence[int] | None,
                       devices: Sequence[str] | None, cluster: str | None, *, batch_size: int | None,
                       layer_dtypes: LayerDataTypeConfig | None, ray_address: str | None, ray_num_cpus: int | None,
-                      stage_timeout: float, **options: Any) -> GenericLlamaEngine:
+                      ray_actor_options: dict[str, Any] | None, stage_timeout: float,
+                      **options: Any) -> GenericLlamaEngine:
         """The driver reads the config and tokenizer only; each stage reads its own tensors."""
         if layer_dtypes is not None:
             raise InputError("per-layer data types (layer_dtypes) cannot be combined with shards yet")
@@ -114,7 +117,7 @@ class GenericLlamaEngine:
 
             pipeline: Pipeline | RayPipeline = RayPipeline.start(
                 path, files.config, plan, backend, dtype, address=ray_address, num_cpus=ray_num_cpus,
-                timeout=stage_timeout, **options)
+                timeout=stage_timeout, actor_options=ray_actor_options, **options)
         else:
             pipeline = Pipeline.load(path, files.config, plan, backend, dtype, devices, **options)
         return cls(files.config, None, None, files.tokenizer, batch_size=batch_size, pipeline=pipeline)
@@ -249,7 +252,7 @@ def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | Da
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
     `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
     quant_semantics, layer_dtypes, batch_size, and for pipeline sharding shards, devices, cluster, ray_address,
-    ray_num_cpus, stage_timeout (GenericLlamaEngine.load; docs/sharding.md)."""
+    ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load; docs/sharding.md)."""
     path = default_model_path() if path is None else path
     return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)
 

@@ -39,6 +39,9 @@ TOKENIZER_BYTES_PER_TOKEN = 800
 # Python-side objects of a load (config, weight map, cache bookkeeping, masks): about 64 KiB, measured on the
 # tiny fixtures, where it is a visible share of the total.
 LOAD_OVERHEAD_BYTES = 64 * 1024
+# A pipeline stage reading a GGUF file parses its metadata (the vocabulary arrays among it) but builds no tokenizer:
+# 11.1 MiB for SmolLM2's 49,152 entries, about 240 bytes an entry (measured by tests/test_sharding_ray.py).
+GGUF_METADATA_BYTES_PER_TOKEN = 240
 
 
 @dataclass(frozen=True)
@@ -287,13 +290,17 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
     `shards`: a number of stages, balanced so the largest needs the least memory; split points [0, ..., layers];
     or "auto", the fewest stages of which each fits `memory_limit` (one node's memory). A stage needs its weights,
     its layers' KV cache, the activations of a prefill of the whole context (the last stage's include the
-    logits) and the load overhead; the driver's tokenizer is not counted.
+    logits) and the load overhead: the GGUF metadata it parses, and the source pages of the largest tensor it
+    converts, resident while that tensor converts. The driver's tokenizer is not counted.
     """
     L, tied = config.num_hidden_layers, config.tie_word_embeddings
     context = context_length or config.max_position_embeddings
     layer_weights, embed, head = [0] * L, 0, 0
+    stored_bytes = {t.name: t.nbytes for t in weights.tensors}
+    holds: dict[str, str] = {}  # stored name -> HF name
     for stored, nbytes in tensor_bytes(weights, dtype, backend).items():
         name = hf_name(stored) or stored
+        holds[stored] = name
         if name.startswith("model.layers.") and name.split(".")[2].isdigit():
             layer_weights[int(name.split(".")[2])] += nbytes
         elif name.startswith("model.embed_tokens."):
@@ -301,6 +308,10 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
             head += nbytes if tied else 0
         else:
             head += nbytes
+    converted = {stored: stored_bytes[stored] for stored, nbytes in tensor_bytes(weights, dtype, backend).items()
+                 if nbytes != stored_bytes[stored]}
+    metadata = config.vocab_size * GGUF_METADATA_BYTES_PER_TOKEN \
+        if any(f.endswith(".gguf") for f in weights.files) else 0
     kv_layer = kv_cache_bytes(config, dtype, context, batch_size, layers=1)
     act = activation_bytes(config, dtype, context, context, batch_size, head=False)
     act_last = activation_bytes(config, dtype, context, context, batch_size, head=True)
@@ -314,8 +325,9 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
             if span.embeds and span.head and tied:
                 stage_weights -= embed  # one table serves both ends
             w.append(stage_weights)
+            peak = max((b for stored, b in converted.items() if span.holds(holds[stored], tied)), default=0)
             m.append(stage_weights + kv_layer * (span.last - span.first) + (act_last if span.head else act)
-                     + LOAD_OVERHEAD_BYTES)
+                     + LOAD_OVERHEAD_BYTES + metadata + peak)
         return StagePlan(bounds, tuple(w), tuple(m))
 
     if shards == "auto":
