@@ -244,3 +244,30 @@ def test_unknown_cluster_and_bad_devices_are_named(deep):
         refllama.load(deep, backend="cupy", devices=["gpu0", "gpu1"])
     with pytest.raises(InputError, match="2 devices for 3 stages"):
         refllama.load(deep, shards=3, devices=["cuda:0", "cuda:0"])
+
+
+# --- the command line --------------------------------------------------------------------------------------------
+
+def test_cli_logits_with_shards_equal_unsharded(deep, tmp_path):
+    from refllama.cli import main
+
+    assert main(["logits", str(deep), "--ids", "1,2,3,4", "--out", str(tmp_path / "whole.npy"), "--quiet"]) == 0
+    assert main(["logits", str(deep), "--ids", "1,2,3,4", "--out", str(tmp_path / "split.npy"), "--quiet",
+                 "--shards", "0,3,7"]) == 0
+    assert np.array_equal(np.load(tmp_path / "whole.npy"), np.load(tmp_path / "split.npy"))
+
+
+def test_cli_inspect_prints_the_auto_stage_plan(tmp_path, capsys):
+    from refllama.cli import main
+
+    folder = make_sparse_checkpoint.write(tmp_path / "llama-3.1-70b")
+    args = ["inspect", str(folder), "--dtype", "float64", "--context", "8192", "--memory-limit", "128GB",
+            "--shards", "auto"]
+    assert main([*args, "--json"]) == 0  # every stage fits the limit per node
+    plan = json.loads(capsys.readouterr().out)["stage_plan"]
+    assert plan["bounds"][0] == 0 and plan["bounds"][-1] == 80 and len(plan["stages"]) == 7
+    assert plan["stages"][0]["files"][0] == "model-00001-of-00030.safetensors"
+    assert all(s["memory_bytes"] <= 128 * 10**9 for s in plan["stages"])
+    assert main(args) == 0
+    assert "the largest stage fits the limit of 128.0 GB per node" in capsys.readouterr().out
+    assert main(["inspect", str(folder), "--dtype", "float64", "--memory-limit", "128GB", "--shards", "2"]) == 1

@@ -142,3 +142,12 @@ def test_smollm2_stage_peak_rss_is_its_predicted_share(shards):
     for stage, (i, mib) in enumerate(zip(info, predicted.memory_bytes, strict=True)):
         growth = i["peak_rss_mb"] - i["rss_before_load_mb"]
         assert 0.85 * mib / 2**20 < growth < 1.15 * mib / 2**20, (stage, growth, mib / 2**20)
+
+
+def test_a_stage_is_pinned_to_the_node_that_declares_its_resource():
+    from refllama.sharding.ray_stages import ACTOR_OPTIONS, stage_options
+
+    cluster = {"CPU": 8.0, "refllama_stage_1": 1.0}
+    assert stage_options(0, None, cluster) == ACTOR_OPTIONS
+    assert stage_options(1, {"num_cpus": 4}, cluster) == {**ACTOR_OPTIONS, "num_cpus": 4,
+                                                          "resources": {"refllama_stage_1": 1}}

@@ -297,6 +297,7 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
     context = context_length or config.max_position_embeddings
     layer_weights, embed, head = [0] * L, 0, 0
     stored_bytes = {t.name: t.nbytes for t in weights.tensors}
+    shard = {t.name: t.shard for t in weights.tensors if t.shard}
     holds: dict[str, str] = {}  # stored name -> HF name
     for stored, nbytes in tensor_bytes(weights, dtype, backend).items():
         name = hf_name(stored) or stored
@@ -318,8 +319,9 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
     layer_memory = [w + kv_layer for w in layer_weights]
 
     def build(bounds: tuple[int, ...]) -> StagePlan:
-        w, m = [], []
+        w, m, files = [], [], []
         for span in spans(bounds):
+            files.append(tuple(sorted({f for stored, f in shard.items() if span.holds(holds[stored], tied)})))
             stage_weights = sum(layer_weights[span.first:span.last]) + (embed if span.embeds else 0) \
                 + (head if span.head else 0)
             if span.embeds and span.head and tied:
@@ -328,7 +330,7 @@ def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[
             peak = max((b for stored, b in converted.items() if span.holds(holds[stored], tied)), default=0)
             m.append(stage_weights + kv_layer * (span.last - span.first) + (act_last if span.head else act)
                      + LOAD_OVERHEAD_BYTES + metadata + peak)
-        return StagePlan(bounds, tuple(w), tuple(m))
+        return StagePlan(bounds, tuple(w), tuple(m), tuple(files))
 
     if shards == "auto":
         if memory_limit is None:

@@ -25,6 +25,7 @@ class StagePlan:
     bounds: tuple[int, ...]  # (0, ..., num_layers)
     weight_bytes: tuple[int, ...]  # each stage's weights as loaded
     memory_bytes: tuple[int, ...]  # weights + its layers' KV cache + activations + overhead: what its node needs
+    files: tuple[tuple[str, ...], ...] = ()  # the weight files each stage reads (empty where not known)
 
     @property
     def num_stages(self) -> int:
@@ -35,9 +36,11 @@ class StagePlan:
         return spans(self.bounds)
 
     def to_json(self) -> dict:
+        files = self.files or ((),) * self.num_stages
         return {"bounds": list(self.bounds),
-                "stages": [{"layers": [s.first, s.last], "weight_bytes": w, "memory_bytes": m}
-                           for s, w, m in zip(self.spans, self.weight_bytes, self.memory_bytes, strict=True)]}
+                "stages": [{"layers": [s.first, s.last], "weight_bytes": w, "memory_bytes": m, "files": list(f)}
+                           for s, w, m, f in zip(self.spans, self.weight_bytes, self.memory_bytes, files,
+                                                 strict=True)]}
 
 
 def spans(bounds: Sequence[int]) -> list[StageSpan]:

@@ -40,6 +40,17 @@ ACTOR_OPTIONS = {"num_cpus": 0, "scheduling_strategy": "SPREAD", "max_restarts":
 LOAD_TIMEOUT = 1800.0
 
 
+def stage_options(stage: int, actor_options: dict[str, Any] | None, cluster_resources: dict[str, float]) -> dict:
+    """Ray options of stage `stage`'s actor: ACTOR_OPTIONS updated by `actor_options`; where the cluster has a
+    custom resource `refllama_stage_<stage>` (`ray start --resources='{"refllama_stage_0": 1}'`), the actor asks for
+    it, so the stage runs on the node that declared it (the node holding its shard files)."""
+    options = {**ACTOR_OPTIONS, **(actor_options or {})}
+    pin = f"refllama_stage_{stage}"
+    if pin in cluster_resources:
+        options["resources"] = {**options.get("resources", {}), pin: 1}
+    return options
+
+
 class StageServer:
     """One pipeline stage inside a Ray actor process."""
 
@@ -117,9 +128,10 @@ class RayPipeline:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             owns_ray = True
         server = ray.remote(StageServer)
-        opts = {**ACTOR_OPTIONS, **(actor_options or {})}
-        actors = [server.options(**opts).remote(str(path), span, backend, DataType.parse(dtype).value,
-                                                           options) for span in plan.spans]
+        resources = ray.cluster_resources()
+        actors = [server.options(**stage_options(s, actor_options, resources)).remote(
+                      str(path), span, backend, DataType.parse(dtype).value, options)
+                  for s, span in enumerate(plan.spans)]
         pipeline = cls(config, plan, actors, timeout, owns_ray)
         try:
             pipeline.info(max(timeout, LOAD_TIMEOUT))
