@@ -335,7 +335,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = benchmark.measure(engine, args.prompt_tokens, args.new_tokens, args.reps).to_dict()
     result.update(backend=args.backend, dtype=args.dtype, load_s=load_s, rss_base_mb=base,
                   rss_peak_mb=benchmark.peak_rss_mb())
-    if args.profile:
+    if args.profile and engine.pipeline is None:  # the profile times one device's operations
         result["decode_profile"] = benchmark.decode_profile(engine, args.prompt_tokens)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -229,6 +229,28 @@ def test_a_stage_needs_only_its_shard_files(tmp_path):
         Stage.load(folder, StageSpan(1, 2, embeds=False, head=True), "numpy", "float32")
 
 
+def test_a_driver_without_weight_files_plans_from_the_config(tmp_path):
+    """A Ray driver may hold only config.json and the index: it reads the config and plans from the shapes."""
+    from refllama.loading import read_model
+    from refllama.sharding.stages import plan_model
+
+    for name in ("config.json", "model.safetensors.index.json"):
+        shutil.copy(FIXTURES / "sharded" / name, tmp_path / name)
+    files = read_model(tmp_path, None, span=StageSpan(0, 0, embeds=False, head=False))
+    assert files.config.num_hidden_layers == 2 and files.tokenizer is None
+    from_shapes = plan_model(tmp_path, files.config, 2, "numpy", DataType.F32)
+    from_headers = plan_model(FIXTURES / "sharded", files.config, 2, "numpy", DataType.F32)
+    assert from_shapes.bounds == from_headers.bounds == (0, 1, 2)
+    assert from_shapes.weight_bytes == from_headers.weight_bytes  # float32 stored, float32 computed
+
+
+def test_a_closed_engine_says_so(deep):
+    engine = refllama.load(deep, shards=2)
+    engine.close()
+    with pytest.raises(InputError, match="closed"):
+        engine.logits([1, 2])
+
+
 def test_engine_without_pipeline_or_weights_is_refused():
     config = refllama.load(FIXTURES / "tinyllama").config
     with pytest.raises(InputError, match="weights and a backend"):

@@ -122,12 +122,16 @@ class Pipeline:
         return cls(config, stages, plan)
 
     def new_cache(self, batch: int, max_len: int) -> PipelineCache:
+        if not self.stages:
+            raise InputError("this sharded engine is closed")
         return PipelineCache([stage.new_cache(batch, max_len) for stage in self.stages])
 
     def forward(self, ids: np.ndarray, cache: PipelineCache, attention_mask: np.ndarray | None = None,
                 positions: np.ndarray | None = None, last_only: bool = False,
                 trace: dict | None = None) -> np.ndarray:
         """Host logits (B, T or 1, vocab) for ids (B, T), as LlamaModel.forward; `trace` receives host arrays."""
+        if not self.stages:
+            raise InputError("this sharded engine is closed")
         x: Array = ids
         for stage, part in zip(self.stages, cache.parts, strict=True):
             stage_trace = None if trace is None else {}
