@@ -109,6 +109,18 @@ def _deep_engine(folder, dtype):
     return _DEEP_ENGINES[dtype]
 
 
+@pytest.mark.parametrize(("backend", "dtype"), [("numba", "float32"), ("mlx", "float32"), ("mlx", "bfloat16")])
+def test_other_backends_hand_their_own_arrays_on(backend, dtype):
+    """A stage passes its backend's array (an MLX bfloat16 array, say) to the next as it is: identical."""
+    pytest.importorskip({"numba": "numba", "mlx": "mlx.core"}[backend])
+    for name in ("llama32", "bias"):
+        whole = refllama.load(FIXTURES / name, backend=backend, dtype=dtype)
+        sharded = refllama.load(FIXTURES / name, backend=backend, dtype=dtype, shards=2)
+        ids = np.arange(1, 15)
+        assert np.array_equal(whole.logits(ids), sharded.logits(ids))
+        assert whole.generate_ids(ids[:4], 8, stop_at_eos=False) == sharded.generate_ids(ids[:4], 8, stop_at_eos=False)
+
+
 def test_streaming_and_padded_forward_are_identical(deep):
     whole, sharded = refllama.load(deep), refllama.load(deep, shards=3)
     request = GenerationRequest(token_ids=[5, 9, 11], max_new_tokens=7, temperature=0.0)

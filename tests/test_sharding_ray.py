@@ -72,6 +72,14 @@ def test_three_actors_including_one_layer_stages(deep, dtype):  # noqa: F811
         assert np.array_equal(whole.logits([7, 8]), sharded.logits([7, 8]))  # and the pipeline goes on
 
 
+def test_mlx_bfloat16_stages_hand_host_bfloat16_on():
+    pytest.importorskip("mlx.core")
+    whole = refllama.load(FIXTURES / "llama32", backend="mlx", dtype="bfloat16")
+    with ray_engine(FIXTURES / "llama32", backend="mlx", dtype="bfloat16", shards=2) as sharded:
+        ids = np.arange(1, 15)
+        assert np.array_equal(whole.logits(ids), sharded.logits(ids))
+
+
 def _alive(pid: int) -> bool:
     """A process that exists and is not a zombie."""
     try:

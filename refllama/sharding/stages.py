@@ -81,12 +81,15 @@ class Stage:
             return m.head(h, trace, last_only) if s.head else h
 
     def receive(self, x: Array) -> Array:
-        """The residual stream from the stage before, as this stage's array: a peer-to-peer copy from another CUDA
-        device, the same array from a stage on this device, a host array (from a Ray actor) converted."""
+        """The residual stream from the stage before, as this stage's array: a host array (from a Ray actor, or
+        the numpy backend's own) through `asarray`, a peer-to-peer copy from another CUDA device, else the very
+        array the stage before (same backend, this process) returned."""
+        if isinstance(x, np.ndarray):
+            return self.backend.asarray(x)
         source = getattr(getattr(x, "device", None), "id", None)  # a CuPy array's device
         if self.device is not None and source is not None and source != self.device:
             return x.copy()  # CuPy copies to the current device (on_device(self.device) is active)
-        return self.backend.asarray(x)
+        return x
 
 
 class PipelineCache:
