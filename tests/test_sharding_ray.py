@@ -113,10 +113,13 @@ def test_a_stage_killed_mid_generation_raises_stage_error_and_leaves_no_process(
         steps.send(logits[:, -1].argmax(-1))
     assert time.monotonic() - start < FAULT_TIMEOUT
     assert failure.value.stage == 1 and failure.value.layers == range(2, 5)
+    assert "ActorDiedError" in str(failure.value) and "\x1b" not in str(failure.value)
     with pytest.raises(StageError, match="earlier failure"):  # the engine refuses further work, at once
         engine.logits([1, 2])
     engine.close()
     assert _gone(pids)
+    with pytest.raises(InputError, match="closed"):
+        engine.new_cache(1, 4)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops a process with SIGSTOP (Linux only)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from refllama.config import LlamaConfig
 from refllama.diagnostics.benchmark import peak_rss_mb, reset_peak_rss, rss_mb
 from refllama.dtypes import DataType
-from refllama.errors import RefLlamaError, StageError
+from refllama.errors import InputError, RefLlamaError, StageError
 from refllama.model.weights import StageSpan
 from refllama.sharding.plan import StagePlan
 from refllama.sharding.stages import Stage
@@ -182,11 +183,11 @@ class RayPipeline:
     # --- waiting, with faults named by stage --------------------------------------------------------------------
 
     def _check(self) -> None:
+        if not self.actors:
+            raise InputError("this sharded engine is closed")
         if self.broken is not None:
             raise StageError(self.broken.stage, self.broken.layers,
                              f"the pipeline stopped after an earlier failure ({self.broken}); close and reload it")
-        if not self.actors:
-            raise StageError(0, range(0, self.config.num_hidden_layers), "the pipeline is closed")
 
     def _collect(self, refs: Sequence[Any], every: bool = False, timeout: float | None = None) -> Any:
         """Wait for stage s's result refs[s], s = 0, 1, ..., each at most `timeout` seconds (default: the
@@ -199,11 +200,12 @@ class RayPipeline:
         try:
             return ray.get(list(refs)) if every else ray.get(refs[-1])
         except RayError as e:
-            s = next((s for s, ref in enumerate(refs) if _failed(ref)), len(refs) - 1)
-            cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+            s, error = next(((s, err) for s, err in enumerate(map(_error, refs)) if err is not None),
+                            (len(refs) - 1, e))
+            cause = error.cause if isinstance(error, RayTaskError) else None
             if isinstance(cause, RefLlamaError):
                 raise cause from None  # bad input (a full KV cache, ...): the stages are still consistent
-            raise self._fail(s, _describe(e)) from None
+            raise self._fail(s, _describe(error)) from None
 
     def _fail(self, stage: int, message: str) -> StageError:
         span = self.plan.spans[stage]
@@ -211,16 +213,19 @@ class RayPipeline:
         return self.broken
 
 
-def _failed(ref: Any) -> bool:
+def _error(ref: Any) -> RayError | None:
+    """The error a finished stage result holds, None for a value or a result still pending."""
     try:
         ray.get(ref, timeout=0)
     except GetTimeoutError:
-        return False
-    except RayError:
-        return True
-    return False
+        return None
+    except RayError as e:
+        return e
+    return None
 
 
 def _describe(error: RayError) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"[:300]
+    """The error's kind and first line, without the terminal colours Ray puts in task names."""
+    cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
