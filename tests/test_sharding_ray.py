@@ -162,3 +162,14 @@ def test_a_stage_is_pinned_to_the_node_that_declares_its_resource():
     assert stage_options(0, None, cluster) == ACTOR_OPTIONS
     assert stage_options(1, {"num_cpus": 4}, cluster) == {**ACTOR_OPTIONS, "num_cpus": 4,
                                                           "resources": {"refllama_stage_1": 1}}
+
+
+def test_cli_logits_on_ray_equal_unsharded(tmp_path):
+    from refllama.cli import main
+
+    out = {}
+    for name, extra in (("whole", []), ("ray", ["--shards", "2", "--cluster", "ray"])):
+        assert main(["logits", str(FIXTURES / "llama32"), "--ids", "5,6,7", "--out", str(tmp_path / f"{name}.npy"),
+                     "--quiet", *extra]) == 0
+        out[name] = np.load(tmp_path / f"{name}.npy")
+    assert np.array_equal(out["whole"], out["ray"])
