@@ -4,7 +4,8 @@ Every fixture, float32 and float64, split in two actors, and a 7-layer model in 
 decoding, padded batches and generation are `np.array_equal` to the unsharded engine. Faults: a stage killed
 mid-generation or one that stops answering raises StageError naming the stage within the stated timeout, and after
 `close()` no stage process is left. Each stage's peak RSS on SmolLM2 split in 2 and 3 is within 15% of its
-predicted share. About 100 s on 2 cores (the cluster starts in ~10 s, a pipeline in ~4 s).
+predicted share. About 2.5 minutes on a 2-core VM shared with other jobs (the cluster starts in ~9 s, each
+pipeline's actors in 4-8 s).
 """
 
 from __future__ import annotations
