@@ -30,6 +30,8 @@ from refllama.sharding.plan import balance, check_bounds, spans
 from refllama.sharding.stages import Stage
 
 from conftest import FIXTURE_NAMES, FIXTURES, ROOT, decode_rows, smollm2_path
+from test_cupy_emulated import emulated  # noqa: F401 - a fixture: the cupy backend over CuPy's CPU stand-in
+from test_cupy_emulated import engine as cupy_engine
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_sparse_checkpoint
@@ -306,3 +308,30 @@ def test_cli_inspect_prints_the_auto_stage_plan(tmp_path, capsys):
     assert main(args) == 0
     assert "the largest stage fits the limit of 128.0 GB per node" in capsys.readouterr().out
     assert main(["inspect", str(folder), "--dtype", "float64", "--memory-limit", "128GB", "--shards", "2"]) == 1
+
+
+# --- stages on CUDA devices, with CuPy's CPU stand-in (tests/test_cupy_emulated.py) ------------------------------
+
+@pytest.mark.parametrize("emulated", ["models"], indirect=True)
+def test_devices_give_each_stage_a_cupy_backend_on_its_device(emulated, monkeypatch):  # noqa: F811
+    """`devices=` builds each stage's cupy backend on its device and runs it under that device; with the one device
+    the stand-in has, both stages share it and the logits are the unsharded cupy engine's. (No peer-to-peer copy
+    happens here: that needs two GPUs.)"""
+    from refllama.sharding import stages
+
+    module, _ = emulated
+    monkeypatch.setitem(sys.modules, "cupy", module.cp)
+    made = []
+
+    def backend_on(name, dtype, device):
+        assert name == "cupy"
+        made.append(module.CupyBackend(DataType.parse(dtype), device=device))
+        return made[-1]
+
+    monkeypatch.setattr(stages, "stage_backend", backend_on)
+    whole = cupy_engine(emulated, FIXTURES / "llama32")
+    sharded = refllama.load(FIXTURES / "llama32", backend="cupy", devices=["cuda:0", "cuda:0"])
+    assert [b.device_id for b in made] == [0, 0] and [s.device for s in sharded.pipeline.stages] == [0, 0]
+    ids = np.arange(3, 20)
+    assert np.array_equal(whole.logits(ids), sharded.logits(ids))
+    assert whole.generate_ids(ids[:5], 6) == sharded.generate_ids(ids[:5], 6)
