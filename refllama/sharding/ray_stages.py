@@ -130,8 +130,9 @@ class RayPipeline:
             owns_ray = True
         server = ray.remote(StageServer)
         resources = ray.cluster_resources()
+        where = str(Path(path).expanduser().absolute())  # the same path on every node
         actors = [server.options(**stage_options(s, actor_options, resources)).remote(
-                      str(path), span, backend, DataType.parse(dtype).value, options)
+                      where, span, backend, DataType.parse(dtype).value, options)
                   for s, span in enumerate(plan.spans)]
         pipeline = cls(config, plan, actors, timeout, owns_ray)
         try:
