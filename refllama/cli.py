@@ -28,6 +28,10 @@ def _add_model_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--quant-semantics", choices=("hf", "vllm"), default="hf",
                    help="W8A8 activation quantization: compressed-tensors/HF (default) or vLLM")
     p.add_argument("--dequantize", action="store_true", help="dequantize weight-only quantized weights at load")
+    p.add_argument("--shards", type=_shards, default=None,
+                   help="split the layers into N pipeline stages, or at split points 0,10,20,32 (docs/sharding.md)")
+    p.add_argument("--cluster", choices=("ray",), default=None,
+                   help="run each stage in a Ray actor (RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or speed report")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -41,6 +45,18 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _shards(text: str) -> int | list[int] | str:
+    """--shards: a stage count, comma-separated split points, or (for inspect) "auto"."""
+    if text == "auto":
+        return text
+    try:
+        points = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of stages, split points like 0,10,20,32 or auto, "
+                                         f"not {text!r}") from None
+    return points[0] if len(points) == 1 else points
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--dtype", default="float32")
     ins.add_argument("--context", type=int, default=None, help="context length (default: the model's maximum)")
     ins.add_argument("--batch", type=int, default=1)
-    ins.add_argument("--memory-limit", default=None, help="e.g. 16GB, 512MB")
+    ins.add_argument("--memory-limit", default=None, help="e.g. 16GB, 512MB (per stage with --shards)")
+    ins.add_argument("--shards", type=_shards, default=None,
+                     help="plan pipeline stages: N, split points 0,10,20,32, or auto (the fewest that fit the limit)")
     ins.add_argument("--verify", action="store_true", help="also read every tensor: NaN/Inf scan, checksums")
     ins.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -112,9 +130,15 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from refllama.engine import load
 
-    progress = None if args.quiet or not sys.stderr.isatty() else _progress_bar()
+    if args.shards == "auto":
+        from refllama.errors import InputError
+
+        raise InputError("--shards auto plans stages against a memory limit: use it with inspect --memory-limit")
+    sharded = args.shards is not None or args.cluster is not None
+    progress = None if args.quiet or not sys.stderr.isatty() or sharded else _progress_bar()
+    options = {"shards": args.shards, "cluster": args.cluster} if sharded else {}
     return load(args.model, backend=args.backend, dtype=args.dtype, progress=progress,
-                dequantize=args.dequantize, quant_semantics=args.quant_semantics)
+                dequantize=args.dequantize, quant_semantics=args.quant_semantics, **options)
 
 
 def _progress_bar() -> Callable[[int, int], None]:
@@ -317,7 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = benchmark.measure(engine, args.prompt_tokens, args.new_tokens, args.reps).to_dict()
     result.update(backend=args.backend, dtype=args.dtype, load_s=load_s, rss_base_mb=base,
                   rss_peak_mb=benchmark.peak_rss_mb())
-    if args.profile:
+    if args.profile and engine.pipeline is None:  # the profile times one device's operations
         result["decode_profile"] = benchmark.decode_profile(engine, args.prompt_tokens)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -350,6 +374,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     diag = ModelDiagnostic.analyze_directory(path, backend=args.backend, dtype=args.dtype,
                                              context_length=args.context, batch_size=args.batch, memory_limit=limit)
     report = diag.to_json()
+    plan = None
+    if args.shards is not None:
+        from refllama.diagnostics.memory import stage_plan
+
+        plan = stage_plan(diag.config, diag.weight_info, args.shards, args.backend, diag.memory_requirements.dtype,
+                          args.context, args.batch, limit)
+        report["stage_plan"] = plan.to_json()
     verification = verify(path) if args.verify else None
     if verification is not None:
         report["verification"] = {"ok": verification.ok, "checked_tensors": verification.checked_tensors,
@@ -361,7 +392,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from refllama.diagnostics.report import render
 
         render(report)
-    fits = limit is None or diag.memory_requirements.total_estimated <= limit
+    need = diag.memory_requirements.total_estimated if plan is None else max(plan.memory_bytes)
+    fits = limit is None or need <= limit
     return 0 if not diag.problems and fits and (verification is None or verification.ok) else 1
 
 # --- refllama serve (refllama/serve/, docs/serve.md) ---------------------------------------------------------

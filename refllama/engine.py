@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -17,70 +17,127 @@ from refllama.diagnostics.memory import BackendConfig, MemoryManager
 from refllama.dtypes import DataType, LayerDataTypeConfig
 from refllama.errors import InputError
 from refllama.formats.default_model import default_model_path
-from refllama.formats.safetensors import release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.generation import GenerationRequest, GenerationResponse, decode
 from refllama.generation.chat import Message
-from refllama.loading import admit, read_model
+from refllama.loading import admit, admit_stages, read_model, take_weights
 from refllama.model.kv_cache import KVCache
 from refllama.model.llama import LlamaModel
-from refllama.model.weights import WeightMap
+from refllama.model.weights import StageSpan, WeightMap
 from refllama.quant.quantize import apply_layer_dtypes
+from refllama.sharding.stages import Pipeline, PipelineCache, plan_model
+
+if TYPE_CHECKING:
+    from refllama.sharding.ray_stages import RayCache, RayPipeline
+
+DEFAULT_STAGE_TIMEOUT = 600.0  # seconds one stage may take for one forward call before StageError
 
 
 class GenericLlamaEngine:
-    def __init__(self, config: LlamaConfig, weights: WeightMap, backend: Backend,
+    def __init__(self, config: LlamaConfig, weights: WeightMap | None, backend: Backend | None,
                  tokenizer: LlamaTokenizer | None = None, progress: Callable[[int, int], None] | None = None,
-                 *, quant_semantics: str = "hf", batch_size: int | None = None):
+                 *, quant_semantics: str = "hf", batch_size: int | None = None,
+                 pipeline: Pipeline | RayPipeline | None = None):
         """`weights` as loaded (host arrays in their stored dtype); the backend converts them once, reporting
         `progress(done, total)` tensor by tensor. `config.layer_dtypes`, when set, quantizes or rounds them per
         layer first (refllama/quant/quantize.py); the loaded map is kept as `source_weights` for `set_precision`.
-        `batch_size` caps the rows `generate` runs as one batch (None: all requests at once)."""
+        `batch_size` caps the rows `generate` runs as one batch (None: all requests at once). A sharded engine
+        has no weights or backend of its own: its `pipeline` of stages (refllama/sharding) runs the forward pass.
+        """
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.memory_manager = MemoryManager()
+        self.pipeline = pipeline
         self.source_weights = weights  # memory-mapped views: set_precision re-derives from these
+        self.model: LlamaModel | None = None
+        if pipeline is not None:
+            return
+        if weights is None or backend is None:
+            raise InputError("an engine needs weights and a backend, or a pipeline of stages")
         if config.layer_dtypes is not None:
             weights = apply_layer_dtypes(weights, config.layer_dtypes, semantics=quant_semantics)
         self.model = LlamaModel(config, self._take(weights, progress), backend)
 
     def _take(self, weights: WeightMap, progress: Callable[[int, int], None] | None = None) -> WeightMap:
-        """The backend's copy of every tensor; a converted tensor's mapped pages are let go at once."""
-        total, done = len(weights.tensors()), 0
-
-        def take(stored: np.ndarray):
-            nonlocal done
-            array = self.backend.asarray(stored)
-            if array is not stored:
-                release_pages(stored)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-            return array
-
-        return weights.map(take)
+        return take_weights(weights, self.backend, progress)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "numpy", dtype: str | DataType = "float32",
              progress: Callable[[int, int], None] | None = None, *, dequantize: bool = False,
              quant_semantics: str = "hf", layer_dtypes: LayerDataTypeConfig | None = None,
-             batch_size: int | None = None) -> GenericLlamaEngine:
+             batch_size: int | None = None, shards: int | Sequence[int] | None = None,
+             devices: Sequence[str] | None = None, cluster: str | None = None,
+             ray_address: str | None = None, ray_num_cpus: int | None = None,
+             ray_actor_options: dict[str, Any] | None = None,
+             stage_timeout: float = DEFAULT_STAGE_TIMEOUT) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
 
         Quantized checkpoints stay quantized unless `dequantize` (weight-only formats and GGUF blocks, to float32
         at load); `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes`
-        applies per-layer data types to a float checkpoint (docs/quantization.md)."""
+        applies per-layer data types to a float checkpoint (docs/quantization.md).
+
+        Pipeline sharding (docs/sharding.md): `shards` splits the layers into that many stages balanced by bytes,
+        or at explicit split points [0, ..., layers]; `devices` ("cuda:0", ...) places one stage on each (cupy);
+        `cluster="ray"` runs each stage in a Ray actor (at `ray_address` or RAY_ADDRESS, else a local Ray started
+        with `ray_num_cpus`; `ray_actor_options` such as {"num_cpus": 16} size the actors); a stage that dies or
+        takes over `stage_timeout` seconds raises StageError."""
+        if shards is not None or devices is not None or cluster is not None:
+            return cls._load_sharded(path, backend, dtype, shards, devices, cluster, batch_size=batch_size,
+                                     dequantize=dequantize, quant_semantics=quant_semantics,
+                                     layer_dtypes=layer_dtypes, ray_address=ray_address, ray_num_cpus=ray_num_cpus,
+                                     ray_actor_options=ray_actor_options, stage_timeout=stage_timeout)
         ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
         files = read_model(path, ops, dequantize=dequantize, quant_semantics=quant_semantics,
                            layer_dtypes=layer_dtypes)
         return cls(files.config, files.weights, ops, files.tokenizer, progress, quant_semantics=quant_semantics,
                    batch_size=batch_size)
 
+    @classmethod
+    def _load_sharded(cls, path: str | Path, backend: str, dtype: str | DataType, shards: int | Sequence[int] | None,
+                      devices: Sequence[str] | None, cluster: str | None, *, batch_size: int | None,
+                      layer_dtypes: LayerDataTypeConfig | None, ray_address: str | None, ray_num_cpus: int | None,
+                      ray_actor_options: dict[str, Any] | None, stage_timeout: float,
+                      **options: Any) -> GenericLlamaEngine:
+        """The driver reads the config and tokenizer only; each stage reads its own tensors."""
+        if layer_dtypes is not None:
+            raise InputError("per-layer data types (layer_dtypes) cannot be combined with shards yet")
+        if cluster not in (None, "ray"):
+            raise InputError(f"cluster={cluster!r}: the one cluster refllama runs on is 'ray'")
+        if shards is None:
+            shards = len(devices) if devices is not None else 1
+        files = read_model(path, None, span=StageSpan(0, 0, embeds=False, head=False))  # config and tokenizer
+        plan = plan_model(path, files.config, shards, backend, DataType.parse(dtype))
+        if cluster == "ray":
+            if devices is not None:
+                raise InputError("devices= places stages within this process; on Ray each actor uses its node's "
+                                 "default device")
+            from refllama.sharding.ray_stages import RayPipeline  # Ray is an optional extra
+
+            pipeline: Pipeline | RayPipeline = RayPipeline.start(
+                path, files.config, plan, backend, dtype, address=ray_address, num_cpus=ray_num_cpus,
+                timeout=stage_timeout, actor_options=ray_actor_options, **options)
+        else:
+            pipeline = Pipeline.load(path, files.config, plan, backend, dtype, devices, **options)
+        return cls(files.config, None, None, files.tokenizer, batch_size=batch_size, pipeline=pipeline)
+
+    def close(self) -> None:
+        """Release the stages (a Ray pipeline's actors are killed); an unsharded engine holds nothing to close."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    def __enter__(self) -> GenericLlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def set_precision(self, layer_dtypes: LayerDataTypeConfig, *, group_size: int | None = 128,
                       quant_semantics: str = "hf") -> None:
         """Re-derive the weights from the kept source with new per-layer data types; no file is reread."""
+        if self.pipeline is not None:
+            raise InputError("set_precision re-derives an unsharded engine's weights; reload a sharded one")
         derived = apply_layer_dtypes(self.source_weights, layer_dtypes, group_size=group_size,
                                      semantics=quant_semantics)
         self.config = replace(self.config, layer_dtypes=layer_dtypes)
@@ -95,6 +152,11 @@ class GenericLlamaEngine:
         `with_quantization_support(False)` dequantizes weight-only quantized weights and GGUF blocks at load;
         `with_batch_size(n)` caps the rows one `generate` call runs together."""
         bc = backend_config or BackendConfig()
+        if bc.shards is not None:  # the limit is per stage (per node)
+            plan = admit_stages(diagnostic, bc)
+            return cls.load(diagnostic.model_path, backend=bc.backend, dtype=bc.precision,
+                            dequantize=not bc.quantization_support, layer_dtypes=diagnostic.config.layer_dtypes,
+                            batch_size=bc.batch_size, shards=plan.bounds)
         manager = admit(diagnostic, bc)
         engine = cls.load(diagnostic.model_path, backend=bc.backend, dtype=bc.precision, progress=progress,
                           dequantize=not bc.quantization_support, layer_dtypes=diagnostic.config.layer_dtypes,
@@ -102,9 +164,11 @@ class GenericLlamaEngine:
         engine.memory_manager = manager
         return engine
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        """An empty KV cache; max_len defaults to max_position_embeddings."""
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache | PipelineCache | RayCache:
+        """An empty KV cache (a sharded engine's: one per stage); max_len defaults to max_position_embeddings."""
         c = self.config
+        if self.pipeline is not None:
+            return self.pipeline.new_cache(batch, max_len or c.max_position_embeddings)
         return KVCache(self.backend, c.num_hidden_layers, batch, c.num_key_value_heads,
                        max_len or c.max_position_embeddings, c.head_dim)
 
@@ -116,6 +180,8 @@ class GenericLlamaEngine:
         (default: cache.length + arange(T)); last_only: the last position's logits only, (B, 1, vocab).
         """
         ids = self.check_ids(token_ids, ndim=2)
+        if self.pipeline is not None:
+            return self.pipeline.forward(ids, cache, attention_mask, positions, last_only)
         return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions,
                                                         last_only=last_only))
 
@@ -126,6 +192,9 @@ class GenericLlamaEngine:
         .residual (T, hidden); final_norm (T, hidden); logits (T, vocab)."""
         ids = self.check_ids(token_ids, ndim=1)
         trace: dict = {}
+        if self.pipeline is not None:
+            self.pipeline.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)  # host arrays
+            return {name: value[0] for name, value in trace.items()}
         self.model.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)
         return {name: self.backend.to_numpy(value)[0] for name, value in trace.items()}
 
@@ -182,7 +251,8 @@ def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | Da
          progress: Callable[[int, int], None] | None = None, **options: Any) -> GenericLlamaEngine:
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
     `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
-    quant_semantics, layer_dtypes, batch_size (GenericLlamaEngine.load)."""
+    quant_semantics, layer_dtypes, batch_size, and for pipeline sharding shards, devices, cluster, ray_address,
+    ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load; docs/sharding.md)."""
     path = default_model_path() if path is None else path
     return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)
 

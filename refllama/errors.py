@@ -44,3 +44,13 @@ class BackendError(RefLlamaError):
 
 class InputError(RefLlamaError):
     """Token ids or other call arguments are invalid (out of vocabulary, empty, over the cache size)."""
+
+
+class StageError(RefLlamaError):
+    """A pipeline stage died, failed or did not answer within its timeout (refllama/sharding); the sharded engine
+    cannot go on: close it and load it again."""
+
+    def __init__(self, stage: int, layers: range, message: str):
+        self.stage, self.layers = stage, layers
+        where = f"layers {layers.start}-{layers.stop - 1}" if len(layers) > 1 else f"layer {layers.start}"
+        super().__init__(f"pipeline stage {stage} ({where}): {message}")

@@ -7,22 +7,27 @@ engine hands them to the backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from refllama.backends import Backend
 from refllama.config import LlamaConfig
 from refllama.diagnostics.diagnostic import ModelDiagnostic
-from refllama.diagnostics.memory import BackendConfig, MemoryManager, estimate
+from refllama.diagnostics.memory import BackendConfig, MemoryLimitError, MemoryManager, estimate, stage_plan
 from refllama.dtypes import LayerDataTypeConfig
 from refllama.errors import CheckpointError
 from refllama.formats.checkpoint import load_weight_map
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
-from refllama.formats.safetensors import TensorSource
+from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
-from refllama.model.weights import WeightMap
+from refllama.model.weights import StageSpan, WeightMap
+from refllama.sharding.plan import StagePlan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -36,35 +41,60 @@ class ModelFiles:
     tokenizer: LlamaTokenizer | None
 
 
-def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, quant_semantics: str = "hf",
-               layer_dtypes: LayerDataTypeConfig | None = None) -> ModelFiles:
+def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = False, quant_semantics: str = "hf",
+               layer_dtypes: LayerDataTypeConfig | None = None, span: StageSpan | None = None,
+               tokenizer: bool = True) -> ModelFiles:
     """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
 
     GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
     per-layer data types that re-derive the weights from float); the rest become float32. `dequantize` makes
     weight-only quantized Linears float32 at load (W8A8 keeps its integer GEMM: dequantizing it would change the
     function); `quant_semantics` ("hf", "vllm") is how W8A8 Linears quantize their inputs. `layer_dtypes` is
-    recorded in the config (the engine applies it).
+    recorded in the config (the engine applies it). A `span` (a pipeline stage) reads only its own tensors, and
+    of a sharded folder only the shard files that hold them; a stage needs no `tokenizer` either. `backend` None
+    (a driver that computes nothing) keeps no GGUF blocks.
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
-        tokenizer = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
-            if "tokenizer.ggml.model" in gguf.metadata else None
-        keep = frozenset() if dequantize or layer_dtypes is not None else stored_block_types(backend)
+        tok = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
+            if tokenizer and "tokenizer.ggml.model" in gguf.metadata else None
+        keep = frozenset() if dequantize or layer_dtypes is not None or backend is None \
+            else stored_block_types(backend)
         source: TensorSource | GGUFTensorSource = GGUFTensorSource(gguf, config, keep)
     elif path.is_dir():
         config = LlamaConfig.from_dir(path)
-        has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
-        tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
-        source = TensorSource(path)
+        has_tokenizer = tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES)
+        tok = LlamaTokenizer.from_dir(path) if has_tokenizer else None
+        wanted = None if span is None else partial(span.holds, tied=config.tie_word_embeddings)
+        source = TensorSource(path, wanted)
     else:
         raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
     if layer_dtypes is not None:
         config = replace(config, layer_dtypes=layer_dtypes)
-    weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics)
-    return ModelFiles(config, weights, tokenizer)
+    weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics,
+                              span=span)
+    return ModelFiles(config, weights, tok)
+
+
+def take_weights(weights: WeightMap, backend: Backend,
+                 progress: Callable[[int, int], None] | None = None) -> WeightMap:
+    """The backend's copy of every tensor; a converted tensor's mapped pages are let go at once, so a load peaks
+    near the converted size. `progress(done, total)` is called tensor by tensor."""
+    total, done = len(weights.tensors()), 0
+
+    def take(stored: np.ndarray):
+        nonlocal done
+        array = backend.asarray(stored)
+        if array is not stored:
+            release_pages(stored)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return array
+
+    return weights.map(take)
 
 
 def stored_block_types(backend: Backend) -> frozenset[GGMLType]:
@@ -82,3 +112,17 @@ def admit(diagnostic: ModelDiagnostic, backend_config: BackendConfig) -> MemoryM
     manager = MemoryManager(bc.memory_limit)
     manager.reserve(requirements)
     return manager
+
+
+def admit_stages(diagnostic: ModelDiagnostic, backend_config: BackendConfig) -> StagePlan:
+    """The stage plan of `backend_config.shards`; with a memory limit (per stage, i.e. per node or device), a
+    MemoryLimitError when a stage does not fit it, carrying the whole model's recommendations."""
+    bc = backend_config
+    plan = stage_plan(diagnostic.config, diagnostic.weight_info, bc.shards, bc.backend, bc.precision,
+                      bc.context_length, bc.batch_size, bc.memory_limit)
+    if bc.memory_limit is not None and max(plan.memory_bytes) > bc.memory_limit:
+        requirements = estimate(diagnostic.config, diagnostic.weight_info, bc.backend, bc.precision,
+                                bc.context_length, bc.batch_size, memory_limit=bc.memory_limit,
+                                vocab_entries=diagnostic.tokenizer_info.vocab_size or 0)
+        raise MemoryLimitError(requirements, bc.memory_limit)
+    return plan

@@ -18,6 +18,7 @@ load + generate (within 15%).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from refllama import backends
 from refllama.config import ActivationType, LlamaConfig
 from refllama.dtypes import DataType
 from refllama.errors import BackendError, InputError, RefLlamaError
+from refllama.formats.gguf_llama import hf_name
+from refllama.sharding.plan import StagePlan, balance, check_bounds, fewest_stages, spans
 
 if TYPE_CHECKING:
     from refllama.diagnostics.diagnostic import WeightInfo
@@ -36,6 +39,9 @@ TOKENIZER_BYTES_PER_TOKEN = 800
 # Python-side objects of a load (config, weight map, cache bookkeeping, masks): about 64 KiB, measured on the
 # tiny fixtures, where it is a visible share of the total.
 LOAD_OVERHEAD_BYTES = 64 * 1024
+# A pipeline stage reading a GGUF file parses its metadata (the vocabulary arrays among it) but builds no tokenizer:
+# 11.1 MiB for SmolLM2's 49,152 entries, about 240 bytes an entry (measured by tests/test_sharding_ray.py).
+GGUF_METADATA_BYTES_PER_TOKEN = 240
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,17 @@ class BackendConfig:
     context_length: int | None = None  # default: max_position_embeddings
     batch_size: int = 1
     quantization_support: bool = True
+    # pipeline stages: a count, explicit split points (0, ..., layers), or "auto" (the fewest that fit the
+    # memory limit, which is then per stage); None: one device
+    shards: int | tuple[int, ...] | str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in backends.names():
             raise BackendError(f"unknown backend {self.backend!r} (available: {', '.join(backends.names())})")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.shards, str) and self.shards != "auto":
+            raise InputError(f"shards must be a count, split points or 'auto', got {self.shards!r}")
 
     def with_backend(self, name: str) -> BackendConfig:
         return replace(self, backend=name)
@@ -75,6 +86,11 @@ class BackendConfig:
         """False: weight-only quantized weights and GGUF blocks are dequantized to float at load."""
         return replace(self, quantization_support=enabled)
 
+    def with_model_sharding(self, shards: int | Sequence[int] | str) -> BackendConfig:
+        """Split the model by layers into pipeline stages (docs/sharding.md): a count balanced by bytes, split
+        points [0, ..., layers], or "auto": the fewest stages of which each fits the memory limit."""
+        return replace(self, shards=shards if isinstance(shards, int | str) else tuple(shards))
+
 
 # --- Memory optimizations (the spec's MemoryOptimization), each with the figure that makes the model fit --------
 
@@ -92,6 +108,7 @@ class ReduceKVCacheSize:
 @dataclass(frozen=True)
 class UseModelSharding:
     num_shards: int  # devices of the limit's size needed
+    plan: StagePlan | None = None  # the stages, each within the limit (None: not even one layer per stage fits)
 
 
 @dataclass(frozen=True)
@@ -168,31 +185,39 @@ def reads_as_stored(backend: str) -> frozenset[str]:
 def weights_in_memory(weights: WeightInfo, dtype: DataType, backend: str = "numpy") -> int:
     """Weights after loading: float tensors (and dequantized GGUF blocks) in the compute dtype; integer tensors
     (quantized checkpoints) and what the backend reads in place (Backend.reads_as_stored) as stored."""
+    return sum(tensor_bytes(weights, dtype, backend).values())
+
+
+def tensor_bytes(weights: WeightInfo, dtype: DataType, backend: str = "numpy") -> dict[str, int]:
+    """Each tensor's bytes after loading (as `weights_in_memory` counts them), by its name as stored."""
     s = _itemsize(dtype)
     in_place = reads_as_stored(backend)
-    total = 0
+    out = {}
     for t in weights.tensors:
         if t.dtype in in_place and (t.dtype != "BF16" or len(t.shape) == 2):  # bf16 vectors become float32
-            total += t.nbytes
+            out[t.name] = t.nbytes
         elif t.dtype in FLOAT_DTYPES or t.dtype.startswith(("Q", "GGUF")):
-            total += t.numel * s
+            out[t.name] = t.numel * s
         else:
-            total += t.nbytes
-    return total
+            out[t.name] = t.nbytes
+    return out
 
 
-def kv_cache_bytes(config: LlamaConfig, dtype: DataType, context: int, batch: int) -> int:
-    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * context * config.head_dim \
-        * _itemsize(dtype)
+def kv_cache_bytes(config: LlamaConfig, dtype: DataType, context: int, batch: int, layers: int | None = None) -> int:
+    """Keys and values of `layers` layers (default: all of them)."""
+    layers = config.num_hidden_layers if layers is None else layers
+    return 2 * layers * batch * config.num_key_value_heads * context * config.head_dim * _itemsize(dtype)
 
 
-def activation_bytes(config: LlamaConfig, dtype: DataType, tokens: int, context: int, batch: int) -> int:
+def activation_bytes(config: LlamaConfig, dtype: DataType, tokens: int, context: int, batch: int,
+                     head: bool = True) -> int:
     """Peak temporaries of one prefill step of `tokens` new tokens attending over `context` positions.
 
     The largest of three phases of a layer, as the numpy backend runs it (checked against tracemalloc):
     attention holds the residual x and its norm, q and the attention output, one (B, H, T, S) score buffer and
     the mask (k and v live in the KV cache by then); the MLP holds x, its norm, gate, up and the activation's
-    temporaries; the head holds x, its norm and the logits. The cos/sin tables live through the whole step.
+    temporaries; the head holds x, its norm and the logits (only where `head`: a pipeline stage before the last
+    has none). The cos/sin tables live through the whole step.
     """
     c, s, B, T, S = config, _itemsize(dtype), batch, tokens, context
     H, D, hd, inter = c.num_attention_heads, c.hidden_size, c.head_dim, c.intermediate_size
@@ -200,9 +225,9 @@ def activation_bytes(config: LlamaConfig, dtype: DataType, tokens: int, context:
     mlp = s * (2 * B * T * D + 4 * B * T * inter)
     if c.hidden_act is ActivationType.Gelu:  # exact GELU goes through math.erf: an object array of Python
         mlp += 40 * B * T * inter  # floats (8 + 24 bytes an element) and its float conversion alongside
-    head = s * (2 * B * T * D + B * T * c.vocab_size)
+    final = s * (2 * B * T * D + B * T * c.vocab_size) if head else 0
     tables = s * 2 * B * T * hd
-    return max(attention, mlp, head) + tables
+    return max(attention, mlp, final) + tables
 
 
 def estimate(config: LlamaConfig, weights: WeightInfo, backend: str = "numpy", dtype: DataType = DataType.F32,
@@ -249,8 +274,79 @@ def _recommendations(config: LlamaConfig, weights: WeightInfo, req: MemoryRequir
                 + activation_bytes(config, dtype, tokens, tokens, b) <= limit]
         if fits:
             out.append(ReduceBatchSize(fits[0]))
-    out.append(UseModelSharding(max(2, math.ceil(req.total_estimated / limit))))
+    try:
+        plan = stage_plan(config, weights, "auto", req.backend, dtype, context, batch, limit)
+        out.append(UseModelSharding(plan.num_stages, plan))
+    except RefLlamaError:
+        out.append(UseModelSharding(max(2, math.ceil(req.total_estimated / limit))))
     return out
+
+
+def stage_plan(config: LlamaConfig, weights: WeightInfo, shards: int | Sequence[int] | str,
+               backend: str = "numpy", dtype: DataType = DataType.F32, context_length: int | None = None,
+               batch_size: int = 1, memory_limit: int | None = None) -> StagePlan:
+    """How the layers split into pipeline stages, with each stage's predicted bytes.
+
+    `shards`: a number of stages, balanced so the largest needs the least memory; split points [0, ..., layers];
+    or "auto", the fewest stages of which each fits `memory_limit` (one node's memory). A stage needs its weights,
+    its layers' KV cache, the activations of a prefill of the whole context (the last stage's include the
+    logits) and the load overhead: the GGUF metadata it parses, and the source pages of the largest tensor it
+    converts, resident while that tensor converts. The driver's tokenizer is not counted.
+    """
+    L, tied = config.num_hidden_layers, config.tie_word_embeddings
+    context = context_length or config.max_position_embeddings
+    layer_weights, embed, head = [0] * L, 0, 0
+    stored_bytes = {t.name: t.nbytes for t in weights.tensors}
+    shard = {t.name: t.shard for t in weights.tensors if t.shard}
+    holds: dict[str, str] = {}  # stored name -> HF name
+    for stored, nbytes in tensor_bytes(weights, dtype, backend).items():
+        name = hf_name(stored) or stored
+        holds[stored] = name
+        if name.startswith("model.layers.") and name.split(".")[2].isdigit():
+            layer_weights[int(name.split(".")[2])] += nbytes
+        elif name.startswith("model.embed_tokens."):
+            embed += nbytes
+            head += nbytes if tied else 0
+        else:
+            head += nbytes
+    converted = {stored: stored_bytes[stored] for stored, nbytes in tensor_bytes(weights, dtype, backend).items()
+                 if nbytes != stored_bytes[stored]}
+    metadata = config.vocab_size * GGUF_METADATA_BYTES_PER_TOKEN \
+        if any(f.endswith(".gguf") for f in weights.files) else 0
+    kv_layer = kv_cache_bytes(config, dtype, context, batch_size, layers=1)
+    act = activation_bytes(config, dtype, context, context, batch_size, head=False)
+    act_last = activation_bytes(config, dtype, context, context, batch_size, head=True)
+    layer_memory = [w + kv_layer for w in layer_weights]
+
+    def build(bounds: tuple[int, ...]) -> StagePlan:
+        w, m, files = [], [], []
+        for span in spans(bounds):
+            files.append(tuple(sorted({f for stored, f in shard.items() if span.holds(holds[stored], tied)})))
+            stage_weights = sum(layer_weights[span.first:span.last]) + (embed if span.embeds else 0) \
+                + (head if span.head else 0)
+            if span.embeds and span.head and tied:
+                stage_weights -= embed  # one table serves both ends
+            w.append(stage_weights)
+            peak = max((b for stored, b in converted.items() if span.holds(holds[stored], tied)), default=0)
+            m.append(stage_weights + kv_layer * (span.last - span.first) + (act_last if span.head else act)
+                     + LOAD_OVERHEAD_BYTES + metadata + peak)
+        return StagePlan(bounds, tuple(w), tuple(m), tuple(files))
+
+    if shards == "auto":
+        if memory_limit is None:
+            raise InputError("shards='auto' needs a memory limit (per node) to size the stages by")
+        bounds = fewest_stages(layer_memory, embed, head + act_last - act,
+                               lambda b: max(build(b).memory_bytes) <= memory_limit)
+        if bounds is None:
+            largest = max(build(balance(layer_memory, embed, head + act_last - act, L)).memory_bytes)
+            raise RefLlamaError(f"even one layer per stage needs {format_bytes(largest)} on its largest stage, "
+                                f"over the limit of {format_bytes(memory_limit)}")
+        return build(bounds)
+    if isinstance(shards, int):
+        return build(balance(layer_memory, embed, head + act_last - act, shards))
+    if isinstance(shards, str):
+        raise InputError(f"shards must be a count, split points or 'auto', got {shards!r}")
+    return build(check_bounds(shards, L))
 
 
 def _quantized_weights(weights: WeightInfo, dtype: DataType, bytes_per_weight: float) -> int:
@@ -270,6 +366,9 @@ def describe(o: MemoryOptimization) -> str:
         return f"reduce the context to {o.context_length} tokens"
     if isinstance(o, ReduceBatchSize):
         return f"reduce the batch to {o.batch_size}"
+    if o.plan is not None:
+        layers = ", ".join(f"{s.first}-{s.last - 1}" for s in o.plan.spans)
+        return f"shard the model over {o.num_shards} devices (layers {layers}; docs/sharding.md)"
     return f"shard the model over {o.num_shards} devices"
 
 

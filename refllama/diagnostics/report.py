@@ -53,8 +53,25 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
         memory.add_row(key.replace("_", " "), format_bytes(m[key]))
     console.print(memory)
     for r in m["recommendations"]:
-        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "kind")
-        console.print(f"  recommendation: {r['kind']}({figures})")
+        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "plan"))
+        layers = ", ".join(f"{a}-{b - 1}" for a, b in zip(r["plan"]["bounds"], r["plan"]["bounds"][1:],
+                                                           strict=False)) if r.get("plan") else ""
+        console.print(f"  recommendation: {r['kind']}({figures}){f' layers {layers}' if layers else ''}")
+    if "stage_plan" in report:
+        plan = Table(title=f"pipeline stages (memory per stage, context {m['context_length']:,}; docs/sharding.md)")
+        for col in ("stage", "layers", "count", "weights", "memory", "weight files it reads"):
+            plan.add_column(col, justify="left" if col in ("layers", "weight files it reads") else "right")
+        for i, stage in enumerate(report["stage_plan"]["stages"]):
+            first, last = stage["layers"]
+            files = stage["files"]
+            named = ", ".join(files) if len(files) <= 2 else f"{files[0]} .. {files[-1]} ({len(files)})"
+            plan.add_row(str(i), f"{first}-{last - 1}", str(last - first), format_bytes(stage["weight_bytes"]),
+                         format_bytes(stage["memory_bytes"]), named)
+        console.print(plan)
+        if report["memory_limit"] is not None:
+            largest = max(stage["memory_bytes"] for stage in report["stage_plan"]["stages"])
+            fits = "fits" if largest <= report["memory_limit"] else "does NOT fit"
+            console.print(f"the largest stage {fits} the limit of {format_bytes(report['memory_limit'])} per node")
 
     backends = Table(title="backends")
     for col in ("backend", "available", "dtypes", "note"):

@@ -18,7 +18,7 @@ import numpy as np
 from refllama.config import LlamaConfig
 from refllama.errors import WeightError
 from refllama.formats.safetensors import TensorSource
-from refllama.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, WeightMap
+from refllama.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, StageSpan, WeightMap
 from refllama.quant.config import QuantizationMethod, read_quantize_config
 from refllama.quant.loader import LINEAR_SUFFIXES, LinearPlan, TensorSpec, build_weight, plan_linears, tensor_specs
 from refllama.quant.types import ActivationQuant, Int8Weight, is_quantized
@@ -64,13 +64,14 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig, *, dequantize: bool = False,
-                    activation_semantics: str = "hf") -> WeightMap:
+                    activation_semantics: str = "hf", span: StageSpan | None = None) -> WeightMap:
     """Check the checkpoint's tensors against the config and assemble the WeightMap (no data is read).
 
     Quantized Linears (config.json's `quantization_config`, or GPTQ's quantize_config.json) stay quantized;
     `dequantize=True` makes weight-only ones float32 at load (W8A8 Linears keep their integer GEMM: dequantizing
     them would drop the activation quantization and change the function). `activation_semantics` ("hf" or
-    "vllm") is how W8A8 Linears quantize their inputs (refllama/quant/int8.py).
+    "vllm") is how W8A8 Linears quantize their inputs (refllama/quant/int8.py). With a `span` (a pipeline stage),
+    only its tensors must be present and only they are read; the rest of the map is None.
     """
     ActivationQuant(activation_semantics)  # validates the name before anything is read
     plans = _quantization_plans(source, config)
@@ -85,7 +86,9 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
     if config.tie_word_embeddings:
         # HF ties regardless of a stored lm_head.weight; accept one but never use it.
         present.discard("lm_head.weight")
-    missing = sorted(n for n, spec in specs.items() if n not in present and not spec.optional)
+    tied = config.tie_word_embeddings
+    missing = sorted(n for n, spec in specs.items() if n not in present and not spec.optional
+                     and (span is None or span.holds(n, tied)))
     unexpected = sorted(n for n in present - set(specs) if not n.endswith(IGNORED_SUFFIXES))
     problems = []
     if missing:
@@ -123,11 +126,12 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
             weight = dequantize_weight(weight, np.float32)  # weight-only: the same function, computed ahead
         return Linear(weight, bias)
 
-    layers = []
-    for i in range(config.num_hidden_layers):
+    span = span or StageSpan(0, config.num_hidden_layers, embeds=True, head=True)
+    layers: list[LayerWeights | None] = [None] * config.num_hidden_layers
+    for i in span.layers:
         p = f"model.layers.{i}."
         ab, mb = config.attention_bias, config.mlp_bias
-        layers.append(LayerWeights(
+        layers[i] = LayerWeights(
             self_attention=AttentionWeights(
                 q_proj=linear(p + "self_attn.q_proj", ab), k_proj=linear(p + "self_attn.k_proj", ab),
                 v_proj=linear(p + "self_attn.v_proj", ab), o_proj=linear(p + "self_attn.o_proj", ab)),
@@ -136,12 +140,12 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
                 down_proj=linear(p + "mlp.down_proj", mb)),
             input_layernorm=get(p + "input_layernorm.weight"),
             post_attention_layernorm=get(p + "post_attention_layernorm.weight"),
-        ))
+        )
     return WeightMap(
-        embeddings=get("model.embed_tokens.weight"),
+        embeddings=get("model.embed_tokens.weight") if span.holds("model.embed_tokens.weight", tied) else None,
         layers=layers,
-        final_norm=get("model.norm.weight"),
-        lm_head=None if config.tie_word_embeddings else linear("lm_head", False).weight,
+        final_norm=get("model.norm.weight") if span.head else None,
+        lm_head=None if tied or not span.head else linear("lm_head", False).weight,
     )
 
 

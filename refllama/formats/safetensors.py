@@ -12,6 +12,7 @@ import itertools
 import json
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -179,17 +180,21 @@ def release_pages(view: np.ndarray) -> None:
 
 
 class TensorSource:
-    """The tensors of a checkpoint folder: one `model.safetensors`, or shards listed by an index file."""
+    """The tensors of a checkpoint folder: one `model.safetensors`, or shards listed by an index file.
+
+    `wanted` (a predicate on tensor names), with an index, opens only the shards that hold a wanted tensor: a
+    pipeline stage needs only its own shard files on disk.
+    """
 
     INDEX = "model.safetensors.index.json"
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, wanted: Callable[[str], bool] | None = None):
         self.folder = Path(folder)
         self.files: dict[Path, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         index_path = self.folder / self.INDEX
         if index_path.is_file():
-            self._open_index(index_path)
+            self._open_index(index_path, wanted)
         else:
             single = self.folder / "model.safetensors"
             paths = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
@@ -208,7 +213,7 @@ class TensorSource:
                 self.where[name] = st
         return self.files[path]
 
-    def _open_index(self, index_path: Path) -> None:
+    def _open_index(self, index_path: Path, wanted: Callable[[str], bool] | None = None) -> None:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
@@ -216,7 +221,10 @@ class TensorSource:
                 raise TypeError
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError("index is not JSON with a 'weight_map' object", index_path) from None
+        shards = {str(shard) for name, shard in weight_map.items() if wanted is None or wanted(name)}
         for name, shard in weight_map.items():
+            if str(shard) not in shards:
+                continue
             shard_path = self.folder / str(shard)
             if not shard_path.is_file():
                 raise CheckpointError(f"shard '{shard}' listed in {self.INDEX} is missing", shard_path, name)

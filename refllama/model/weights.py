@@ -48,8 +48,10 @@ class LayerWeights:
 
 @dataclass
 class WeightMap:
+    """Every tensor of a model; a pipeline stage's map holds only its StageSpan (the rest are None)."""
+
     embeddings: Array  # [vocab, hidden]  (model.embed_tokens.weight)
-    layers: list[LayerWeights]
+    layers: list[LayerWeights | None]
     final_norm: Array  # [hidden]          (model.norm.weight)
     lm_head: Array | None  # [vocab, hidden], None when tied to the embeddings
 
@@ -67,6 +69,34 @@ class WeightMap:
 
         self.map(collect)
         return out
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    """The part of a model one pipeline stage holds: layers [first, last), the embedding table on the first stage,
+    the final norm and the head on the last (with tied embeddings the head is the embedding table: both ends hold
+    it)."""
+
+    first: int
+    last: int
+    embeds: bool  # the first stage: token ids in
+    head: bool  # the last stage: logits out
+
+    def holds(self, name: str, tied: bool) -> bool:
+        """Whether a checkpoint tensor, by HF name (quantization parts included), belongs to this stage."""
+        if name.startswith("model.layers."):
+            layer = name.split(".")[2]
+            return layer.isdigit() and self.first <= int(layer) < self.last
+        if name.startswith("model.embed_tokens."):
+            return self.embeds or (self.head and tied)
+        return self.head  # model.norm, lm_head
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last)
+
+    def describe(self) -> str:
+        return f"layers {self.first}-{self.last - 1}" if self.last - self.first > 1 else f"layer {self.first}"
 
 
 # Plain values inside weight objects (bit widths, group sizes, semantics names) are not tensors: `map` keeps them.
