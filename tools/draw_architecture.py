@@ -180,7 +180,7 @@ def _class_default(attr: str) -> str:
 W, H = 1500, 920
 INK, GREY, FLOW, PLUG, LINK, ARC = "#222222", "#8c8c8c", "#e8f0fb", "#fdf1dc", "#b07a1c", "#2f6db5"
 # The folders in one column, top to bottom, so that most imports point downwards.
-COLUMN = ("serve", "testing", "diagnostics", "generation", "backends", "formats", "quant", "model")
+COLUMN = ("serve", "sharding", "testing", "diagnostics", "generation", "backends", "formats", "quant", "model")
 
 
 def draw(out: Path) -> None:
