@@ -342,29 +342,13 @@ async def chat_completions(request: Request) -> Response:
 
 async def logits(request: Request) -> Response:
     """Every position's logits for one sequence, as engine.logits computes them, base64 in their own dtype."""
-    server: _Server = request.app.state.server
-    server.check_key(request)
-    body: TokensBody = parse(TokensBody, await server.body(request))
-    ids = _sequence(server, body)
-    server.admit()
-    try:
-        values = await server.call(lambda: server.engine.logits(ids))
-    finally:
-        server.in_flight -= 1
+    server, _, ids, values = await _on_sequence(request, lambda engine, ids: engine.logits(ids))
     return JSONResponse({"object": "logits", "model": server.model_id, "token_ids": ids, **_tensor(values)})
 
 
 async def trace(request: Request) -> Response:
     """Every intermediate of one forward pass (engine.trace), by name, base64 in their own dtype."""
-    server: _Server = request.app.state.server
-    server.check_key(request)
-    body: TokensBody = parse(TokensBody, await server.body(request))
-    ids = _sequence(server, body)
-    server.admit()
-    try:
-        tensors = await server.call(lambda: server.engine.trace(ids))
-    finally:
-        server.in_flight -= 1
+    server, body, ids, tensors = await _on_sequence(request, lambda engine, ids: engine.trace(ids))
     names = body.names if body.names is not None else list(tensors)
     unknown = [n for n in names if n not in tensors]
     if unknown:
@@ -372,6 +356,20 @@ async def trace(request: Request) -> Response:
                             f"{', '.join(list(tensors)[:6])}, ...)", "names")
     return JSONResponse({"object": "trace", "model": server.model_id, "token_ids": ids,
                          "tensors": {n: _tensor(tensors[n]) for n in names}})
+
+
+async def _on_sequence(request: Request, fn: Any) -> tuple[_Server, TokensBody, list[int], Any]:
+    """The checks and admission /v1/logits and /v1/trace share, then fn(engine, ids) on the engine thread."""
+    server: _Server = request.app.state.server
+    server.check_key(request)
+    body: TokensBody = parse(TokensBody, await server.body(request))
+    ids = _sequence(server, body)
+    server.admit()
+    try:
+        result = await server.call(lambda: fn(server.engine, ids))
+    finally:
+        server.in_flight -= 1
+    return server, body, ids, result
 
 
 def _sequence(server: _Server, body: TokensBody) -> list[int]:
