@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refllama.testing.traces import validate_trace
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -163,27 +165,88 @@ def assert_logits_close(reference: np.ndarray, candidate: np.ndarray, profile: s
 
 @dataclass(frozen=True)
 class TraceRow:
+    """One tensor of `compare_traces`: its metrics against the reference, and whether they are within the
+    profile. A tensor the candidate lacks (with `allow_missing`) has `missing` set, NaN metrics and ok True."""
+
     name: str
     max_abs: float
     rel_max_abs: float  # max |diff| / max |reference|
     nmse: float
     ok: bool
+    missing: bool = False
 
 
 def compare_traces(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-                   profile: str | Profile = "f32") -> list[TraceRow]:
-    """Tensor-by-tensor comparison of two traces (engine.trace, tools/hf_trace.py), in the reference's order.
+                   profile: str | Profile = "f32", *, allow_missing: bool = False) -> list[TraceRow]:
+    """Tensor-by-tensor comparison of two traces (engine.trace, `refllama trace`), in the reference's order.
 
-    An intermediate is within the profile when its NMSE is (scale-free, as llama.cpp's per-op checks); the logits
-    must also pass the profile's other bounds.
+    The candidate must have every tensor of the reference, in the reference's shape: TraceFormatError names each
+    wrong shape and each missing tensor (`allow_missing` turns the latter into `missing` rows, for engines that
+    cannot dump everything). An intermediate is within the profile when its NMSE is (scale-free, as llama.cpp's
+    per-op checks); the logits must also pass the profile's other bounds. docs/trace-format.md has the format.
     """
     p = PROFILES[profile] if isinstance(profile, str) else profile
+    expected = {name: np.shape(value) for name, value in reference.items()}
+    missing = set(validate_trace(candidate, expected, allow_missing=allow_missing, source="candidate trace"))
     rows = []
     for name, ref in reference.items():
-        if name not in candidate:
+        if name in missing:
+            rows.append(TraceRow(name, float("nan"), float("nan"), float("nan"), True, missing=True))
             continue
         report = compare(ref, candidate[name])
         ok = report.nmse <= p.nmse and (name != "logits" or not check(report, p))
         scale = float(np.abs(ref).max()) or 1.0
         rows.append(TraceRow(name, report.max_abs_diff, report.max_abs_diff / scale, report.nmse, ok))
     return rows
+
+
+def _positions_first(name: str, value: np.ndarray) -> np.ndarray:
+    """A trace tensor as (T, -1): q, k and v carry positions on axis 1 (heads, T, head_dim), the rest on axis 0."""
+    value = np.asarray(value, dtype=np.float64)
+    if name.rsplit(".", 1)[-1] in ("q", "k", "v"):
+        value = value.swapaxes(0, 1)
+    return value.reshape(value.shape[0], -1)
+
+
+def _where(position: int, decode_from: int) -> str:
+    return (f"position {position} (prefill)" if position < decode_from else
+            f"position {position} (decode step {position - decode_from} through the KV cache)")
+
+
+def assert_cached_matches_full(full: dict[str, np.ndarray] | np.ndarray, cached: dict[str, np.ndarray] | np.ndarray,
+                               decode_from: int, profile: str | Profile = "f32") -> Report:
+    """The KV-cache path against one full forward pass over the same ids: AssertionError naming the first
+    position (and, for traces, the first tensor) beyond the profile; the logits' Report otherwise.
+
+    `full` and `cached` are logits (T, vocab) or traces (engine.trace(ids) and engine.trace(ids, decode_from=n)):
+    in `cached`, ids[:n] were one prefill and every later id a one-token step through the cache. The full pass
+    may come from the reference and the cached one from the engine under test, or both from the same engine.
+
+    Caveat: with dynamic NTK RoPE scaling, once the sequence passes max_position_embeddings the two paths
+    legitimately differ (cached keys keep the table of the step that wrote them, as in transformers); keep such
+    sequences within max_position_embeddings.
+    """
+    p = PROFILES[profile] if isinstance(profile, str) else profile
+    name = p.name
+    if isinstance(full, dict) != isinstance(cached, dict):
+        raise TypeError("full and cached must both be traces (dicts) or both logits arrays")
+    if isinstance(full, dict):
+        rows = compare_traces(full, cached, p)
+        first = next((r for r in rows if not r.ok), None)
+        if first is not None:
+            ref, cand = _positions_first(first.name, full[first.name]), _positions_first(first.name, cached[first.name])
+            nmse = ((ref - cand) ** 2).sum(-1) / np.maximum((ref**2).sum(-1), np.finfo(np.float64).tiny)
+            bad = np.flatnonzero(nmse > p.nmse)
+            where = _where(int(bad[0]), decode_from) if bad.size else "no single position"
+            raise AssertionError(f"the cached path diverges from the full pass beyond the '{name}' profile first at "
+                                 f"'{first.name}' (NMSE {first.nmse:.3g} > {p.nmse:g}), first at {where}")
+        full, cached = full["logits"], cached["logits"]
+    report = compare(full, cached)
+    failures = check(report, p)
+    if failures:
+        bad = np.flatnonzero((report.max_abs > p.max_abs) | (report.nmse_per_position > p.nmse)
+                             | (report.kl > p.kl_mean))
+        where = _where(int(bad[0]), decode_from) if bad.size else "no single position"
+        raise AssertionError(f"cached logits differ from the full pass beyond the '{name}' profile, first at "
+                             f"{where}: " + "; ".join(failures) + f"\n{report}")
+    return report
