@@ -20,12 +20,17 @@ class Profile:
     """Bounds for one kind of comparison; `calibration` says which measurements set them."""
 
     name: str
-    max_abs: float
+    max_abs: float  # at each position: max |diff| <= max_abs + max_rel * max |reference| (as numpy's allclose)
     nmse: float
     kl_mean: float
     top1_min: float  # agreement required at positions whose reference top-1/top-2 margin exceeds argmax_margin
     argmax_margin: float
     calibration: str
+    max_rel: float = 0.0
+
+    def max_abs_bound(self, reference_scale: np.ndarray) -> np.ndarray:
+        """The max |diff| allowed at each position, given max |reference| there."""
+        return self.max_abs + self.max_rel * reference_scale
 
 
 PROFILES: dict[str, Profile] = {
@@ -33,8 +38,14 @@ PROFILES: dict[str, Profile] = {
                    "refllama numpy float64 vs transformers patched to true float64: max |diff| 4.6e-15 on the "
                    "tiny fixtures, 9.1e-14 on SmolLM2-135M"),
     "f32": Profile("f32", 2e-4, 1e-9, 1e-8, 1.0, 1e-3,
-                   "float32 engines vs transformers float32 on SmolLM2-135M: numpy max 6.5e-5, NMSE <= 2.6e-12, "
-                   "mean KL <= 2.3e-11; MLX max 1.1e-4; llama.cpp f32 with an f32 KV cache <= 1.5e-4"),
+                   "float32 engines vs transformers float32 on SmolLM2-135M, natural prompts: numpy max 6.5e-5, "
+                   "NMSE <= 2.6e-12, mean KL <= 2.3e-11; MLX max 1.1e-4; llama.cpp f32 with an f32 KV cache <= "
+                   "1.5e-4. refllama numpy float32 vs float64 on SmolLM2, natural and adversarial ids (BOS only, "
+                   "BOS x32, one token x64, 64 random ids, 64 random ids from the vocabulary's top, special ids "
+                   "[1, 2, 3, 4], 264 natural tokens): max 4.8e-5 to 1.2e-4, but 7.1e-4 on [1, 2, 3, 4] (logit "
+                   "scale 22: max |diff| / max |ref| 3.2e-5, against <= 4.1e-6 elsewhere), NMSE <= 5.1e-10, "
+                   "mean KL <= 1.7e-9; hence the relative term 1e-4 x max |ref|",
+                   max_rel=1e-4),
     "bf16": Profile("bf16", 3.0, 1e-2, 1e-2, 0.9, 1e-3,
                     "bfloat16 compute vs float32 on SmolLM2-135M: MLX bf16 max 1.17, NMSE 2.4e-3, mean KL 2.5e-3, "
                     "top-1 0.97-1.0; transformers bf16 vs f32 max 0.64-1.56"),
@@ -63,6 +74,7 @@ class Report:
     top1_agree: np.ndarray
     topk_contained: np.ndarray
     margin: np.ndarray  # reference top-1 minus top-2
+    ref_scale: np.ndarray  # max |reference|
     nmse: float  # over everything
     k: int
 
@@ -129,7 +141,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, k: int = 5) -> Report:
     return Report(
         max_abs=diff.max(axis=-1), mean_abs=diff.mean(axis=-1),
         nmse_per_position=((ref - cand) ** 2).sum(axis=-1) / np.where(denom > 0, denom, 1.0),
-        kl=kl, top1_agree=agree, topk_contained=contained, margin=margin,
+        kl=kl, top1_agree=agree, topk_contained=contained, margin=margin, ref_scale=np.abs(ref).max(axis=-1),
         nmse=float(((ref - cand) ** 2).sum() / max((ref**2).sum(), np.finfo(np.float64).tiny)), k=k,
     )
 
@@ -138,9 +150,13 @@ def check(report: Report, profile: str | Profile) -> list[str]:
     """The profile's bounds that `report` breaks, as readable lines (empty when it passes)."""
     p = PROFILES[profile] if isinstance(profile, str) else profile
     failures = []
-    if report.max_abs_diff > p.max_abs:
-        failures.append(f"max |diff| {report.max_abs_diff:.3g} > {p.max_abs:g} at position "
-                        f"{int(report.max_abs.argmax())}")
+    over = report.max_abs - p.max_abs_bound(report.ref_scale)
+    if (over > 0).any():
+        worst = int(over.argmax())
+        bound = float(p.max_abs_bound(report.ref_scale[worst]))
+        failures.append(f"max |diff| {report.max_abs[worst]:.3g} > {bound:.3g}"
+                        f" at position {worst}" + (f" ({p.max_abs:g} + {p.max_rel:g} x max |ref| "
+                                                   f"{report.ref_scale[worst]:.3g})" if p.max_rel else ""))
     if report.nmse > p.nmse:
         failures.append(f"NMSE {report.nmse:.3g} > {p.nmse:g}")
     if report.kl_mean > p.kl_mean:
@@ -244,7 +260,7 @@ def assert_cached_matches_full(full: dict[str, np.ndarray] | np.ndarray, cached:
     report = compare(full, cached)
     failures = check(report, p)
     if failures:
-        bad = np.flatnonzero((report.max_abs > p.max_abs) | (report.nmse_per_position > p.nmse)
+        bad = np.flatnonzero((report.max_abs > p.max_abs_bound(report.ref_scale)) | (report.nmse_per_position > p.nmse)
                              | (report.kl > p.kl_mean))
         where = _where(int(bad[0]), decode_from) if bad.size else "no single position"
         raise AssertionError(f"cached logits differ from the full pass beyond the '{name}' profile, first at "

@@ -103,60 +103,50 @@ def hf_trace(path: str, ids: list[int], dtype: str) -> tuple[Trace, dict]:
 
 
 def mlx_lm_trace(path: str, ids: list[int], dtype: str = "float32") -> tuple[Trace, dict]:
-    """MLX-LM's Llama model (`mlx_lm.load` on a local Hugging Face folder), each sublayer wrapped to record its
-    output; q and k after RoPE come from a wrapped `rope` module, v from a wrapped v_proj."""
+    """MLX-LM's Llama model (`mlx_lm.utils.load_model` on a local Hugging Face folder; no tokenizer needed),
+    each sublayer wrapped to record its output: q and k after RoPE from the `rope` module (called for q, then k),
+    v from v_proj."""
     import mlx.core as mx
-    from mlx_lm import load
+    from mlx_lm.utils import load_model
 
-    model, _ = load(str(path))
-    if dtype != "float16":  # mlx_lm loads in the checkpoint's dtype; cast for a like-for-like comparison
-        model.set_dtype(getattr(mx, dtype))
-    found: Trace = {}
-    inner = model.model
+    model, _ = load_model(Path(path))
+    model.set_dtype(getattr(mx, dtype))  # mlx_lm keeps the checkpoint's dtype; compute in the one asked for
+    inner, found = model.model, {}
 
     def host(x) -> np.ndarray:
         return np.array(x[0].astype(mx.float32), dtype=np.float64)
 
     class Recorder:
-        """Calls the wrapped module and keeps its output under `name`."""
+        """The wrapped module, keeping each output under the next of `names` (cycling)."""
 
-        def __init__(self, module, name: str, convert: Callable = host):
-            self.module, self.name, self.convert = module, name, convert
+        def __init__(self, module, *names: str, convert: Callable = host):
+            self.module, self.names, self.convert, self.calls = module, names, convert, 0
 
         def __call__(self, *args, **kwargs):
             out = self.module(*args, **kwargs)
-            found[self.name] = self.convert(out)
+            found[self.names[self.calls % len(self.names)]] = self.convert(out)
+            self.calls += 1
             return out
 
-        def __getattr__(self, attr):
+        def __getattr__(self, attr):  # e.g. embed_tokens.as_linear for tied embeddings
             return getattr(self.module, attr)
 
-    heads, kv_heads = inner.layers[0].self_attn.n_heads, inner.layers[0].self_attn.n_kv_heads
+    kv_heads = inner.layers[0].self_attn.n_kv_heads
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        calls = []
-
-        def rope_host(out, calls=calls, i=i):  # (1, heads, T, D): called for q, then k
-            found[f"layers.{i}.{'qk'[len(calls)]}"] = host(out)
-            calls.append(1)
-            return found[f"layers.{i}.{'qk'[len(calls) - 1]}"]
-
-        attn.rope = Recorder(attn.rope, f"layers.{i}.rope", rope_host)
-        attn.v_proj = Recorder(attn.v_proj, f"layers.{i}.v", lambda out: _heads_first(host(out), kv_heads))
+        attn.rope = Recorder(attn.rope, f"layers.{i}.q", f"layers.{i}.k")  # (1, heads, T, D)
+        attn.v_proj = Recorder(attn.v_proj, f"layers.{i}.v", convert=lambda out: _heads_first(host(out), kv_heads))
         layer.input_layernorm = Recorder(layer.input_layernorm, f"layers.{i}.input_norm")
         layer.self_attn = Recorder(attn, f"layers.{i}.attention_output")
         layer.post_attention_layernorm = Recorder(layer.post_attention_layernorm, f"layers.{i}.post_attention_norm")
         layer.mlp = Recorder(layer.mlp, f"layers.{i}.mlp_output")
     inner.embed_tokens = Recorder(inner.embed_tokens, "embeddings")
     inner.norm = Recorder(inner.norm, "final_norm")
-    logits = model(mx.array([ids]))
-    found["logits"] = host(logits)
-    found.pop("layers.0.rope", None)
+    found["logits"] = host(model(mx.array([ids])))
     x = found["embeddings"]
-    for i in range(len(inner.layers)):
+    for i in range(len(inner.layers)):  # the residual stream, from the recorded sublayer outputs
         found[f"layers.{i}.residual_attention"] = x + found[f"layers.{i}.attention_output"]
         x = found[f"layers.{i}.residual"] = found[f"layers.{i}.residual_attention"] + found[f"layers.{i}.mlp_output"]
-    del heads
     return _ordered(found, len(inner.layers)), {"engine": "mlx-lm", "version": _version("mlx-lm"), "dtype": dtype}
 
 
