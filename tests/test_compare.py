@@ -201,3 +201,18 @@ def test_float32_passes_f32_against_float64_on_adversarial_ids():
             assert_logits_close(e64.logits(ids), e32.logits(ids), "f32")
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+
+def test_mlx_lm_trace_loads_into_compare(tmp_path):
+    """MLX-LM's Llama module, traced under our names, agrees with refllama float64 at every tensor. (~5 s)"""
+    pytest.importorskip("mlx_lm", reason="needs mlx-lm (the [mlx] extra)")
+    out, ids = tmp_path / "mlx.npz", "3,1,4,1,5,9,2,6"
+    run = [sys.executable, "-m", "refllama"]
+    subprocess.run([*run, "trace", str(FIXTURES / "llama32"), "--engine", "mlx-lm", "--ids", ids, "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    trace, manifest = load_trace(out)
+    assert manifest["engine"] == "mlx-lm" and len(trace) == 3 + 9 * 2
+    r = subprocess.run([*run, "compare", str(FIXTURES / "llama32"), str(out), "--ids", ids, "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["candidate"].endswith("mlx-lm " + manifest["version"] + " (float32)")
