@@ -22,8 +22,7 @@ import pytest
 import refllama
 from refllama.backends import get_backend
 from refllama.errors import BackendError
-from refllama.testing import PROFILES, assert_logits_close
-from refllama.testing.compare import compare_traces
+from refllama.testing import PROFILES, assert_cached_matches_full, assert_logits_close, compare_traces
 
 CANDIDATE_BACKEND = "numba"  # the engine under test (refllama's own numba backend stands in for yours)
 CANDIDATE_DTYPE = "float32"
@@ -50,9 +49,11 @@ class Candidate:
         """Greedy continuation through the engine's KV cache, stopping at eos."""
         return self.engine.generate_ids(ids, max_new_tokens)
 
-    def trace(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """Intermediates under engine.trace's names; an engine that cannot dump them skips the per-layer test."""
-        return self.engine.trace(ids)
+    def trace(self, ids: list[int], decode_from: int | None = None) -> dict[str, np.ndarray]:
+        """Intermediates under engine.trace's names (docs/trace-format.md); with `decode_from=n`, ids[:n] as a
+        prefill and then one token at a time through the KV cache. An engine that cannot dump them skips the
+        per-layer tests."""
+        return self.engine.trace(ids, decode_from=decode_from)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,15 @@ def test_smollm2(candidate, refllama_reference, refllama_golden):
     logits = candidate(default_model_path()).logits(ids)
     assert_logits_close(reference.logits(ids), logits, PROFILE)
     assert_logits_close(golden["chat_logits_f32"], logits[golden["chat_positions"]], PROFILE)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cached_decoding_matches_the_full_pass(candidate, refllama_reference, refllama_golden, model):
+    """The KV-cache path, position by position, against the reference's full pass: catches what only cached
+    decoding gets wrong (a RoPE position, a mask), which greedy decoding can miss when no argmax moves."""
+    ids = refllama_golden(model)["ids_10"].tolist()
+    try:
+        cached = candidate(FIXTURES / model).trace(ids, decode_from=4)
+    except NotImplementedError:
+        pytest.skip("the candidate cannot dump its intermediates")
+    assert_cached_matches_full(refllama_reference(FIXTURES / model).trace(ids), cached, 4, PROFILE)

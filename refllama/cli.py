@@ -97,8 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--verify", action="store_true", help="also read every tensor: NaN/Inf scan, checksums")
     ins.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    cmp = sub.add_parser("compare", help="trace two models (or backends, or dtypes) and show where they diverge")
-    cmp.add_argument("a", help="reference: a model folder, a .gguf file, or a trace .npz (tools/hf_trace.py)")
+    cmp = sub.add_parser("compare", help="trace two models (or backends, or dtypes) and show where they diverge",
+                         epilog="exit codes: 0 every tensor within the profile, 1 a tensor diverges, 2 usage error "
+                                "or an unreadable model or trace (docs/trace-format.md)")
+    cmp.add_argument("a", help="reference: a model folder, a .gguf file, or a trace .npz (refllama trace)")
     cmp.add_argument("b", nargs="?", default=None, help="candidate (default: A again, with --backend-b/--dtype-b)")
     src = cmp.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated token ids")
@@ -107,9 +109,24 @@ def _parser() -> argparse.ArgumentParser:
         cmp.add_argument(f"--backend-{side}", default="numpy")
         cmp.add_argument(f"--dtype-{side}", default=dtype)
     cmp.add_argument("--profile", default="f32", help="tolerance profile: f64, f32, bf16, int8, q4 (default f32)")
+    cmp.add_argument("--decode-from", type=int, default=None,
+                     help="trace model sides through the KV cache: a prefill of N ids, then one id per step")
     cmp.add_argument("--json", action="store_true")
     cmp.add_argument("--plot", type=Path, default=None, help="write a per-layer error plot (PNG; needs matplotlib)")
     cmp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    tr = sub.add_parser("trace", help="write every intermediate of one forward pass as a trace .npz",
+                        description="Trace a model with refllama or another engine, under refllama's names "
+                                    "(docs/trace-format.md); `refllama compare` reads the file.")
+    tr.add_argument("model", help="HF folder or .gguf file")
+    tr.add_argument("--engine", default="refllama", choices=("refllama", "hf", "llamacpp", "mlx-lm"),
+                    help="refllama (default), hf (transformers), llamacpp (llama-cpp-python; a .gguf) or mlx-lm")
+    tr.add_argument("--ids", required=True, help="comma-separated token ids")
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--backend", default="numpy", help="refllama's backend (--engine refllama)")
+    tr.add_argument("--dtype", default="float32", help="compute dtype (llama.cpp: as the file stores it)")
+    tr.add_argument("--decode-from", type=int, default=None, help="refllama: prefill N ids, then one per step")
+    tr.add_argument("--debug", action="store_true", help="show tracebacks")
 
     bn = sub.add_parser("bench", help="prefill and decode tokens/s, time to first token and peak RSS of a model")
     _add_model_options(bn)
@@ -242,12 +259,46 @@ def cmd_logits(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: logits {logits.shape} {logits.dtype} for {len(ids)} tokens", file=sys.stderr)
 
 
+def _ids(text: str) -> list[int]:
+    from refllama.errors import InputError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from refllama.testing.engines import ENGINES, refllama_trace
+    from refllama.testing.traces import save_trace
+
+    ids = _ids(args.ids)
+    if args.engine == "refllama":
+        trace, manifest = refllama_trace(args.model, ids, args.dtype, args.backend, args.decode_from)
+    else:
+        trace, manifest = ENGINES[args.engine](args.model, ids, args.dtype)
+    save_trace(args.out, trace, **manifest, model=str(args.model), ids=ids)
+    print(f"wrote {args.out}: {len(trace)} tensors from {manifest['engine']} {manifest['version']}", file=sys.stderr)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    """0: every tensor within the profile; 1: one diverges; 2: a usage error or an unreadable model or trace."""
+    try:
+        return _compare(args)
+    except RefLlamaError as e:
+        if args.debug:
+            raise
+        print(f"refllama: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from refllama.engine import load
     from refllama.errors import InputError
     from refllama.testing.compare import PROFILES, compare_traces
+    from refllama.testing.traces import label, load_trace
 
     if args.profile not in PROFILES:
         raise InputError(f"unknown profile {args.profile!r} (one of {', '.join(PROFILES)})")
@@ -260,47 +311,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     def token_ids() -> list[int]:
         if args.ids is not None:
-            try:
-                return [int(x) for x in args.ids.split(",") if x.strip()]
-            except ValueError:
-                raise InputError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+            return _ids(args.ids)
         e = engine(args.a, args.backend_a, args.dtype_a)
         if e.tokenizer is None:
             raise InputError(f"{args.a} has no tokenizer: use --ids")
         return e.tokenizer.encode(args.text)
 
-    def trace(path: str, backend: str, dtype: str) -> dict[str, np.ndarray]:
+    def trace(path: str, backend: str, dtype: str) -> tuple[dict[str, np.ndarray], str]:
         if path.endswith(".npz"):
-            with np.load(path) as data:
-                return {k: data[k] for k in data.files}
-        return engine(path, backend, dtype).trace(ids)
+            t, manifest = load_trace(path)
+            return t, f"{path}: {label(manifest, 'a trace without a manifest')}"
+        cached = f", KV cache from {args.decode_from}" if args.decode_from else ""
+        return engine(path, backend, dtype).trace(ids, decode_from=args.decode_from), \
+            f"{path} (refllama {backend} {dtype}{cached})"
 
     ids = token_ids()
     b = args.b or args.a
-    rows = compare_traces(trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b, args.dtype_b),
-                          args.profile)
+    (ref, label_a), (cand, label_b) = trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b,
+                                                                                         args.dtype_b)
+    rows = compare_traces(ref, cand, args.profile, allow_missing=True)
     first = next((r for r in rows if not r.ok), None)
-    labels = [f"{args.a} ({args.backend_a} {args.dtype_a})", f"{b} ({args.backend_b} {args.dtype_b})"]
+    missing = [r.name for r in rows if r.missing]
+    labels = [label_a, label_b]
     if args.json:
         print(json.dumps({"reference": labels[0], "candidate": labels[1], "profile": args.profile,
                           "tokens": len(ids), "first_divergence": first.name if first else None,
-                          "rows": [asdict(r) for r in rows]}, indent=2))
+                          "missing": missing, "rows": [asdict(r) for r in rows]}, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{labels[1]} vs {labels[0]}, {len(ids)} tokens, profile {args.profile}")
+        table = Table(title=f"{labels[1]}\nvs {labels[0]}\n{len(ids)} tokens, profile {args.profile}")
         for col in ("tensor", "max |diff|", "max |diff| / max |ref|", "NMSE", ""):
             table.add_column(col, justify="left" if col == "tensor" else "right", no_wrap=col == "tensor")
         for r in rows:
-            table.add_row(r.name, f"{r.max_abs:.3g}", f"{r.rel_max_abs:.3g}", f"{r.nmse:.3g}",
-                          "ok" if r.ok else "[red]DIVERGES[/red]")
+            status = "missing" if r.missing else "ok" if r.ok else "[red]DIVERGES[/red]"
+            table.add_row(r.name, *(("-",) * 3 if r.missing else (f"{r.max_abs:.3g}", f"{r.rel_max_abs:.3g}",
+                                                                  f"{r.nmse:.3g}")), status)
         console = Console()
         console.print(table)
+        if missing:
+            console.print(f"{len(missing)} tensors of the reference are missing from the candidate")
         console.print(f"first divergence beyond '{args.profile}': {first.name}" if first else
                       f"no tensor diverges beyond the '{args.profile}' profile")
     if args.plot is not None:
-        _plot(rows, args.plot, labels)
+        _plot([r for r in rows if not r.missing], args.plot, labels)
     return 1 if first else 0
 
 
@@ -438,7 +493,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "logits": cmd_logits, "convert": cmd_convert,
-            "inspect": cmd_inspect, "compare": cmd_compare, "bench": cmd_bench, "serve": cmd_serve}
+            "inspect": cmd_inspect, "compare": cmd_compare, "bench": cmd_bench, "serve": cmd_serve,
+            "trace": cmd_trace}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,18 +185,30 @@ class GenericLlamaEngine:
         return self.backend.to_numpy(self.model.forward(ids, cache, attention_mask, positions,
                                                         last_only=last_only))
 
-    def trace(self, token_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Every intermediate of one full forward pass over one sequence, by stable name, as host arrays without
-        the batch axis: embeddings (T, hidden); per layer N: layers.N.input_norm, .q / .k (after RoPE) and .v
-        (heads, T, head_dim), .attention_output, .residual_attention, .post_attention_norm, .mlp_output and
-        .residual (T, hidden); final_norm (T, hidden); logits (T, vocab)."""
+    def trace(self, token_ids: Sequence[int] | np.ndarray, decode_from: int | None = None) -> dict[str, np.ndarray]:
+        """Every intermediate of one forward pass over one sequence, by stable name, as host arrays without the
+        batch axis: embeddings (T, hidden); per layer N: layers.N.input_norm, .q / .k (after RoPE) and .v
+        (KV heads for k and v: (heads, T, head_dim)), .attention_output (after o_proj), .residual_attention,
+        .post_attention_norm, .mlp_output and .residual (T, hidden); final_norm (T, hidden); logits (T, vocab).
+
+        `decode_from=n` traces the KV-cache path instead: ids[:n] as one prefill, then each later id as a
+        one-token step through the cache; every tensor is joined over positions, so the names and shapes are
+        those of the full pass and the two traces compare position by position (docs/trace-format.md)."""
         ids = self.check_ids(token_ids, ndim=1)
-        trace: dict = {}
-        if self.pipeline is not None:
-            self.pipeline.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)  # host arrays
-            return {name: value[0] for name, value in trace.items()}
-        self.model.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)
-        return {name: self.backend.to_numpy(value)[0] for name, value in trace.items()}
+        n = len(ids) if decode_from is None else decode_from
+        if not 1 <= n <= len(ids):
+            raise InputError(f"decode_from must be in [1, {len(ids)}] for {len(ids)} ids, got {decode_from}")
+        cache = self.new_cache(1, len(ids))
+        forward = self.model.forward if self.pipeline is None else self.pipeline.forward
+        to_host = self.backend.to_numpy if self.pipeline is None else np.asarray  # a pipeline traces host arrays
+        steps: list[dict] = []
+        for start, end in [(0, n)] + [(t, t + 1) for t in range(n, len(ids))]:
+            steps.append({})
+            forward(ids[None, start:end], cache, trace=steps[-1])
+        # q, k, v are (heads, T, head_dim) once the batch axis is dropped: positions on axis 1, else axis 0.
+        return {name: np.concatenate([to_host(step[name])[0] for step in steps],
+                                     axis=1 if name.rsplit(".", 1)[-1] in ("q", "k", "v") else 0)
+                for name in steps[0]}
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits for every position of one sequence, (T, vocab), from one full forward pass."""

@@ -1,4 +1,5 @@
-"""The oracle toolkit: compare metrics and profiles, engine.trace, tools/hf_trace.py and `refllama compare`."""
+"""The oracle toolkit: compare metrics and profiles, engine.trace, the trace format, `refllama trace` and
+`refllama compare`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ import numpy as np
 import pytest
 
 import refllama
-from refllama.testing import PROFILES, assert_logits_close, check, compare
-from refllama.testing.compare import compare_traces
+from refllama.testing import (
+    PROFILES,
+    TraceFormatError,
+    assert_logits_close,
+    check,
+    compare,
+    compare_traces,
+    load_trace,
+    save_trace,
+    validate_trace,
+)
+from refllama.testing.traces import TraceDims, expected_shapes
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 
 
 def test_metrics_on_known_differences():
@@ -42,8 +53,12 @@ def test_profiles_document_their_calibration_and_catch_breaks():
     assert all(p.calibration for p in PROFILES.values())
     ref = np.random.default_rng(1).standard_normal((6, 32)) * 3
     assert_logits_close(ref, ref + 1e-5, "f32")
-    with pytest.raises(AssertionError, match=r"max \|diff\| 0.001 > 0.0002 at position"):
-        assert_logits_close(ref, ref + 1e-3, "f32")
+    # f32 allows 2e-4 + 1e-4 x max |ref| at each position
+    bound = 2e-4 + 1e-4 * np.abs(ref).max(-1)
+    assert not any("max |diff|" in f for f in check(compare(ref, ref + 0.9 * bound[:, None]), "f32"))
+    with pytest.raises(AssertionError, match=rf"max \|diff\| 0.01 > {bound.min():.3g} at position "
+                                             rf"{bound.argmin()} \(0.0002 \+ 0.0001 x max \|ref\|"):
+        assert_logits_close(ref, ref + 1e-2, "f32")
     flipped = ref.copy()
     flipped[2] = -ref[2]
     assert any("top-1 agreement" in f for f in check(compare(ref, flipped), "bf16"))
@@ -80,23 +95,24 @@ def _golden_extra() -> bool:
 @pytest.mark.skipif(not _golden_extra(), reason="needs the [golden] extra (CI installs it)")
 def test_hf_trace_matches_refllama_tensor_by_tensor(tmp_path):
     out = tmp_path / "hf.npz"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "hf_trace.py"), str(FIXTURES / "head_dim"), "--ids",
-                    "3,1,4,1,5,9,2,6", "--out", str(out)], check=True, capture_output=True, timeout=300)
-    with np.load(out) as data:
-        hf = {k: data[k] for k in data.files}
+    trace = [sys.executable, "-m", "refllama", "trace", str(FIXTURES / "head_dim"), "--engine", "hf", "--ids",
+             "3,1,4,1,5,9,2,6", "--out", str(out)]
+    subprocess.run(trace, check=True, capture_output=True, timeout=300)
+    hf, manifest = load_trace(out)
+    assert manifest["engine"] == "transformers" and manifest["dtype"] == "float32"
     ours = refllama.load(FIXTURES / "head_dim").trace([3, 1, 4, 1, 5, 9, 2, 6])
     assert list(hf) == list(ours)
     rows = compare_traces(hf, ours, "f32")
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
     # stock HF float64 keeps RMSNorm in float32: against true float64 it diverges at the first norm
-    subprocess.run([sys.executable, str(ROOT / "tools" / "hf_trace.py"), str(FIXTURES / "head_dim"), "--ids",
-                    "3,1,4,1,5,9,2,6", "--out", str(out), "--dtype", "float64"], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run([*trace, "--dtype", "float64"], check=True, timeout=300, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "refllama", "compare", str(out), str(FIXTURES / "head_dim"),
                         "--ids", "3,1,4,1,5,9,2,6", "--dtype-b", "float64", "--profile", "f64", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
-    assert json.loads(r.stdout)["first_divergence"] == "layers.0.input_norm"
+    report = json.loads(r.stdout)
+    assert report["first_divergence"] == "layers.0.input_norm"
+    assert report["reference"].endswith(f"transformers {manifest['version']} (float64)")
 
 
 def test_compare_command_table_json_and_plot(tmp_path):
@@ -111,3 +127,92 @@ def test_compare_command_table_json_and_plot(tmp_path):
     assert r.returncode == 1 and report["rows"][0]["name"] == "embeddings" and report["rows"][0]["ok"]
     assert report["first_divergence"] == "layers.0.input_norm"
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_format_validator_names_the_tensor_and_the_shape(engines, tmp_path):
+    engine = engines("tinyllama", "float32")
+    c, ids = engine.config, [5, 1, 7, 2]
+    t = engine.trace(ids)
+    shapes = expected_shapes(TraceDims.of(c, len(ids)))
+    assert list(shapes) == list(t) and all(shapes[n] == t[n].shape for n in t)
+    assert validate_trace(t, shapes) == []
+    repeated = dict(t, **{"layers.1.k": np.repeat(t["layers.1.k"], 4, axis=0)})  # KV heads repeated for GQA
+    with pytest.raises(TraceFormatError, match=r"'layers.1.k' has shape \(8, 4, 8\), expected \(2, 4, 8\) \(KV "
+                                               r"heads, not repeated"):
+        compare_traces(t, repeated)
+    batched = dict(t, embeddings=t["embeddings"][None])
+    with pytest.raises(TraceFormatError, match=r"'embeddings' has shape \(1, 4, 64\), expected \(4, 64\)"):
+        compare_traces(t, batched)
+    partial = {k: v for k, v in t.items() if not k.endswith(".v")}
+    with pytest.raises(TraceFormatError, match=r"2 tensors missing: layers.0.v, layers.1.v"):
+        compare_traces(t, partial)
+    rows = compare_traces(t, partial, allow_missing=True)
+    assert [r.name for r in rows if r.missing] == ["layers.0.v", "layers.1.v"] and all(r.ok for r in rows)
+    # the file form: a JSON manifest beside the tensors, read back without pickle
+    save_trace(tmp_path / "t.npz", t, engine="my-engine", version="1.2", dtype="float32", ids=ids)
+    back, manifest = load_trace(tmp_path / "t.npz")
+    assert manifest == {"engine": "my-engine", "version": "1.2", "dtype": "float32", "ids": ids}
+    assert list(back) == list(t) and all(np.array_equal(back[k], t[k]) for k in t)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(TraceFormatError, match=r"bad\.npz: not a readable trace"):
+        load_trace(tmp_path / "bad.npz")
+
+
+def test_trace_and_compare_commands_label_sides_and_exit_codes(tmp_path):
+    run = [sys.executable, "-m", "refllama"]
+    model, ids = str(FIXTURES / "tinyllama"), "3,1,4,1,5,9"
+    out = tmp_path / "t.npz"
+    r = subprocess.run([*run, "trace", model, "--ids", ids, "--out", str(out), "--dtype", "float64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_trace(out)[1]["engine"] == "refllama-numpy"
+    r = subprocess.run([*run, "compare", str(out), model, "--ids", ids, "--json", "--decode-from", "2"],
+                       capture_output=True, text=True, timeout=300)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["first_divergence"] is None and report["missing"] == []
+    assert report["reference"] == f"{out}: refllama-numpy {refllama.__version__} (float64)"
+    assert report["candidate"] == f"{model} (refllama numpy float32, KV cache from 2)"
+    r = subprocess.run([*run, "compare", str(out), model, "--ids", ids, "--profile", "f64"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "first divergence beyond 'f64'" in r.stdout
+    for bad in (["--profile", "f17"], ["--ids", "1,x"]):
+        r = subprocess.run([*run, "compare", str(out), model, "--ids", ids, *bad], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("refllama: error:"), r.stderr
+    r = subprocess.run([*run, "compare", str(out), str(FIXTURES / "llama32"), "--ids", ids], capture_output=True,
+                       text=True, timeout=300)  # another model's shapes: the validator names the first tensor
+    assert r.returncode == 2 and "'layers.0.q' has shape" in r.stderr
+
+
+def test_float32_passes_f32_against_float64_on_adversarial_ids():
+    """The f32 profile's calibration set on SmolLM2 (shortened): special ids, BOS only, repeats, random ids and
+    natural text; refllama's own float32 must raise no false alarm on any of them."""
+    from conftest import smollm2_path
+
+    path = smollm2_path()
+    e64, e32 = refllama.load(path, dtype="float64"), refllama.load(path, dtype="float32")
+    vocab = e64.config.vocab_size
+    rng = np.random.default_rng(0)
+    sequences = {"special": [1, 2, 3, 4], "bos_x16": [1] * 16, "random": rng.integers(0, vocab, 16),
+                 "random_top": rng.integers(vocab - 1000, vocab, 16),
+                 "natural": e64.tokenizer.encode("The capital of France is Paris. The capital of Germany is")}
+    for name, ids in sequences.items():
+        try:
+            assert_logits_close(e64.logits(ids), e32.logits(ids), "f32")
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+def test_mlx_lm_trace_loads_into_compare(tmp_path):
+    """MLX-LM's Llama module, traced under our names, agrees with refllama float64 at every tensor. (~5 s)"""
+    pytest.importorskip("mlx_lm", reason="needs mlx-lm (the [mlx] extra)")
+    out, ids = tmp_path / "mlx.npz", "3,1,4,1,5,9,2,6"
+    run = [sys.executable, "-m", "refllama"]
+    subprocess.run([*run, "trace", str(FIXTURES / "llama32"), "--engine", "mlx-lm", "--ids", ids, "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    trace, manifest = load_trace(out)
+    assert manifest["engine"] == "mlx-lm" and len(trace) == 3 + 9 * 2
+    r = subprocess.run([*run, "compare", str(FIXTURES / "llama32"), str(out), "--ids", ids, "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["candidate"].endswith("mlx-lm " + manifest["version"] + " (float32)")
