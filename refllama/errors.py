@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RefLlamaError(Exception):
@@ -44,3 +45,20 @@ class BackendError(RefLlamaError):
 
 class InputError(RefLlamaError):
     """Token ids or other call arguments are invalid (out of vocabulary, empty, over the cache size)."""
+
+
+class NumericalError(RefLlamaError):
+    """Weights or activations are NaN or infinite: the model would compute nonsense, so it does not compute."""
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A short repr of a value read from a file, for error messages: they name a bad value, never quote a file."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}... ({len(value)} in all)"
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} ({value.dtype})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

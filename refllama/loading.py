@@ -15,8 +15,9 @@ from refllama.config import LlamaConfig
 from refllama.diagnostics.diagnostic import ModelDiagnostic
 from refllama.diagnostics.memory import BackendConfig, MemoryManager, estimate
 from refllama.dtypes import LayerDataTypeConfig
-from refllama.errors import CheckpointError
+from refllama.errors import CheckpointError, TokenizerError
 from refllama.formats.checkpoint import load_weight_map
+from refllama.formats.files import ModelFolder
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
@@ -37,14 +38,15 @@ class ModelFiles:
 
 
 def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, quant_semantics: str = "hf",
-               layer_dtypes: LayerDataTypeConfig | None = None) -> ModelFiles:
+               layer_dtypes: LayerDataTypeConfig | None = None, allow_symlinks: bool = False) -> ModelFiles:
     """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
 
     GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
     per-layer data types that re-derive the weights from float); the rest become float32. `dequantize` makes
     weight-only quantized Linears float32 at load (W8A8 keeps its integer GEMM: dequantizing it would change the
     function); `quant_semantics` ("hf", "vllm") is how W8A8 Linears quantize their inputs. `layer_dtypes` is
-    recorded in the config (the engine applies it).
+    recorded in the config (the engine applies it). A folder's files must lie inside it; `allow_symlinks` trusts
+    its symlinks wherever they point (refllama/formats/files.py).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -55,12 +57,17 @@ def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, 
         keep = frozenset() if dequantize or layer_dtypes is not None else stored_block_types(backend)
         source: TensorSource | GGUFTensorSource = GGUFTensorSource(gguf, config, keep)
     elif path.is_dir():
-        config = LlamaConfig.from_dir(path)
-        has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
-        tokenizer = LlamaTokenizer.from_dir(path) if has_tokenizer else None
-        source = TensorSource(path)
+        config = LlamaConfig.from_dir(path, allow_symlinks=allow_symlinks)
+        folder = ModelFolder(path, allow_symlinks=allow_symlinks)
+        has_tokenizer = any(folder.file(f, TokenizerError) is not None for f in TOKENIZER_FILES)
+        tokenizer = LlamaTokenizer.from_dir(path, allow_symlinks=allow_symlinks) if has_tokenizer else None
+        source = TensorSource(path, allow_symlinks=allow_symlinks)
     else:
         raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary (its "
+                             f"embedding table) has {config.vocab_size}: ids past it could never be run",
+                             tokenizer.path or path)
     if layer_dtypes is not None:
         config = replace(config, layer_dtypes=layer_dtypes)
     weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics)
