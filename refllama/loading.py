@@ -23,6 +23,7 @@ from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource
 from refllama.formats.tokenizer import LlamaTokenizer
+from refllama.model.finite import check_weights
 from refllama.model.weights import WeightMap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -38,7 +39,8 @@ class ModelFiles:
 
 
 def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, quant_semantics: str = "hf",
-               layer_dtypes: LayerDataTypeConfig | None = None, allow_symlinks: bool = False) -> ModelFiles:
+               layer_dtypes: LayerDataTypeConfig | None = None, allow_symlinks: bool = False,
+               verify: bool = True) -> ModelFiles:
     """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
 
     GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
@@ -46,7 +48,8 @@ def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, 
     weight-only quantized Linears float32 at load (W8A8 keeps its integer GEMM: dequantizing it would change the
     function); `quant_semantics` ("hf", "vllm") is how W8A8 Linears quantize their inputs. `layer_dtypes` is
     recorded in the config (the engine applies it). A folder's files must lie inside it; `allow_symlinks` trusts
-    its symlinks wherever they point (refllama/formats/files.py).
+    its symlinks wherever they point (refllama/formats/files.py). `verify` checks that every float weight is
+    finite (NumericalError naming the first that is not; refllama/model/finite.py).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -71,6 +74,8 @@ def read_model(path: str | Path, backend: Backend, *, dequantize: bool = False, 
     if layer_dtypes is not None:
         config = replace(config, layer_dtypes=layer_dtypes)
     weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics)
+    if verify:
+        check_weights(weights, path)
     return ModelFiles(config, weights, tokenizer)
 
 

@@ -241,6 +241,12 @@ SUPPORTED_TYPES = tuple(sorted({*_FLOATS, GGMLType.BF16, GGMLType.I8, GGMLType.I
                                 *_DECODERS}))
 
 
+def block_layout(ggml_type: GGMLType) -> np.dtype | None:
+    """The packed struct of one block of a block type (its float fields are the scales), None for plain types."""
+    entry = _DECODERS.get(ggml_type)
+    return entry[0] if entry is not None else None
+
+
 def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes (uint8, exactly tensor_nbytes long) of a tensor -> new float32 array of `shape`.
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from refllama.errors import CheckpointError, brief
-from refllama.formats.files import open_regular
+from refllama.formats.files import map_file, open_regular
 from refllama.formats.ggml_quants import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType, dequantize, tensor_nbytes
 from refllama.formats.safetensors import release_pages
 
@@ -163,7 +163,7 @@ class GGUFFile:
             if os.fstat(f.fileno()).st_size < 4:
                 raise CheckpointError("not a GGUF file (shorter than its magic bytes)", self.path)
             try:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = map_file(f)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"cannot map file ({e})", self.path) from None
         cur = _Cursor(self._map, self.path)

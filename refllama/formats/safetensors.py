@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from refllama.errors import CheckpointError, brief
-from refllama.formats.files import ModelFolder, open_regular, parse_json, read_json
+from refllama.formats.files import ModelFolder, map_file, open_regular, parse_json, read_json
 
 # safetensors dtype names -> NumPy dtypes (little-endian, as the format mandates).
 DTYPES: dict[str, np.dtype] = {
@@ -138,7 +138,7 @@ class SafetensorsFile:
         self.path = Path(path)
         with open_regular(self.path) as f:
             self.tensors, self.metadata = _read_header(f, self.path)
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map = map_file(f)
 
     def _mapped(self) -> mmap.mmap:
         return self._map
