@@ -162,6 +162,14 @@ class LlamaConfig:
         except ConfigError as e:
             raise ConfigError(e.field, e.message, source) from None
 
+        vocab_size = r.positive_int("vocab_size")
+        readers = [r, _Reader(generation_config, source)] if generation_config else [r]
+        for reader in readers:  # each file's ids must lie in the vocabulary, even those the other file overrides
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                outside = [t for t in reader.token_ids(key, default=None) if t >= vocab_size]
+                if outside:
+                    raise ConfigError(key, f"token id {outside[0]} is outside the vocabulary (vocab_size "
+                                      f"{vocab_size})", source)
         bos = r.token_id("bos_token_id", default=1)
         eos = _merge_eos(r.token_ids("eos_token_id", default=[2]),
                          _Reader(generation_config, source).token_ids("eos_token_id", default=[])
@@ -171,13 +179,6 @@ class LlamaConfig:
             g = _Reader(generation_config, source)
             bos = g.token_id("bos_token_id", default=bos)
             pad = g.token_id("pad_token_id", default=pad)
-
-        vocab_size = r.positive_int("vocab_size")
-        for key, ids in (("bos_token_id", [bos]), ("eos_token_id", eos), ("pad_token_id", [pad])):
-            outside = [t for t in ids if t is not None and t >= vocab_size]
-            if outside:
-                raise ConfigError(key, f"token id {outside[0]} is outside the vocabulary (vocab_size {vocab_size})",
-                                  source)
 
         return cls(
             vocab_size=vocab_size,

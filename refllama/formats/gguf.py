@@ -130,6 +130,11 @@ class _Cursor:
         raise CheckpointError(f"metadata {brief(key)} has unknown value type {vtype}", self.path)
 
 
+def _short(name: str) -> str:
+    """A tensor name for an error message (names are the file's: a hostile one may be 64 KiB long)."""
+    return name if len(name) <= 200 else name[:200] + "..."
+
+
 def _check_type(key: str, value: Any, expected: str, path: Path) -> None:
     """Refuse a well-known key whose value has another type than the specification's."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -195,7 +200,7 @@ class GGUFFile:
             name = cur.string(MAX_KEY_BYTES)
             n_dims = cur.take("I")
             if n_dims > MAX_DIMS:
-                raise CheckpointError(f"{n_dims} dimensions (ggml has at most {MAX_DIMS})", self.path, brief(name))
+                raise CheckpointError(f"{n_dims} dimensions (ggml has at most {MAX_DIMS})", self.path, _short(name))
             dims = [cur.take("Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.take("I"), cur.take("Q")))
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -206,12 +211,12 @@ class GGUFFile:
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, dims, type_id, offset in infos:
             if name in self.tensors:
-                raise CheckpointError("tensor appears twice", self.path, brief(name))
+                raise CheckpointError("tensor appears twice", self.path, _short(name))
             self.tensors[name] = self._tensor_info(name, dims, type_id, offset)
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
         for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
             if begin_b < end_a:
-                raise CheckpointError(f"data overlaps tensor {brief(name_a)}", self.path, brief(name_b))
+                raise CheckpointError(f"data overlaps tensor {brief(name_a)}", self.path, _short(name_b))
 
     def _tensor_info(self, name: str, dims: list[int], type_id: int, offset: int) -> GGUFTensorInfo:
         try:
@@ -221,26 +226,26 @@ class GGUFFile:
         if ggml_type not in SUPPORTED_TYPES:
             what = f"ggml type {ggml_type.name}" if ggml_type is not None else f"ggml type id {type_id}"
             names = ", ".join(t.name for t in SUPPORTED_TYPES)
-            raise CheckpointError(f"unsupported {what} (supported: {names})", self.path, brief(name))
+            raise CheckpointError(f"unsupported {what} (supported: {names})", self.path, _short(name))
         shape = tuple(int(d) for d in reversed(dims))
         block = BLOCK_SIZES[ggml_type][0]
         if shape and shape[-1] % block:  # ggml quantizes row by row
             raise CheckpointError(f"row length {shape[-1]} is not a multiple of {ggml_type.name}'s block of "
-                                  f"{block}", self.path, brief(name))
+                                  f"{block}", self.path, _short(name))
         numel = math.prod(shape)  # Python ints: a dimension of 2^64-1 cannot wrap to a small or negative size
         if numel > len(self._map) * 8:  # no type stores more than 8 elements in a byte; don't even size it
             raise CheckpointError(f"shape {list(shape)} holds more elements than the file could store", self.path,
-                                  brief(name))
+                                  _short(name))
         try:
             nbytes = tensor_nbytes(ggml_type, numel)
         except ValueError as e:
-            raise CheckpointError(str(e), self.path, brief(name)) from None
+            raise CheckpointError(str(e), self.path, _short(name)) from None
         if offset % self.alignment:
-            raise CheckpointError(f"data offset {offset} is not aligned to {self.alignment}", self.path, brief(name))
+            raise CheckpointError(f"data offset {offset} is not aligned to {self.alignment}", self.path, _short(name))
         start = self.data_offset + offset
         if start + nbytes > len(self._map):
             raise CheckpointError(f"data [{start}, {start + nbytes}) runs past the end of the file "
-                                  f"({len(self._map)} bytes)", self.path, brief(name))
+                                  f"({len(self._map)} bytes)", self.path, _short(name))
         return GGUFTensorInfo(name, ggml_type, shape, start, nbytes)
 
     def _info(self, name: str) -> GGUFTensorInfo:
