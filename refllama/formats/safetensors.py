@@ -220,11 +220,14 @@ class TensorSource:
             raise CheckpointError("index is not JSON with a 'weight_map' object", index_path)
         shards: dict[str, Path] = {}
         for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{self.INDEX} maps the tensor to {brief(shard)}, not a file name", index_path,
+                                      name)
             if shard not in shards:
                 def entry_error(message: str, _: Path, name: str = name) -> CheckpointError:
                     return CheckpointError(f"{self.INDEX} entry: {message}", index_path, name)
 
-                shard_path = self.model_folder.file(shard, entry_error) if isinstance(shard, str) else None
+                shard_path = self.model_folder.file(shard, entry_error)
                 if shard_path is None:
                     raise CheckpointError(f"shard {brief(shard)} listed in {self.INDEX} is missing", index_path, name)
                 shards[shard] = shard_path

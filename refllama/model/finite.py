@@ -62,7 +62,8 @@ def is_finite(array: np.ndarray) -> bool:
 def _finite_chunk(chunk: np.ndarray) -> bool:
     if chunk.dtype in _EXOTIC:
         chunk = chunk.astype(np.float32)
-    total = chunk.sum(dtype=np.float64 if chunk.dtype == np.float64 else np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow or NaN in the sum is what is looked for
+        total = chunk.sum(dtype=np.float64 if chunk.dtype == np.float64 else np.float32)
     return bool(np.isfinite(total) or np.isfinite(chunk).all())  # a finite sum proves the chunk finite
 
 

@@ -198,7 +198,10 @@ def _paths(c: Corpus, outside: Path, secret: Path) -> None:
     _index(c, "index-secret-inside", lambda d, f: (shutil.copy(secret, f / "notes.txt"),
                                                     d["weight_map"].__setitem__(_first(d), "notes.txt")),
            expect=E, words=("notes.txt", "header length"), forbid=("3475222254926655346", "root:x"))
-    _index(c, "index-shard-int", lambda d, _: d["weight_map"].__setitem__(_first(d), 7), expect=E, words=("7",))
+    _index(c, "index-shard-int", lambda d, _: d["weight_map"].__setitem__(_first(d), 7), expect=E,
+           words=("not a file name",))
+    _index(c, "index-shard-list", lambda d, _: d["weight_map"].__setitem__(_first(d), []), expect=E,
+           words=("not a file name",))
     _index(c, "index-shard-nul", lambda d, _: d["weight_map"].__setitem__(_first(d), "a\0b"), expect=E,
            words=("plain relative name",))
     _index(c, "index-shard-empty", lambda d, _: d["weight_map"].__setitem__(_first(d), ""), expect=E,
