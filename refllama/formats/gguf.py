@@ -82,14 +82,14 @@ class GGUFTensorInfo:
 
 class _Cursor:
     def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
 
     def left(self) -> int:
-        return len(self.buf) - self.pos
+        return self.size - self.pos
 
-    def take(self, fmt: str) -> Any:
+    def take(self, fmt: str) -> Any:  # the hot loop of reading a vocabulary: comparisons inlined
         size = struct.calcsize("<" + fmt)
-        if size > self.left():
+        if self.pos + size > self.size:
             raise CheckpointError(f"truncated GGUF file (needed {size} bytes at offset {self.pos})", self.path)
         (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += size
@@ -97,7 +97,7 @@ class _Cursor:
 
     def string(self, limit: int | None = None) -> str:
         n = self.take("Q")
-        if n > self.left():
+        if self.pos + n > self.size:
             raise CheckpointError(f"truncated GGUF file (string of {n} bytes at offset {self.pos})", self.path)
         if limit is not None and n > limit:
             raise CheckpointError(f"a key of {n} bytes at offset {self.pos} (at most {limit})", self.path)
