@@ -14,13 +14,14 @@ model here as there.
 from __future__ import annotations
 
 import enum
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refllama.dtypes import DataType, LayerDataTypeConfig
-from refllama.errors import ConfigError
+from refllama.errors import ConfigError, brief
+from refllama.formats.files import ModelFolder, read_json
 from refllama.quant.config import QuantizationConfig, parse_quantization_config
 
 
@@ -37,6 +38,15 @@ class ActivationType(enum.Enum):
 _ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# Sane limits. Every published Llama-family config is far below them (the largest: a 262k vocabulary, hidden
+# 16384, intermediate 53248, 126 layers, 128 heads, a 10M context). Larger values come from malformed or hostile
+# files, and would size loops and allocations before the weights on disk could disprove them.
+LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24,
+}
 
 
 @dataclass(frozen=True)
@@ -89,17 +99,18 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> LlamaConfig:
-        """Read `config.json` and, when present, `generation_config.json` from a model folder."""
-        folder = Path(path)
-        config_path = folder / "config.json"
-        data = _read_json(config_path)
-        quantize_config = folder / "quantize_config.json"
-        if "quantization_config" not in data and quantize_config.is_file():
+    def from_dir(cls, path: str | Path, *, allow_symlinks: bool = False) -> LlamaConfig:
+        """Read `config.json` and, when present, `generation_config.json` from a model folder (files reached as
+        `refllama.formats.files.ModelFolder` allows)."""
+        folder = ModelFolder(path, allow_symlinks=allow_symlinks)
+        config_path = folder.path / "config.json"
+        data = _read_json(folder.file("config.json", _config_error) or config_path)
+        quantize_config = folder.file("quantize_config.json", _config_error)
+        if "quantization_config" not in data and quantize_config is not None:
             # AutoGPTQ / GPTQModel checkpoints may carry their block only there (its quant_method, else gptq)
             data = {**data, "quantization_config": {"quant_method": "gptq", **_read_json(quantize_config)}}
-        generation_path = folder / "generation_config.json"
-        generation = _read_json(generation_path) if generation_path.is_file() else None
+        generation_path = folder.file("generation_config.json", _config_error)
+        generation = _read_json(generation_path) if generation_path is not None else None
         return cls.from_dict(data, generation, source=config_path)
 
     @classmethod
@@ -108,6 +119,8 @@ class LlamaConfig:
         """Build and validate a config from config.json's object (and generation_config.json's)."""
         if not isinstance(data, dict):
             raise ConfigError("<root>", "config must be a JSON object", source)
+        if generation_config is not None and not isinstance(generation_config, dict):
+            raise ConfigError("<root>", "generation config must be a JSON object", source)
         r = _Reader(data, source)
         hidden_size = r.positive_int("hidden_size")
         heads = r.positive_int("num_attention_heads")
@@ -134,18 +147,29 @@ class LlamaConfig:
             hidden_act = ActivationType(_ACTIVATION_ALIASES.get(act_name, act_name))
         except ValueError:
             supported = ", ".join(a.value for a in ActivationType)
-            raise ConfigError("hidden_act", f"unsupported activation {act_name!r} (supported: {supported})",
+            raise ConfigError("hidden_act", f"unsupported activation {brief(act_name)} (supported: {supported})",
                               source) from None
 
         dtype_name = data.get("dtype", data.get("torch_dtype")) or "float32"
         try:
-            default_dtype = DataType.parse(dtype_name)
+            default_dtype = DataType.parse(dtype_name) if isinstance(dtype_name, str) else DataType.Custom
         except ValueError:
             default_dtype = DataType.Custom
 
         quant_block = data.get("quantization_config")
-        quantization = parse_quantization_config(quant_block) if quant_block is not None else None
+        try:
+            quantization = parse_quantization_config(quant_block) if quant_block is not None else None
+        except ConfigError as e:
+            raise ConfigError(e.field, e.message, source) from None
 
+        vocab_size = r.positive_int("vocab_size")
+        readers = [r, _Reader(generation_config, source)] if generation_config else [r]
+        for reader in readers:  # each file's ids must lie in the vocabulary, even those the other file overrides
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                outside = [t for t in reader.token_ids(key, default=None) if t >= vocab_size]
+                if outside:
+                    raise ConfigError(key, f"token id {outside[0]} is outside the vocabulary (vocab_size "
+                                      f"{vocab_size})", source)
         bos = r.token_id("bos_token_id", default=1)
         eos = _merge_eos(r.token_ids("eos_token_id", default=[2]),
                          _Reader(generation_config, source).token_ids("eos_token_id", default=[])
@@ -157,7 +181,7 @@ class LlamaConfig:
             pad = g.token_id("pad_token_id", default=pad)
 
         return cls(
-            vocab_size=r.positive_int("vocab_size"),
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=r.positive_int("intermediate_size"),
             num_hidden_layers=r.positive_int("num_hidden_layers"),
@@ -177,8 +201,8 @@ class LlamaConfig:
             pad_token_id=pad,
             default_dtype=default_dtype,
             quantization_config=quantization,
-            model_type=str(data.get("model_type", "llama")),
-            name_or_path=data.get("_name_or_path"),
+            model_type=str(data.get("model_type", "llama"))[:100],
+            name_or_path=data.get("_name_or_path") if isinstance(data.get("_name_or_path"), str) else None,
         )
 
 
@@ -210,14 +234,12 @@ class LlamaConfig:
         return data
 
 
+def _config_error(message: str, path: Path) -> ConfigError:
+    return ConfigError("<file>", message, path)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError("<file>", "file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("<file>", f"not valid JSON ({e})", path) from None
+    data = read_json(path, _config_error, limit=16 << 20)
     if not isinstance(data, dict):
         raise ConfigError("<root>", "expected a JSON object", path)
     return data
@@ -248,7 +270,7 @@ def _parse_rope(data: dict[str, Any], r: _Reader, source: str | Path | None) -> 
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{field_name}.rope_type",
-                          f"unsupported RoPE type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})", source)
+                          f"unsupported RoPE type {brief(rope_type)} (supported: {', '.join(ROPE_TYPES)})", source)
     if rope_type == "default":
         return theta, None
 
@@ -286,6 +308,7 @@ class _Reader:
         return value
 
     def positive_int(self, key: str, default: Any = _MISSING) -> Any:
+        """A positive integer, at most LIMITS[key] when the key has a limit."""
         value = self._get(key, default)
         if value is None and default is None:
             return None
@@ -293,41 +316,45 @@ class _Reader:
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise self._fail(key, f"expected a positive integer, got {value!r}")
+                raise self._fail(key, f"expected a positive integer, got {brief(value)}")
         if value <= 0:
             raise self._fail(key, f"must be positive, got {value}")
+        limit = LIMITS.get(key)
+        if limit is not None and value > limit:
+            raise self._fail(key, f"{value} is over the limit of {limit} (no real model comes near it)")
         return value
 
     def positive_float(self, key: str, default: Any = _MISSING) -> float:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._fail(key, f"expected a positive number, got {value!r}")
-        if not value > 0 or value == float("inf"):
-            raise self._fail(key, f"must be a finite positive number, got {value}")
-        return float(value)
+            raise self._fail(key, f"expected a positive number, got {brief(value)}")
+        number = float(value) if not isinstance(value, int) or abs(value) < 1 << 1000 else math.inf
+        if not (number > 0 and math.isfinite(number)):
+            raise self._fail(key, f"must be a finite positive number, got {brief(value)}")
+        return number
 
     def boolean(self, key: str, default: Any = _MISSING) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
-            raise self._fail(key, f"expected true or false, got {value!r}")
+            raise self._fail(key, f"expected true or false, got {brief(value)}")
         return value
 
     def string(self, key: str, default: Any = _MISSING) -> str:
         value = self._get(key, default)
         if not isinstance(value, str):
-            raise self._fail(key, f"expected a string, got {value!r}")
+            raise self._fail(key, f"expected a string, got {brief(value)}")
         return value
 
     def token_id(self, key: str, default: Any = _MISSING) -> int | None:
         value = self._get(key, default)
         if isinstance(value, list):  # some configs write a single-element list
             if len(value) != 1:
-                raise self._fail(key, f"expected one token id, got {value!r}")
+                raise self._fail(key, f"expected one token id, got {brief(value)}")
             value = value[0]
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self._fail(key, f"expected a non-negative integer token id, got {value!r}")
+            raise self._fail(key, f"expected a non-negative integer token id, got {brief(value)}")
         return value
 
     def token_ids(self, key: str, default: Any = _MISSING) -> list[int]:
@@ -337,5 +364,5 @@ class _Reader:
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise self._fail(key, f"expected token ids (an integer or a list of them), got {value!r}")
+                raise self._fail(key, f"expected token ids (an integer or a list of them), got {brief(value)}")
         return list(values)

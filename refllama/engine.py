@@ -13,13 +13,13 @@ import numpy as np
 from refllama.backends import Backend, get_backend
 from refllama.config import LlamaConfig
 from refllama.diagnostics.diagnostic import ModelDiagnostic
-from refllama.diagnostics.memory import BackendConfig, MemoryManager
+from refllama.diagnostics.memory import AllocationError, BackendConfig, MemoryManager, kv_cache_bytes
 from refllama.dtypes import DataType, LayerDataTypeConfig
-from refllama.errors import InputError
+from refllama.errors import InputError, brief
 from refllama.formats.default_model import default_model_path
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.generation import GenerationRequest, GenerationResponse, decode
-from refllama.generation.chat import Message
+from refllama.generation.requests import Message
 from refllama.loading import admit, admit_stages, read_model, take_weights
 from refllama.model.kv_cache import KVCache
 from refllama.model.llama import LlamaModel
@@ -70,19 +70,23 @@ class GenericLlamaEngine:
              batch_size: int | None = None, shards: int | Sequence[int] | None = None,
              devices: Sequence[str] | None = None, cluster: str | None = None,
              ray_address: str | None = None, ray_num_cpus: int | None = None,
-             ray_actor_options: dict[str, Any] | None = None,
-             stage_timeout: float = DEFAULT_STAGE_TIMEOUT) -> GenericLlamaEngine:
+             ray_actor_options: dict[str, Any] | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT,
+             verify: bool = True, allow_symlinks: bool = False) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
 
         Quantized checkpoints stay quantized unless `dequantize` (weight-only formats and GGUF blocks, to float32
         at load); `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes`
-        applies per-layer data types to a float checkpoint (docs/quantization.md).
+        applies per-layer data types to a float checkpoint (docs/quantization.md). `verify=False` skips the check
+        that every weight is finite; `allow_symlinks` trusts symlinks in the folder that lead out of it
+        (docs/security.md).
 
         Pipeline sharding (docs/sharding.md): `shards` splits the layers into that many stages balanced by bytes,
         or at explicit split points [0, ..., layers]; `devices` ("cuda:0", ...) places one stage on each (cupy);
         `cluster="ray"` runs each stage in a Ray actor (at `ray_address` or RAY_ADDRESS, else a local Ray started
         with `ray_num_cpus`; `ray_actor_options` such as {"num_cpus": 16} size the actors); a stage that dies or
         takes over `stage_timeout` seconds raises StageError."""
+        _check_load_options(path, dequantize=dequantize, quant_semantics=quant_semantics, batch_size=batch_size,
+                            verify=verify, allow_symlinks=allow_symlinks)
         if shards is not None or devices is not None or cluster is not None:
             return cls._load_sharded(path, backend, dtype, shards, devices, cluster, batch_size=batch_size,
                                      dequantize=dequantize, quant_semantics=quant_semantics,
@@ -90,7 +94,7 @@ class GenericLlamaEngine:
                                      ray_actor_options=ray_actor_options, stage_timeout=stage_timeout)
         ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
         files = read_model(path, ops, dequantize=dequantize, quant_semantics=quant_semantics,
-                           layer_dtypes=layer_dtypes)
+                           layer_dtypes=layer_dtypes, allow_symlinks=allow_symlinks, verify=verify)
         return cls(files.config, files.weights, ops, files.tokenizer, progress, quant_semantics=quant_semantics,
                    batch_size=batch_size)
 
@@ -165,12 +169,22 @@ class GenericLlamaEngine:
         return engine
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache | PipelineCache | RayCache:
-        """An empty KV cache (a sharded engine's: one per stage); max_len defaults to max_position_embeddings."""
+        """An empty KV cache (a sharded engine's: one per stage); max_len defaults to max_position_embeddings. Its
+        size is checked against the memory limit (when one is set) before it is allocated, and an allocation that
+        fails raises AllocationError."""
         c = self.config
+        max_len = c.max_position_embeddings if max_len is None else max_len
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if not _is_int(value) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {brief(value)}")
         if self.pipeline is not None:
-            return self.pipeline.new_cache(batch, max_len or c.max_position_embeddings)
-        return KVCache(self.backend, c.num_hidden_layers, batch, c.num_key_value_heads,
-                       max_len or c.max_position_embeddings, c.head_dim)
+            return self.pipeline.new_cache(batch, max_len)
+        what = f"a KV cache of {batch} x {max_len} tokens"
+        self.memory_manager.check(kv_cache_bytes(c, self.backend.dtype, max_len, batch), what)
+        try:
+            return KVCache(self.backend, c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
+        except MemoryError:
+            raise AllocationError(f"{what} cannot be allocated (out of memory)") from None
 
     def forward(self, token_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
                 positions: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
@@ -214,12 +228,18 @@ class GenericLlamaEngine:
         """Logits for every position of one sequence, (T, vocab), from one full forward pass."""
         ids = self.check_ids(token_ids, ndim=1)
         cache = self.new_cache(1, len(ids))
-        return self.forward(ids[None, :], cache)[0]
+        logits = self.forward(ids[None, :], cache)
+        decode.check_finite(self, logits, lambda _: ids)
+        return logits[0]
 
     def generate_ids(self, token_ids: Sequence[int] | np.ndarray, max_new_tokens: int,
                      stop_at_eos: bool = True) -> list[int]:
-        """Greedy decoding through the KV cache; returns the new ids (ending with the eos id if one stopped it)."""
+        """Greedy decoding through the KV cache; returns the new ids (ending with the eos id if one stopped it).
+        At most max_new_tokens, and never past the context (max_position_embeddings), as `generate`."""
         ids = self.check_ids(token_ids, ndim=1)
+        decode.check_max_new_tokens(max_new_tokens)
+        if not isinstance(stop_at_eos, bool):
+            raise InputError(f"stop_at_eos must be True or False, got {brief(stop_at_eos)}")
         stop = set(self.config.eos_token_id) if stop_at_eos else set()
         return decode.greedy(self, ids, max_new_tokens, stop)
 
@@ -246,7 +266,10 @@ class GenericLlamaEngine:
 
     def check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int = 1) -> np.ndarray:
         """Token ids as an int64 array, or InputError naming the first one outside the vocabulary."""
-        ids = np.asarray(token_ids)
+        try:
+            ids = np.asarray(token_ids)
+        except (ValueError, TypeError, OverflowError) as e:  # ragged lists, ints beyond int64, ...
+            raise InputError(f"token ids must be a {ndim}-d sequence of integers ({e})") from None
         if ids.ndim != ndim or ids.size == 0 or ids.shape[-1] == 0:
             raise InputError(f"expected a non-empty {ndim}-d sequence of token ids, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
@@ -259,12 +282,31 @@ class GenericLlamaEngine:
         return ids.astype(np.int64, copy=False)
 
 
+def _check_load_options(path: Any, *, dequantize: Any, quant_semantics: Any, batch_size: Any, verify: Any,
+                        allow_symlinks: Any) -> None:
+    """InputError naming the first load argument of the wrong type or out of range."""
+    if not isinstance(path, (str, Path)):
+        raise InputError(f"path must be a str or a Path, got {type(path).__name__}")
+    for name, value in (("dequantize", dequantize), ("verify", verify), ("allow_symlinks", allow_symlinks)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {brief(value)}")
+    if quant_semantics not in ("hf", "vllm"):
+        raise InputError(f"quant_semantics must be 'hf' or 'vllm', got {brief(quant_semantics)}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive integer or None, got {brief(batch_size)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | DataType = "float32",
          progress: Callable[[int, int], None] | None = None, **options: Any) -> GenericLlamaEngine:
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
     `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
-    quant_semantics, layer_dtypes, batch_size, and for pipeline sharding shards, devices, cluster, ray_address,
-    ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load; docs/sharding.md)."""
+    quant_semantics, layer_dtypes, batch_size, verify, allow_symlinks, and for pipeline sharding shards, devices,
+    cluster, ray_address, ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load;
+    docs/sharding.md)."""
     path = default_model_path() if path is None else path
     return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RefLlamaError(Exception):
@@ -54,3 +55,20 @@ class StageError(RefLlamaError):
         self.stage, self.layers = stage, layers
         where = f"layers {layers.start}-{layers.stop - 1}" if len(layers) > 1 else f"layer {layers.start}"
         super().__init__(f"pipeline stage {stage} ({where}): {message}")
+
+
+class NumericalError(RefLlamaError):
+    """Weights or activations are NaN or infinite: the model would compute nonsense, so it does not compute."""
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A short repr of a value read from a file, for error messages: they name a bad value, never quote a file."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}... ({len(value)} in all)"
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} ({value.dtype})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -19,13 +19,15 @@ from refllama.config import LlamaConfig
 from refllama.diagnostics.diagnostic import ModelDiagnostic
 from refllama.diagnostics.memory import BackendConfig, MemoryLimitError, MemoryManager, estimate, stage_plan
 from refllama.dtypes import LayerDataTypeConfig
-from refllama.errors import CheckpointError
+from refllama.errors import CheckpointError, TokenizerError
 from refllama.formats.checkpoint import load_weight_map
+from refllama.formats.files import ModelFolder
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
+from refllama.model.finite import check_weights
 from refllama.model.weights import StageSpan, WeightMap
 from refllama.sharding.plan import StagePlan
 
@@ -43,7 +45,7 @@ class ModelFiles:
 
 def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = False, quant_semantics: str = "hf",
                layer_dtypes: LayerDataTypeConfig | None = None, span: StageSpan | None = None,
-               tokenizer: bool = True) -> ModelFiles:
+               tokenizer: bool = True, allow_symlinks: bool = False, verify: bool = True) -> ModelFiles:
     """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
 
     GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
@@ -52,7 +54,9 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
     function); `quant_semantics` ("hf", "vllm") is how W8A8 Linears quantize their inputs. `layer_dtypes` is
     recorded in the config (the engine applies it). A `span` (a pipeline stage) reads only its own tensors, and
     of a sharded folder only the shard files that hold them; a stage needs no `tokenizer` either. `backend` None
-    (a driver that computes nothing) keeps no GGUF blocks.
+    (a driver that computes nothing) keeps no GGUF blocks. A folder's files must lie inside it; `allow_symlinks`
+    trusts its symlinks wherever they point (refllama/formats/files.py). `verify` checks that every float weight
+    is finite (NumericalError naming the first that is not; refllama/model/finite.py).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -64,17 +68,24 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
             else stored_block_types(backend)
         source: TensorSource | GGUFTensorSource = GGUFTensorSource(gguf, config, keep)
     elif path.is_dir():
-        config = LlamaConfig.from_dir(path)
-        has_tokenizer = tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES)
-        tok = LlamaTokenizer.from_dir(path) if has_tokenizer else None
+        config = LlamaConfig.from_dir(path, allow_symlinks=allow_symlinks)
+        folder = ModelFolder(path, allow_symlinks=allow_symlinks)
+        has_tokenizer = tokenizer and any(folder.file(f, TokenizerError) is not None for f in TOKENIZER_FILES)
+        tok = LlamaTokenizer.from_dir(path, allow_symlinks=allow_symlinks) if has_tokenizer else None
         wanted = None if span is None else partial(span.holds, tied=config.tie_word_embeddings)
-        source = TensorSource(path, wanted)
+        source = TensorSource(path, wanted, allow_symlinks=allow_symlinks)
     else:
         raise CheckpointError("not a model folder (a directory with config.json) or a .gguf file", path)
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary (its "
+                             f"embedding table) has {config.vocab_size}: ids past it could never be run",
+                             tok.path or path)
     if layer_dtypes is not None:
         config = replace(config, layer_dtypes=layer_dtypes)
     weights = load_weight_map(source, config, dequantize=dequantize, activation_semantics=quant_semantics,
                               span=span)
+    if verify:
+        check_weights(weights, path)
     return ModelFiles(config, weights, tok)
 
 

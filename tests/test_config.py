@@ -128,8 +128,8 @@ def test_invalid_fields_raise_config_error_naming_them(change, field):
 
 def test_from_dir_reads_generation_config_and_reports_bad_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINYLLAMA_CHAT))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 32000]}))
-    assert LlamaConfig.from_dir(tmp_path).eos_token_id == (2, 32000)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 31999]}))
+    assert LlamaConfig.from_dir(tmp_path).eos_token_id == (2, 31999)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         LlamaConfig.from_dir(tmp_path)

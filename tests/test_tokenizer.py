@@ -451,7 +451,7 @@ def test_bad_tokenizer_config(metadata, tmp_path):
     with pytest.raises(TokenizerError, match="not in the vocabulary"):
         load_tokenizer(folder)
     (folder / "tokenizer_config.json").write_text("{")
-    with pytest.raises(TokenizerError, match="cannot read JSON"):
+    with pytest.raises(TokenizerError, match="not valid JSON"):
         load_tokenizer(folder)
 
 

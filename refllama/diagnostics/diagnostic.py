@@ -8,7 +8,6 @@ under a second.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,14 +18,16 @@ import numpy as np
 
 from refllama import backends
 from refllama.config import LlamaConfig
-from refllama.diagnostics.memory import MemoryRequirements, estimate, format_bytes
+from refllama.diagnostics.memory import MemoryRequirements, estimate, format_bytes, parse_bytes
 from refllama.dtypes import DataType
-from refllama.errors import BackendError, CheckpointError, RefLlamaError
+from refllama.errors import BackendError, CheckpointError, InputError, RefLlamaError, TokenizerError, brief
 from refllama.formats.checkpoint import expected_shapes
+from refllama.formats.files import ModelFolder, read_bytes, read_json
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource
+from refllama.formats.tokenizer import MAX_TOKENIZER_BYTES
 from refllama.quant.config import QuantizationConfig
 
 SCHEMA_VERSION = 1
@@ -196,29 +197,37 @@ def _gguf_weight_info(gguf: GGUFFile) -> WeightInfo:
 
 
 def _folder_tokenizer_info(folder: Path, config: LlamaConfig) -> TokenizerInfo:
-    """From the tokenizer files' headers and JSON, without building the tokenizer."""
-    tc_path = folder / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
-    has_template = bool(tc.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+    """From the tokenizer files' headers and JSON, without building the tokenizer (files reached as load does)."""
+    files = ModelFolder(folder)
+    tc_path = files.file("tokenizer_config.json", TokenizerError)
+    tc = read_json(tc_path, TokenizerError) if tc_path is not None else {}
+    tc = tc if isinstance(tc, dict) else {}
+    has_template = bool(tc.get("chat_template")) or files.file("chat_template.jinja", TokenizerError) is not None
     ids = (config.bos_token_id, config.eos_token_id[0] if config.eos_token_id else None, config.pad_token_id)
-    if (folder / "tokenizer.json").is_file():
-        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        model = data.get("model") or {}
-        vocab = len(model.get("vocab") or {}) if isinstance(model.get("vocab"), dict) else len(model.get("vocab") or [])
-        added = {t["id"] for t in data.get("added_tokens") or [] if "id" in t}
-        size = max(vocab, max(added, default=-1) + 1)
-        return TokenizerInfo("BPE" if model.get("type") == "BPE" else str(model.get("type")), "tokenizer.json",
-                             size, *ids, has_template)
-    path = folder / "tokenizer.model"
-    if path.is_file():
-        head = path.read_bytes()[:64]
-        if re.match(rb"[A-Za-z0-9+/]+={0,2} \d+\n", head):
-            lines = path.read_bytes().count(b"\n")
-            return TokenizerInfo("Tiktoken", "tokenizer.model", lines + 256, *ids, has_template)
+    path = files.file("tokenizer.json", TokenizerError)
+    if path is not None:
+        data = read_json(path, TokenizerError)
+        model = data.get("model") if isinstance(data, dict) else None
+        model = model if isinstance(model, dict) else {}
+        vocab = model.get("vocab")
+        added = data.get("added_tokens") if isinstance(data, dict) else None
+        added_ids = {t["id"] for t in added if isinstance(t, dict) and isinstance(t.get("id"), int)} \
+            if isinstance(added, list) else set()
+        size = max(len(vocab) if isinstance(vocab, (dict, list)) else 0, max(added_ids, default=-1) + 1)
+        kind = model.get("type")
+        return TokenizerInfo("BPE" if kind == "BPE" else str(kind)[:40], "tokenizer.json", size, *ids, has_template)
+    path = files.file("tokenizer.model", TokenizerError)
+    if path is not None:
+        raw = read_bytes(path, MAX_TOKENIZER_BYTES, TokenizerError)
+        if re.match(rb"[A-Za-z0-9+/]+={0,2} \d+\n", raw[:64]):
+            return TokenizerInfo("Tiktoken", "tokenizer.model", raw.count(b"\n") + 256, *ids, has_template)
         import sentencepiece
 
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        return TokenizerInfo("SentencePiece", "tokenizer.model", sp.get_piece_size(), *ids, has_template)
+        try:
+            size = sentencepiece.SentencePieceProcessor(model_proto=raw).get_piece_size()
+        except (RuntimeError, OSError, ValueError) as e:
+            raise TokenizerError(f"sentencepiece cannot load the model ({e})", path) from None
+        return TokenizerInfo("SentencePiece", "tokenizer.model", size, *ids, has_template)
     return TokenizerInfo("none", None, None, *ids, has_template)
 
 
@@ -282,7 +291,15 @@ class ModelDiagnostic:
                           memory_limit: int | None = None) -> ModelDiagnostic:
         """Analyse an HF folder or a .gguf file from headers only."""
         path = Path(path).expanduser()
-        dtype = DataType.parse(dtype)
+        try:
+            dtype = DataType.parse(dtype)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        for name, value in (("context_length", context_length), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an integer >= 1, got {brief(value)}")
+        if memory_limit is not None:
+            memory_limit = parse_bytes(memory_limit)
         if path.is_file() and path.suffix == ".gguf":
             gguf = GGUFFile(path)
             config = config_from_gguf(gguf)
@@ -417,11 +434,15 @@ def verify(path: str | Path) -> VerificationReport:
                 nonfinite[n] = bad
     manifest_path = folder / "SHA256SUMS"
     expected: dict[str, str] = {}
-    if manifest_path.is_file():
-        for line in manifest_path.read_text().splitlines():
+    found = ModelFolder(folder).file("SHA256SUMS")
+    if found is not None:
+        text = read_bytes(found, 16 << 20).decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                digest, name = line.split(maxsplit=1)
-                expected[name.lstrip("*").strip()] = digest.lower()
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2:
+                    raise CheckpointError(f"line {number} is not 'sha256 name'", manifest_path)
+                expected[parts[1].lstrip("*").strip()] = parts[0].lower()
     checksums = {}
     for f in files:
         if f.name in expected:

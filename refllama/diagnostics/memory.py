@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from refllama import backends
 from refllama.config import ActivationType, LlamaConfig
 from refllama.dtypes import DataType
-from refllama.errors import BackendError, InputError, RefLlamaError
+from refllama.errors import BackendError, InputError, RefLlamaError, brief
 from refllama.formats.gguf_llama import hf_name
 from refllama.sharding.plan import StagePlan, balance, check_bounds, fewest_stages, spans
 
@@ -59,10 +59,16 @@ class BackendConfig:
     shards: int | tuple[int, ...] | str | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in backends.names():
-            raise BackendError(f"unknown backend {self.backend!r} (available: {', '.join(backends.names())})")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.backend, str) or self.backend not in backends.names():
+            raise BackendError(f"unknown backend {brief(self.backend)} (available: {', '.join(backends.names())})")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {brief(self.batch_size)}")
+        if self.context_length is not None and (not _is_int(self.context_length) or self.context_length < 1):
+            raise InputError(f"context_length must be an integer >= 1 or None, got {brief(self.context_length)}")
+        if self.memory_limit is not None and (not _is_int(self.memory_limit) or self.memory_limit < 0):
+            raise InputError(f"memory_limit must be a number of bytes >= 0 or None, got {brief(self.memory_limit)}")
+        if not isinstance(self.quantization_support, bool):
+            raise InputError(f"quantization_support must be True or False, got {brief(self.quantization_support)}")
         if isinstance(self.shards, str) and self.shards != "auto":
             raise InputError(f"shards must be a count, split points or 'auto', got {self.shards!r}")
 
@@ -152,12 +158,17 @@ class MemoryLimitError(RefLlamaError):
                          f"{hints}")
 
 
+class AllocationError(RefLlamaError):
+    """A buffer asked for at run time (a KV cache) would exceed the memory limit, or cannot be allocated at all."""
+
+
 class MemoryManager:
     """Tracks what a loaded engine holds against an optional limit."""
 
     def __init__(self, available_memory: int | None = None):
         self.available_memory = available_memory
         self.allocated_memory = 0
+        self.kv_cache_reserved = 0  # the KV cache the admitted estimate counted: a run-time cache may use it
 
     def reserve(self, requirements: MemoryRequirements) -> None:
         """Admit a model: raise MemoryLimitError (before anything large is allocated) if it cannot fit."""
@@ -165,6 +176,18 @@ class MemoryManager:
                 self.allocated_memory + requirements.total_estimated > self.available_memory:
             raise MemoryLimitError(requirements, self.available_memory - self.allocated_memory)
         self.allocated_memory += requirements.total_estimated
+        self.kv_cache_reserved += requirements.kv_cache
+
+    def check(self, nbytes: int, what: str) -> None:
+        """Before a large run-time allocation (a KV cache): AllocationError when `nbytes` is more than the limit
+        leaves, counting the KV cache admitted at load as available. Nothing to check without a limit."""
+        if self.available_memory is None:
+            return
+        headroom = self.available_memory - self.allocated_memory + self.kv_cache_reserved
+        if nbytes > headroom:
+            raise AllocationError(f"{what} needs {format_bytes(nbytes)}, but the memory limit of "
+                                  f"{format_bytes(self.available_memory)} leaves {format_bytes(max(headroom, 0))} "
+                                  "for it")
 
 
 def _itemsize(dtype: DataType) -> int:
@@ -376,17 +399,30 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_BYTES = 1 << 60  # an exbibyte: larger "sizes" are typos (or "inf")
+
+
 def parse_bytes(value: int | str) -> int:
-    """16000000000, "16GB", "16 GiB", "512MB" -> bytes."""
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().upper().replace(" ", "")
+    """16000000000, "16GB", "16 GiB", "512MB" -> bytes; InputError for anything else (negative, inf, nan, ...)."""
+    if _is_int(value) and 0 <= value <= MAX_BYTES:
+        return int(value)
+    problem = InputError(f"not a size: {brief(value)} (examples: 16GB, 512MB, 8GiB; at most 1 EiB)")
+    if not isinstance(value, str) or len(value) > 40:
+        raise problem
+    text = value.strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
     unit = text[len(number):]
     try:
-        return int(float(number) * _UNITS[unit])
+        size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
-        raise RefLlamaError(f"not a size: {value!r} (examples: 16GB, 512MB, 8GiB)") from None
+        raise problem from None
+    if not 0 <= size <= MAX_BYTES:  # also false for nan; inf is over the limit
+        raise problem
+    return int(size)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def format_bytes(n: float) -> str:

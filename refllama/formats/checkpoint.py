@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from refllama.config import LlamaConfig
-from refllama.errors import WeightError
+from refllama.errors import WeightError, brief
 from refllama.formats.safetensors import TensorSource
 from refllama.model.weights import AttentionWeights, LayerWeights, Linear, MLPWeights, StageSpan, WeightMap
 from refllama.quant.config import QuantizationMethod, read_quantize_config
@@ -159,7 +159,7 @@ def _quantization_plans(source: TensorSource | GGUFTensorSource, config: LlamaCo
     """What each Linear is stored as; empty for float checkpoints and GGUF (whose reader dequantizes)."""
     q = config.quantization_config
     if q is None and isinstance(source, TensorSource):
-        q = read_quantize_config(source.folder)
+        q = read_quantize_config(source.model_folder)
     if q is None or q.method is QuantizationMethod.GGUF:
         return {}
     return plan_linears(q, linear_modules(config))
@@ -173,5 +173,5 @@ def quantized_linears(weights: WeightMap) -> list[Any]:
 
 
 def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(n if len(n) <= 100 else brief(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

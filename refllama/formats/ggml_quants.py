@@ -235,6 +235,17 @@ def _q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
 # Unquantized float types: little-endian element dtypes, converted exactly (F64 rounds to nearest float32).
 _FLOATS = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8"}
 
+# Every type a tensor may have here: the float types, the integer types (read as they are) and each block type
+# with a decoder above. Q8_1 (llama.cpp's format for activations, never for weights) has none.
+SUPPORTED_TYPES = tuple(sorted({*_FLOATS, GGMLType.BF16, GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64,
+                                *_DECODERS}))
+
+
+def block_layout(ggml_type: GGMLType) -> np.dtype | None:
+    """The packed struct of one block of a block type (its float fields are the scales), None for plain types."""
+    entry = _DECODERS.get(ggml_type)
+    return entry[0] if entry is not None else None
+
 
 def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes (uint8, exactly tensor_nbytes long) of a tensor -> new float32 array of `shape`.

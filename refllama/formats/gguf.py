@@ -7,11 +7,20 @@ u64 dims fastest-first, u32 ggml type, u64 offset); then tensor data from the ne
 
 Dims are listed fastest-varying first, so `shape` here is the reversed list: an HF [out, in] weight stored
 with dims [in, out] reads back as (out, in).
+
+
+The file is untrusted input: every count, dimension and offset is checked against the file's real size (in Python
+integers, which never wrap) before anything is allocated or looped over; a repeated metadata key or tensor name,
+tensors whose data overlap, nested arrays and unsupported tensor types are refused; and the well-known metadata
+keys must have the types the GGUF specification gives them (`KEY_TYPES`), so readers of the metadata can trust them.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from refllama.errors import CheckpointError
-from refllama.formats.ggml_quants import BLOCK_SIZES, GGMLType, dequantize, tensor_nbytes
+from refllama.errors import CheckpointError, brief
+from refllama.formats.files import map_file, open_regular
+from refllama.formats.ggml_quants import BLOCK_SIZES, SUPPORTED_TYPES, GGMLType, dequantize, tensor_nbytes
 from refllama.formats.safetensors import release_pages
 
 MAGIC = b"GGUF"
@@ -30,6 +40,28 @@ DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
+
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_KEY_BYTES = 65535  # the GGUF specification's limit on a key's length
+
+# The types the GGUF specification gives the metadata keys refllama reads ("int": any integer scalar; "number":
+# integer or float; "bool"; "str"; arrays as "int[]", "float[]", "str[]"). Architecture keys are listed for llama.
+KEY_TYPES = {
+    "general.alignment": "int", "general.architecture": "str", "general.name": "str",
+    **{f"llama.{k}": "int" for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                                     "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                                     "rope.dimension_count", "vocab_size", "rope.scaling.original_context_length")},
+    **{f"llama.{k}": "number" for k in ("rope.freq_base", "attention.layer_norm_rms_epsilon",
+                                        "rope.scaling.factor")},
+    "llama.rope.scaling.type": "str",
+    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.chat_template": "str",
+    "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.token_type": "int[]",
+    "tokenizer.ggml.scores": "float[]",
+    **{f"tokenizer.ggml.{k}_token_id": "int" for k in ("bos", "eos", "eot", "eom", "unknown", "padding", "seperator",
+                                                       "separator", "mask", "cls")},
+    **{f"tokenizer.ggml.{k}": "bool" for k in ("add_bos_token", "add_eos_token", "add_space_prefix",
+                                               "remove_extra_whitespaces")},
+}
 
 _PLAIN = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8", GGMLType.I8: "i1",
           GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
@@ -45,47 +77,86 @@ class GGUFTensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 class _Cursor:
     def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
 
-    def take(self, fmt: str) -> Any:
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def take(self, fmt: str) -> Any:  # the hot loop of reading a vocabulary: comparisons inlined
         size = struct.calcsize("<" + fmt)
-        if self.pos + size > len(self.buf):
+        if self.pos + size > self.size:
             raise CheckpointError(f"truncated GGUF file (needed {size} bytes at offset {self.pos})", self.path)
         (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None) -> str:
         n = self.take("Q")
-        if self.pos + n > len(self.buf):
+        if self.pos + n > self.size:
             raise CheckpointError(f"truncated GGUF file (string of {n} bytes at offset {self.pos})", self.path)
+        if limit is not None and n > limit:
+            raise CheckpointError(f"a key of {n} bytes at offset {self.pos} (at most {limit})", self.path)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         # Vocabulary entries are meant to be UTF-8; keep any stray bytes rather than fail on them.
         return raw.decode("utf-8", errors="surrogateescape")
 
-    def value(self, vtype: int, key: str) -> Any:
+    def value(self, vtype: int, key: str, in_array: bool = False) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
+            if in_array:  # llama.cpp refuses them too; unbounded nesting would exhaust the stack
+                raise CheckpointError(f"metadata {brief(key)} nests arrays in arrays (not supported)", self.path)
             etype, count = self.take("I"), self.take("Q")
+            smallest = np.dtype(_NUMPY[etype]).itemsize if etype in _NUMPY else 8 if etype in (STRING, ARRAY) else 0
+            if smallest and count * smallest > self.left():  # checked before a loop or an array of `count`
+                raise CheckpointError(f"truncated GGUF file (array {brief(key)} of {count} items at offset "
+                                      f"{self.pos})", self.path)
             if etype in _NUMPY:
                 dtype = np.dtype(_NUMPY[etype])
-                end = self.pos + count * dtype.itemsize
-                if end > len(self.buf):
-                    raise CheckpointError(f"truncated GGUF file (array '{key}')", self.path)
                 array = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
-                self.pos = end
+                self.pos += count * dtype.itemsize
                 return array
-            return [self.value(etype, key) for _ in range(count)]
-        raise CheckpointError(f"metadata '{key}' has unknown value type {vtype}", self.path)
+            if etype in (STRING, ARRAY):
+                return [self.value(etype, key, in_array=True) for _ in range(count)]
+            raise CheckpointError(f"metadata {brief(key)} is an array of unknown value type {etype}", self.path)
+        raise CheckpointError(f"metadata {brief(key)} has unknown value type {vtype}", self.path)
+
+
+def _short(name: str) -> str:
+    """A tensor name for an error message (names are the file's: a hostile one may be 64 KiB long)."""
+    return name if len(name) <= 200 else name[:200] + "..."
+
+
+def _check_type(key: str, value: Any, expected: str, path: Path) -> None:
+    """Refuse a well-known key whose value has another type than the specification's."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "int": is_int,
+        "number": is_int or isinstance(value, float),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str[]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "int[]": isinstance(value, np.ndarray) and value.dtype.kind in "iu",
+        "float[]": isinstance(value, np.ndarray) and value.dtype.kind in "fiu",
+    }[expected]
+    if not ok:
+        raise CheckpointError(f"metadata {key!r} must be of type {expected}, not {_type_name(value)}", path)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    if isinstance(value, list):
+        return "an array of " + (type(value[0]).__name__ if value else "nothing")
+    return type(value).__name__
 
 
 class GGUFFile:
@@ -93,15 +164,15 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise CheckpointError("file not found", self.path) from None
-        except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
-            raise CheckpointError(f"cannot map file ({e})", self.path) from None
+        with open_regular(self.path) as f:
+            if os.fstat(f.fileno()).st_size < 4:
+                raise CheckpointError("not a GGUF file (shorter than its magic bytes)", self.path)
+            try:
+                self._map = map_file(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"cannot map file ({e})", self.path) from None
         cur = _Cursor(self._map, self.path)
-        if len(self._map) < 4 or self._map[:4] != MAGIC:
+        if self._map[:4] != MAGIC:
             raise CheckpointError("not a GGUF file (magic bytes are not 'GGUF')", self.path)
         cur.pos = 4
         self.version = cur.take("I")
@@ -110,47 +181,71 @@ class GGUFFile:
             detail = "a big-endian GGUF file" if swapped in (2, 3) else f"GGUF version {self.version}"
             raise CheckpointError(f"{detail} is not supported (little-endian versions 2 and 3 are)", self.path)
         n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+        # each metadata pair takes at least 13 bytes and each tensor info 24: counts the file cannot hold are
+        # refused before any loop runs
+        if n_kv * 13 + n_tensors * 24 > cur.left():
+            raise CheckpointError(f"the header counts {n_tensors} tensors and {n_kv} metadata keys, more than the "
+                                  f"file's {len(self._map)} bytes can hold", self.path)
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = cur.string()
+            key = cur.string(MAX_KEY_BYTES)
+            if key in self.metadata:
+                raise CheckpointError(f"metadata key {brief(key)} appears twice", self.path)
             self.metadata[key] = cur.value(cur.take("I"), key)
+        for key, expected in KEY_TYPES.items():
+            if key in self.metadata:
+                _check_type(key, self.metadata[key], expected, self.path)
         infos = []
         for _ in range(n_tensors):
-            name = cur.string()
+            name = cur.string(MAX_KEY_BYTES)
             n_dims = cur.take("I")
+            if n_dims > MAX_DIMS:
+                raise CheckpointError(f"{n_dims} dimensions (ggml has at most {MAX_DIMS})", self.path, _short(name))
             dims = [cur.take("Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.take("I"), cur.take("Q")))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise CheckpointError(f"general.alignment {alignment} is not a power of two", self.path)
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+            raise CheckpointError(f"general.alignment {alignment} is not a power of two up to 2^20", self.path)
         self.alignment = alignment
         self.data_offset = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, dims, type_id, offset in infos:
+            if name in self.tensors:
+                raise CheckpointError("tensor appears twice", self.path, _short(name))
             self.tensors[name] = self._tensor_info(name, dims, type_id, offset)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end_a, name_a), (begin_b, _, name_b) in itertools.pairwise(spans):
+            if begin_b < end_a:
+                raise CheckpointError(f"data overlaps tensor {brief(name_a)}", self.path, _short(name_b))
 
     def _tensor_info(self, name: str, dims: list[int], type_id: int, offset: int) -> GGUFTensorInfo:
         try:
             ggml_type = GGMLType(type_id)
         except ValueError:
-            raise CheckpointError(f"unsupported ggml type id {type_id}", self.path, name) from None
-        if ggml_type not in BLOCK_SIZES:
-            raise CheckpointError(f"unsupported ggml type {ggml_type.name}", self.path, name)
+            ggml_type = None
+        if ggml_type not in SUPPORTED_TYPES:
+            what = f"ggml type {ggml_type.name}" if ggml_type is not None else f"ggml type id {type_id}"
+            names = ", ".join(t.name for t in SUPPORTED_TYPES)
+            raise CheckpointError(f"unsupported {what} (supported: {names})", self.path, _short(name))
         shape = tuple(int(d) for d in reversed(dims))
         block = BLOCK_SIZES[ggml_type][0]
         if shape and shape[-1] % block:  # ggml quantizes row by row
             raise CheckpointError(f"row length {shape[-1]} is not a multiple of {ggml_type.name}'s block of "
-                                  f"{block}", self.path, name)
+                                  f"{block}", self.path, _short(name))
+        numel = math.prod(shape)  # Python ints: a dimension of 2^64-1 cannot wrap to a small or negative size
+        if numel > len(self._map) * 8:  # no type stores more than 8 elements in a byte; don't even size it
+            raise CheckpointError(f"shape {list(shape)} holds more elements than the file could store", self.path,
+                                  _short(name))
         try:
-            nbytes = tensor_nbytes(ggml_type, int(np.prod(shape, dtype=np.int64)))
+            nbytes = tensor_nbytes(ggml_type, numel)
         except ValueError as e:
-            raise CheckpointError(str(e), self.path, name) from None
+            raise CheckpointError(str(e), self.path, _short(name)) from None
         if offset % self.alignment:
-            raise CheckpointError(f"data offset {offset} is not aligned to {self.alignment}", self.path, name)
+            raise CheckpointError(f"data offset {offset} is not aligned to {self.alignment}", self.path, _short(name))
         start = self.data_offset + offset
         if start + nbytes > len(self._map):
             raise CheckpointError(f"data [{start}, {start + nbytes}) runs past the end of the file "
-                                  f"({len(self._map)} bytes)", self.path, name)
+                                  f"({len(self._map)} bytes)", self.path, _short(name))
         return GGUFTensorInfo(name, ggml_type, shape, start, nbytes)
 
     def _info(self, name: str) -> GGUFTensorInfo:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from refllama.config import LlamaConfig
-from refllama.errors import CheckpointError, ConfigError
+from refllama.errors import CheckpointError, ConfigError, brief
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorInfo
@@ -43,6 +43,9 @@ CONFIG_KEYS = {
     "vocab_size": "vocab_size",
 }
 
+TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+              "pad_token_id": "tokenizer.ggml.padding_token_id"}
+
 # GGUF tensor name -> HF tensor name (per-layer names without the "blk.N." / "model.layers.N." prefixes)
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
@@ -52,6 +55,7 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 IGNORED = {"rope_freqs.weight"}  # read into the config, not a weight
+_AS_STORED = (GGMLType.F32, GGMLType.F16, GGMLType.F64, GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -69,7 +73,7 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     m = gguf.metadata
     arch = m.get("general.architecture")
     if arch != "llama":
-        raise ConfigError("general.architecture", f"expected 'llama', got {arch!r}", gguf.path)
+        raise ConfigError("general.architecture", f"expected 'llama', got {brief(arch)}", gguf.path)
     data: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
     for field, key in CONFIG_KEYS.items():
         if f"llama.{key}" in m:
@@ -78,6 +82,9 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
         data["head_dim"] = int(m["llama.rope.dimension_count"])
     if "vocab_size" not in data:
         tokens = m.get("tokenizer.ggml.tokens")
+        if tokens is None and "token_embd.weight" not in gguf.tensors:
+            raise CheckpointError("no llama.vocab_size, tokenizer.ggml.tokens or token_embd.weight to size the "
+                                  "vocabulary", gguf.path)
         data["vocab_size"] = len(tokens) if tokens is not None else gguf.tensors["token_embd.weight"].shape[0]
     scaling = m.get("llama.rope.scaling.type", "none")
     if scaling != "none":
@@ -103,13 +110,14 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     try:
         config = LlamaConfig.from_dict(data, source=gguf.path)
     except ConfigError as e:
-        key = CONFIG_KEYS.get(e.field.split(".")[0])
-        raise ConfigError(f"llama.{key}" if key else e.field, e.message, gguf.path) from None
+        field = e.field.split(".")[0]
+        key = f"llama.{CONFIG_KEYS[field]}" if field in CONFIG_KEYS else TOKEN_KEYS.get(field, e.field)
+        raise ConfigError(key, e.message, gguf.path) from None
     if "rope_freqs.weight" in names:
         factors = gguf.get("rope_freqs.weight").astype(np.float64)
-        if factors.shape != (config.head_dim // 2,) or not np.all(factors > 0):
-            raise CheckpointError(f"expected {config.head_dim // 2} positive factors, got shape {factors.shape}",
-                                  gguf.path, "rope_freqs.weight")
+        if factors.shape != (config.head_dim // 2,) or not np.all((factors > 0) & np.isfinite(factors)):
+            raise CheckpointError(f"expected {config.head_dim // 2} finite positive factors, got shape "
+                                  f"{factors.shape}", gguf.path, "rope_freqs.weight")
         config = dataclasses.replace(config, rope_freq_factors=tuple(float(f) for f in factors))
     return config
 
@@ -137,7 +145,8 @@ class GGUFTensorSource:
             elif name not in IGNORED:
                 unknown.append(name)
         if unknown:
-            raise CheckpointError(f"tensors that are not part of a Llama model: {sorted(unknown)[:8]}", gguf.path)
+            raise CheckpointError("tensors that are not part of a Llama model: "
+                                  f"{', '.join(brief(n) for n in sorted(unknown)[:8])}", gguf.path)
 
     def names(self) -> list[str]:
         return sorted(self._gguf_name)
@@ -145,7 +154,9 @@ class GGUFTensorSource:
     def info(self, name: str) -> TensorInfo:
         g = self.gguf.tensors[self._gguf_name[name]]
         stored = g.ggml_type.name
-        dtype = stored if g.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.F64) else "F32"
+        # float and integer types as stored (an integer tensor is no float weight: load_weight_map refuses it);
+        # block types (and BF16) come back as float32 or as blocks
+        dtype = stored if g.ggml_type in _AS_STORED else "F32"
         return TensorInfo(name, dtype, g.shape, g.offset, g.offset + g.nbytes, Path(self.gguf.path))
 
     def get(self, name: str) -> np.ndarray | GGUFBlockWeight:

@@ -9,18 +9,20 @@ it is an 8-byte length, a JSON header and a flat data region. The package is sti
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import mmap
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from refllama.errors import CheckpointError
+from refllama.errors import CheckpointError, brief
+from refllama.formats.files import ModelFolder, map_file, open_regular, parse_json, read_json
 
 # safetensors dtype names -> NumPy dtype strings (little-endian, as the format mandates), or for ml_dtypes' types
 # their names in ml_dtypes: `numpy_dtype` imports it only when a file holds one (its import is slow).
@@ -63,34 +65,41 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
+
+
+MAX_DIMS = 32  # NumPy 1.x's limit; real tensors have at most 4
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data: (tensors, __metadata__)."""
     path = Path(path)
+    with open_regular(path) as f:
+        return _read_header(f, path)
+
+
+def _read_header(f: IO[bytes], path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError("file too short for a safetensors header", path)
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise CheckpointError(f"header length {hlen} does not fit the file ({size} bytes)", path)
-            raw = f.read(hlen)
-    except FileNotFoundError:
-        raise CheckpointError("file not found", path) from None
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError("file too short for a safetensors header", path)
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            # the length is the file's first 8 bytes: never quoted (of a file that is not safetensors, it is text)
+            raise CheckpointError(f"the header length (the first 8 bytes) does not fit the file ({size} bytes; "
+                                  f"headers are at most {MAX_HEADER_BYTES}): not a safetensors file?", path)
+        raw = f.read(hlen)
     except OSError as e:
         raise CheckpointError(f"cannot read ({e.strerror})", path) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"header is not valid JSON ({e})", path) from None
+    header = parse_json(raw, path)
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object", path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("__metadata__ must map strings to strings", path)
     data_start = 8 + hlen
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -100,23 +109,26 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return tensors, metadata
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _tensor_info(name: str, entry: Any, data_start: int, data_size: int, path: Path) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError("header entry needs dtype, shape and data_offsets", path, name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"unsupported dtype {dtype!r}", path, name)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise CheckpointError(f"invalid shape {shape!r}", path, name)
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise CheckpointError(f"invalid data_offsets {offsets!r}", path, name)
+        raise CheckpointError(f"unsupported dtype {brief(dtype)} (supported: {', '.join(DTYPES)})", path, name)
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"invalid shape {brief(shape)} (a list of at most {MAX_DIMS} non-negative integers)",
+                              path, name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise CheckpointError(f"invalid data_offsets {brief(offsets)}", path, name)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise CheckpointError(f"data_offsets {offsets} lie outside the data region ({data_size} bytes)",
                               path, name)
-    expected = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+    expected = math.prod(shape) * numpy_dtype(dtype).itemsize  # Python ints: no wrap-around, however large
     if end - begin != expected:
         raise CheckpointError(f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}",
                               path, name)
@@ -131,17 +143,15 @@ def _check_no_overlap(tensors: dict[str, TensorInfo], path: Path) -> None:
 
 
 class SafetensorsFile:
-    """A safetensors file opened for reading: header parsed at once, data mapped on first access."""
+    """A safetensors file opened for reading: header parsed and data mapped from one open descriptor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tensors, self.metadata = read_header(self.path)
-        self._map: mmap.mmap | None = None
+        with open_regular(self.path) as f:
+            self.tensors, self.metadata = _read_header(f, self.path)
+            self._map = map_file(f)
 
     def _mapped(self) -> mmap.mmap:
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
     def get(self, name: str) -> np.ndarray:
@@ -182,22 +192,26 @@ def release_pages(view: np.ndarray) -> None:
 class TensorSource:
     """The tensors of a checkpoint folder: one `model.safetensors`, or shards listed by an index file.
 
-    `wanted` (a predicate on tensor names), with an index, opens only the shards that hold a wanted tensor: a
-    pipeline stage needs only its own shard files on disk.
+    Every file is reached through the folder (`ModelFolder`): an index entry naming a file outside it, or a
+    symlink leading out of it, is refused unless `allow_symlinks` (which trusts links, never `..`). `wanted` (a
+    predicate on tensor names), with an index, opens only the shards that hold a wanted tensor: a pipeline stage
+    needs only its own shard files on disk.
     """
 
     INDEX = "model.safetensors.index.json"
 
-    def __init__(self, folder: str | Path, wanted: Callable[[str], bool] | None = None):
+    def __init__(self, folder: str | Path, wanted: Callable[[str], bool] | None = None, *,
+                 allow_symlinks: bool = False):
         self.folder = Path(folder)
+        self.model_folder = ModelFolder(self.folder, allow_symlinks=allow_symlinks)
         self.files: dict[Path, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
-        index_path = self.folder / self.INDEX
-        if index_path.is_file():
+        index_path = self.model_folder.file(self.INDEX)
+        if index_path is not None:
             self._open_index(index_path, wanted)
         else:
-            single = self.folder / "model.safetensors"
-            paths = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
+            single = self.model_folder.file("model.safetensors")
+            paths = [single] if single is not None else self.model_folder.glob("*.safetensors")
             if not paths:
                 raise CheckpointError("no model.safetensors, index file or *.safetensors files", self.folder)
             for p in paths:
@@ -214,27 +228,35 @@ class TensorSource:
         return self.files[path]
 
     def _open_index(self, index_path: Path, wanted: Callable[[str], bool] | None = None) -> None:
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError("index is not JSON with a 'weight_map' object", index_path) from None
-        shards = {str(shard) for name, shard in weight_map.items() if wanted is None or wanted(name)}
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError("index is not JSON with a 'weight_map' object", index_path)
         for name, shard in weight_map.items():
-            if str(shard) not in shards:
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{self.INDEX} maps the tensor to {brief(shard)}, not a file name", index_path,
+                                      name)
+        needed = {shard for name, shard in weight_map.items() if wanted is None or wanted(name)}
+        shards: dict[str, Path] = {}
+        for name, shard in weight_map.items():
+            if shard not in needed:
                 continue
-            shard_path = self.folder / str(shard)
-            if not shard_path.is_file():
-                raise CheckpointError(f"shard '{shard}' listed in {self.INDEX} is missing", shard_path, name)
-            st = self._add_file(shard_path)
+            if shard not in shards:
+                def entry_error(message: str, _: Path, name: str = name) -> CheckpointError:
+                    return CheckpointError(f"{self.INDEX} entry: {message}", index_path, name)
+
+                shard_path = self.model_folder.file(shard, entry_error)
+                if shard_path is None:
+                    raise CheckpointError(f"shard {brief(shard)} listed in {self.INDEX} is missing", index_path, name)
+                shards[shard] = shard_path
+            st = self._add_file(shards[shard])
             if name not in st.tensors:
                 raise CheckpointError(f"{self.INDEX} places the tensor here but the shard lacks it",
-                                      shard_path, name)
+                                      shards[shard], name)
         unindexed = sorted(set(self.where) - set(weight_map))
         if unindexed:
-            raise CheckpointError(f"shards hold tensors the index does not list: {unindexed[:5]}", index_path)
+            raise CheckpointError("shards hold tensors the index does not list: "
+                                  f"{', '.join(brief(n) for n in unindexed[:5])}", index_path)
 
     def names(self) -> list[str]:
         return sorted(self.where)

@@ -35,8 +35,9 @@ import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from refllama.errors import InputError, TokenizerError
+from refllama.errors import InputError, TokenizerError, brief
 from refllama.formats import spm_proto
+from refllama.formats.files import ModelFolder, open_regular, parse_json, read_bytes
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.spm_proto import PieceType
 
@@ -272,23 +273,27 @@ class LlamaTokenizer:
     # -- constructors ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, folder: str | Path, *, llama3_special_tokens: Sequence[str] | None = None) -> LlamaTokenizer:
+    def from_dir(cls, folder: str | Path, *, llama3_special_tokens: Sequence[str] | None = None,
+                 allow_symlinks: bool = False) -> LlamaTokenizer:
         """From a model folder: tokenizer.json (preferred, as transformers does), else tokenizer.model
         (sentencepiece protobuf or tiktoken ranks), else original/tokenizer.model (Meta's layout on the Hub).
         tokenizer_config.json, when present, gives the special tokens, add_bos/eos and the chat template.
 
         `llama3_special_tokens` overrides the special tokens appended to a tiktoken rank file (by default
         LLAMA31_SPECIAL_TOKENS if the folder's params.json has `use_scaled_rope`, else LLAMA3_SPECIAL_TOKENS).
+        Files are reached as `refllama.formats.files.ModelFolder` allows (never outside the folder).
         """
-        folder = Path(folder)
-        if not folder.is_dir():
+        if not Path(folder).is_dir():
             raise TokenizerError("not a folder", folder)
-        config = _read_tokenizer_config(folder)
-        if (folder / "tokenizer.json").is_file():
-            return _from_tokenizer_json(folder / "tokenizer.json", config)
-        for path in (folder / "tokenizer.model", folder / "original" / "tokenizer.model"):
-            if path.is_file():
-                return _from_tokenizer_model(path, config, llama3_special_tokens)
+        mf = ModelFolder(folder, allow_symlinks=allow_symlinks)
+        config = _read_tokenizer_config(mf)
+        path = mf.file("tokenizer.json", TokenizerError)
+        if path is not None:
+            return _from_tokenizer_json(path, config)
+        for name in ("tokenizer.model", "original/tokenizer.model"):
+            path = mf.file(name, TokenizerError)
+            if path is not None:
+                return _from_tokenizer_model(path, config, llama3_special_tokens, mf)
         raise TokenizerError("no tokenizer.json or tokenizer.model in the folder", folder)
 
     @classmethod
@@ -301,7 +306,7 @@ class LlamaTokenizer:
             return _from_gguf_spm(metadata, source)
         if model == "gpt2":
             return _from_gguf_bpe(metadata, source)
-        raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'llama', 'gpt2')", source)
+        raise TokenizerError(f"unsupported tokenizer.ggml.model {brief(model)} (supported: 'llama', 'gpt2')", source)
 
 
 def load_tokenizer(path: str | Path) -> LlamaTokenizer:
@@ -311,7 +316,7 @@ def load_tokenizer(path: str | Path) -> LlamaTokenizer:
         return LlamaTokenizer.from_dir(path)
     if not path.exists():
         raise TokenizerError("no such file or folder", path)
-    with open(path, "rb") as f:
+    with open_regular(path, TokenizerError) as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise TokenizerError("not a model folder or a GGUF file", path)
@@ -322,19 +327,21 @@ def load_tokenizer(path: str | Path) -> LlamaTokenizer:
 # model folders
 
 
-def _read_json(path: Path, text: str | None = None) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8") if text is None else text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read JSON ({e})", path) from None
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json of the largest vocabularies: ~35 MB; tokenizer.model: ~4 MB
+MAX_TEMPLATE_BYTES = 1 << 20  # published chat templates: at most ~20 KB
 
 
-def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
+def _read_json(path: Path, raw: bytes | None = None) -> Any:
+    return parse_json(read_bytes(path, MAX_TOKENIZER_BYTES, TokenizerError) if raw is None else raw, path,
+                      TokenizerError)
+
+
+def _read_tokenizer_config(folder: ModelFolder) -> dict[str, Any]:
     """tokenizer_config.json, with special_tokens_map.json and chat_template.jinja/.json as fallbacks."""
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
-        path = folder / name
-        if path.is_file():
+        path = folder.file(name, TokenizerError)
+        if path is not None:
             data = _read_json(path)
             if not isinstance(data, dict):
                 raise TokenizerError("expected a JSON object", path)
@@ -343,17 +350,25 @@ def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _chat_template(value: Any, folder: Path) -> str | None:
+def _chat_template(value: Any, folder: ModelFolder) -> str | None:
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in value
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         value = named.get("default", next(iter(named.values()), None))
     if isinstance(value, str):
         return value
-    if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it on its own
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if (folder / "chat_template.json").is_file():
-        template = _read_json(folder / "chat_template.json")
-        return template.get("chat_template") if isinstance(template, dict) else None
+    jinja = folder.file("chat_template.jinja", TokenizerError)
+    if jinja is not None:  # transformers >= 4.43 saves it on its own
+        raw = read_bytes(jinja, MAX_TEMPLATE_BYTES, TokenizerError)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"not valid UTF-8 (byte {e.start})", jinja) from None
+    path = folder.file("chat_template.json", TokenizerError)
+    if path is not None:
+        template = _read_json(path)
+        template = template.get("chat_template") if isinstance(template, dict) else None
+        return template if isinstance(template, str) else None
     return None
 
 
@@ -410,21 +425,25 @@ def _added_token_ids(tokenizer: tokenizers.Tokenizer) -> tuple[list[int], list[i
     return list(added), [i for i, token in added.items() if token.special]
 
 
-def _pieces_of(tokenizer: tokenizers.Tokenizer) -> list[str]:
-    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+MAX_VOCAB = 1 << 22  # as LlamaConfig's limit on vocab_size
+
+
+def _pieces_of(tokenizer: tokenizers.Tokenizer, path: str | Path | None) -> list[str]:
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    size = max(vocab.values(), default=-1) + 1
+    if size > MAX_VOCAB or size > 4 * len(vocab) + 1024:  # ids are (nearly) dense in every real vocabulary
+        raise TokenizerError(f"token ids run up to {size - 1} for {len(vocab)} tokens (at most {MAX_VOCAB}, and "
+                             "nearly dense)", path)
     return [tokenizer.id_to_token(i) or "" for i in range(size)]
 
 
 def _from_tokenizer_json(path: Path, config: Mapping[str, Any]) -> LlamaTokenizer:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read the file ({e})", path) from None
-    spec = _read_json(path, text)
+    raw = read_bytes(path, MAX_TOKENIZER_BYTES, TokenizerError)
+    spec = _read_json(path, raw)
     if not isinstance(spec, dict):
         raise TokenizerError("expected a JSON object", path)
     try:
-        tokenizer = tokenizers.Tokenizer.from_str(text)
+        tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # the Rust side raises plain Exception
         raise TokenizerError(f"not a valid tokenizer.json ({e})", path) from None
     lookup = tokenizer.token_to_id
@@ -443,18 +462,19 @@ def _from_tokenizer_json(path: Path, config: Mapping[str, Any]) -> LlamaTokenize
     added, special = _added_token_ids(tokenizer)
     return LlamaTokenizer(
         codec=_TokenizersCodec(tokenizer), type=_classify(spec), source="tokenizer.json",
-        pieces=_pieces_of(tokenizer), special_ids=added, control_ids=special, bos_token_id=bos,
+        pieces=_pieces_of(tokenizer, path), special_ids=added, control_ids=special, bos_token_id=bos,
         eos_token_id=eos, pad_token_id=pad, add_bos_token=add_bos, add_eos_token=add_eos,
         chat_template=config.get("chat_template"), path=path)
 
 
-def _from_tokenizer_model(path: Path, config: Mapping[str, Any],
-                          llama3_special_tokens: Sequence[str] | None) -> LlamaTokenizer:
-    data = path.read_bytes()
+def _from_tokenizer_model(path: Path, config: Mapping[str, Any], llama3_special_tokens: Sequence[str] | None,
+                          folder: ModelFolder) -> LlamaTokenizer:
+    data = read_bytes(path, MAX_TOKENIZER_BYTES, TokenizerError)
     if _looks_like_tiktoken(data):
         specials = llama3_special_tokens
         if specials is None:
-            specials = LLAMA31_SPECIAL_TOKENS if _uses_scaled_rope(path.parent) else LLAMA3_SPECIAL_TOKENS
+            params = "original/params.json" if path.parent.name == "original" else "params.json"
+            specials = LLAMA31_SPECIAL_TOKENS if _uses_scaled_rope(folder, params) else LLAMA3_SPECIAL_TOKENS
         return _from_tiktoken(_read_tiktoken(data, path), specials, config, path)
     try:
         model = spm_proto.parse_model_proto(data)
@@ -477,10 +497,10 @@ def _from_tokenizer_model(path: Path, config: Mapping[str, Any],
         chat_template=config.get("chat_template"), path=path)
 
 
-def _uses_scaled_rope(folder: Path) -> bool:
+def _uses_scaled_rope(folder: ModelFolder, name: str) -> bool:
     """Meta's params.json has `use_scaled_rope` from Llama 3.1 on: those use the 3.1 special-token names."""
-    params = folder / "params.json"
-    if not params.is_file():
+    params = folder.file(name, TokenizerError)
+    if params is None:
         return False
     data = _read_json(params)
     return isinstance(data, dict) and bool(data.get("use_scaled_rope"))
@@ -528,6 +548,9 @@ def _looks_like_tiktoken(data: bytes) -> bool:
     return _TIKTOKEN_LINE.fullmatch(first) is not None
 
 
+MAX_TIKTOKEN_BYTES = 1024  # a token's length; building merges costs its square (Llama 3's longest: 128 bytes)
+
+
 def _read_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(data.splitlines(), 1):
@@ -535,9 +558,15 @@ def _read_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token = base64.b64decode(token, validate=True)
+            if len(rank) > 12 or len(token) > MAX_TIKTOKEN_BYTES:
+                raise ValueError
+            if token in ranks:
+                raise TokenizerError(f"line {number} repeats a token", path)
+            ranks[token] = int(rank)
         except (ValueError, binascii.Error):
-            raise TokenizerError(f"line {number} is not 'base64 rank'", path) from None
+            raise TokenizerError(f"line {number} is not 'base64 rank' (a token of at most {MAX_TIKTOKEN_BYTES} "
+                                 "bytes)", path) from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError("ranks are not 0..n-1, each once", path)
     return ranks
@@ -582,7 +611,7 @@ def _from_tiktoken(ranks: dict[bytes, int], special_tokens: Sequence[str], confi
     added, special = _added_token_ids(tokenizer)
     return LlamaTokenizer(
         codec=_TokenizersCodec(tokenizer), type=TokenizerType.Tiktoken, source="tiktoken",
-        pieces=_pieces_of(tokenizer), special_ids=added, control_ids=special, bos_token_id=bos,
+        pieces=_pieces_of(tokenizer, path), special_ids=added, control_ids=special, bos_token_id=bos,
         eos_token_id=eos, pad_token_id=pad, add_bos_token=_flag(config, "add_bos_token", True),
         add_eos_token=_flag(config, "add_eos_token", False), chat_template=config.get("chat_template"),
         path=path)
@@ -627,6 +656,8 @@ def _gguf_vocab(metadata: Mapping[str, Any], source: str | Path | None) -> tuple
         raise TokenizerError("tokenizer.ggml.tokens is missing or not a list of strings", source)
     types = metadata.get("tokenizer.ggml.token_type")
     types = np.ones(len(tokens), np.int32) if types is None else np.asarray(types)
+    if types.dtype.kind not in "iu":
+        raise TokenizerError("tokenizer.ggml.token_type is not an array of integers", source)
     if types.shape != (len(tokens),):
         raise TokenizerError(f"tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens",
                              source)
@@ -642,6 +673,8 @@ def _gguf_id(metadata: Mapping[str, Any], key: str, default: int | None, size: i
     value = metadata.get(f"tokenizer.ggml.{key}", default)
     if value is None:
         return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TokenizerError(f"tokenizer.ggml.{key} is not an integer token id", source)
     if not 0 <= int(value) < size:
         raise TokenizerError(f"tokenizer.ggml.{key} {value} is outside the vocabulary of {size}", source)
     return int(value)
@@ -658,6 +691,8 @@ def _gguf_spm_model(metadata: Mapping[str, Any], source: str | Path | None) -> s
     no whitespace collapsing)."""
     tokens, types = _gguf_vocab(metadata, source)
     scores = metadata.get("tokenizer.ggml.scores")
+    if scores is not None and not (isinstance(scores, np.ndarray) and scores.dtype.kind in "fiu"):
+        raise TokenizerError("tokenizer.ggml.scores is not an array of numbers", source)
     scores = np.zeros(len(tokens), np.float32) if scores is None else np.asarray(scores, np.float32)
     if scores.shape != (len(tokens),):
         raise TokenizerError(f"tokenizer.ggml.scores has {scores.size} entries for {len(tokens)} tokens", source)
@@ -697,14 +732,21 @@ def _from_gguf_spm(metadata: Mapping[str, Any], source: str | Path | None) -> Ll
         pad=_gguf_id(metadata, "padding_token_id", None, n, source),
         add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
         add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=metadata.get("tokenizer.chat_template"), path=source)
+        chat_template=_gguf_template(metadata, source), path=source)
+
+
+def _gguf_template(metadata: Mapping[str, Any], source: str | Path | None) -> str | None:
+    template = metadata.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError("tokenizer.chat_template is not a string", source)
+    return template
 
 
 def _gguf_pre(metadata: Mapping[str, Any], source: str | Path | None) -> _PreTokenizer:
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _GGUF_PRE:
-        raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} (supported: {', '.join(sorted(_GGUF_PRE))})",
-                             source)
+    if not isinstance(pre, str) or pre not in _GGUF_PRE:
+        raise TokenizerError(f"unsupported tokenizer.ggml.pre {brief(pre)} (supported: "
+                             f"{', '.join(sorted(_GGUF_PRE))})", source)
     return _GGUF_PRE[pre]
 
 
@@ -715,13 +757,14 @@ def hf_tokenizer_from_gguf(metadata: Mapping[str, Any], source: str | Path | Non
     if len(vocab) != len(tokens):
         raise TokenizerError("tokenizer.ggml.tokens has duplicate entries", source)
     merges = metadata.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list):
-        raise TokenizerError("tokenizer.ggml.merges is missing (a 'gpt2' vocabulary needs it)", source)
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings (a 'gpt2' vocabulary "
+                             "needs it)", source)
     pairs = []
     for merge in merges:
         cut = merge.find(" ", 1)  # as llama.cpp: the first space after the first character
         if cut < 0:
-            raise TokenizerError(f"merge {merge!r} is not two tokens separated by a space", source)
+            raise TokenizerError(f"merge {brief(merge)} is not two tokens separated by a space", source)
         pairs.append((merge[:cut], merge[cut + 1:]))
     pre = _gguf_pre(metadata, source)
     try:
@@ -746,10 +789,10 @@ def _from_gguf_bpe(metadata: Mapping[str, Any], source: str | Path | None) -> Ll
     added, special = _added_token_ids(tokenizer)
     return LlamaTokenizer(
         codec=_TokenizersCodec(tokenizer), type=TokenizerType.BPE, source="gguf",
-        pieces=_pieces_of(tokenizer), special_ids=added, control_ids=special,
+        pieces=_pieces_of(tokenizer, source), special_ids=added, control_ids=special,
         bos_token_id=_gguf_id(metadata, "bos_token_id", None, n, source),
         eos_token_id=_gguf_id(metadata, "eos_token_id", None, n, source),
         pad_token_id=_gguf_id(metadata, "padding_token_id", None, n, source),
         add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", default_add_bos)),
         add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=metadata.get("tokenizer.chat_template"), path=source)
+        chat_template=_gguf_template(metadata, source), path=source)

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from refllama.config import LlamaConfig
-from refllama.errors import InputError
-from refllama.generation.chat import render_chat_template
+from refllama.errors import InputError, NumericalError, brief
 from refllama.generation.requests import GenerationRequest, GenerationResponse, Timings, TokenLogprob, Usage
 from refllama.generation.sampling import log_softmax, sample
+from refllama.model.finite import first_nonfinite
 
 
 class Model(Protocol):
@@ -40,6 +40,8 @@ class Model(Protocol):
 
     def check_ids(self, token_ids: Any, ndim: int = 1) -> np.ndarray: ...
 
+    def trace(self, token_ids: Any) -> dict[str, np.ndarray]: ...
+
 
 def forward_steps(model: Model, ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None,
                   positions: np.ndarray | None = None,
@@ -49,28 +51,61 @@ def forward_steps(model: Model, ids: np.ndarray, max_new_tokens: int, attention_
     Yields host logits: first the prefill's, (B, L, vocab) with `all_logits` else (B, 1, vocab); then, for each
     array of next tokens (B,) sent in, that step's (B, 1, vocab). The KV cache holds L + max_new_tokens slots.
     attention_mask (B, L) and positions (B, L) describe a left-padded batch (None: no padding).
+    Logits that are NaN or infinite raise NumericalError naming the first layer that produced them.
     """
     B, L = ids.shape
     cache = model.new_cache(B, L + max_new_tokens)
     logits = model.forward(ids, cache, attention_mask=attention_mask, positions=positions, last_only=not all_logits)
     next_positions = None if positions is None else positions[:, -1] + 1
+    sent: list[np.ndarray] = []
+    prompt_mask = attention_mask
     while True:
-        tokens = yield logits
+        check_finite(model, logits, lambda b: _row_ids(ids, prompt_mask, sent, b))
+        tokens = np.asarray((yield logits), dtype=np.int64).reshape(B)
+        sent.append(tokens)
         if attention_mask is not None:
             attention_mask = np.concatenate([attention_mask, np.ones((B, 1), dtype=attention_mask.dtype)], axis=1)
         step_positions = None if next_positions is None else next_positions[:, None]
-        logits = model.forward(np.asarray(tokens, dtype=np.int64).reshape(B, 1), cache,
-                               attention_mask=attention_mask, positions=step_positions)
+        logits = model.forward(tokens.reshape(B, 1), cache, attention_mask=attention_mask, positions=step_positions)
         if next_positions is not None:
             next_positions = next_positions + 1
 
 
+def check_finite(model: Model, logits: np.ndarray, row_ids: Any) -> None:
+    """NumericalError when a row's logits hold a NaN or an Inf, naming the first intermediate of a forward pass over
+    that row's tokens (`row_ids(b)`) where non-finite values appear (refllama/model/finite.py)."""
+    finite = np.isfinite(logits).reshape(logits.shape[0], -1).all(axis=1)
+    if finite.all():
+        return
+    b = int(np.flatnonzero(~finite)[0])
+    tokens = row_ids(b)
+    where = first_nonfinite(model.trace(tokens))
+    found = f"the first non-finite values appear in {where}" if where else "the trace stays finite"
+    raise NumericalError(f"the logits of row {b} after {len(tokens)} tokens are NaN or infinite; {found} "
+                         "(engine.trace names every intermediate)")
+
+
+def _row_ids(ids: np.ndarray, mask: np.ndarray | None, sent: list[np.ndarray], b: int) -> np.ndarray:
+    """Row b's real tokens so far: its prompt without padding, then the tokens generated for it."""
+    prompt = ids[b] if mask is None else ids[b][mask[b] != 0]
+    return np.concatenate([prompt, [int(t[b]) for t in sent]]).astype(np.int64)
+
+
+def check_max_new_tokens(value: Any) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {brief(value)}")
+
+
 def greedy(model: Model, ids: np.ndarray, max_new_tokens: int, stop_ids: set[int] = frozenset(),
            on_first: Any = None) -> list[int]:
-    """Greedy continuation of one sequence ids (L,): up to max_new_tokens ids, ending early with a stop id.
+    """Greedy continuation of one sequence ids (L,): up to max_new_tokens ids (and never past the context),
+    ending early with a stop id.
     `on_first()`, if given, is called once the first new token is chosen (the time to first token)."""
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
+    limit = model.config.max_position_embeddings
+    if len(ids) >= limit:
+        raise InputError(f"the prompt has {len(ids)} tokens; the model's context is {limit}, so no token can follow")
+    max_new_tokens = min(max_new_tokens, limit - len(ids))  # never past the context, as generate()
     if max_new_tokens == 0:
         return []
     steps = forward_steps(model, np.asarray(ids)[None, :], max_new_tokens)
@@ -100,6 +135,8 @@ def prompt_ids(engine: Model, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             if not tok.chat_template:
                 raise InputError("this model has no chat template: pass a prompt instead of messages")
+            from refllama.generation.chat import render_chat_template  # jinja2: only for chat prompts
+
             text = render_chat_template(tok.chat_template, request.messages,
                                         add_generation_prompt=request.add_generation_prompt,
                                         bos_token=tok.bos_token, eos_token=tok.eos_token)
@@ -219,10 +256,10 @@ def _steps(engine: Model,
            requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResponse]]:
     """The decode loop: yields (row, new final text) after each token, returns the responses."""
     limit = engine.config.max_position_embeddings
+    for r in requests:
+        r.validate()  # fields may have changed since the request was made
     prompts = [prompt_ids(engine, r) for r in requests]
-    for r, ids in zip(requests, prompts, strict=True):
-        if r.max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {r.max_new_tokens}")
+    for ids in prompts:
         if len(ids) > limit:
             raise InputError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
     rows = [_Row(engine, r, ids, limit) for r, ids in zip(requests, prompts, strict=True)]

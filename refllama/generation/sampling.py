@@ -8,12 +8,13 @@ host: the same seed and the same logits give the same tokens on every backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from refllama.errors import InputError
+from refllama.errors import InputError, brief
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,16 @@ class SamplingParams:
     min_tokens_to_keep: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", *(("min_p",) if self.min_p is not None else ())):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {brief(value)}")
+        for name in ("top_k", "min_tokens_to_keep"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (bool, np.bool_))
+                                      or not isinstance(value, (int, np.integer))):
+                raise InputError(f"{name} must be an integer, got {brief(value)}")
         if not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -38,6 +49,8 @@ class SamplingParams:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens_to_keep < 1:
+            raise InputError(f"min_tokens_to_keep must be >= 1, got {self.min_tokens_to_keep}")
 
     @property
     def greedy(self) -> bool:
@@ -104,10 +117,16 @@ def process(scores: np.ndarray, params: SamplingParams, previous: Sequence[int] 
 def sample(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            previous: Sequence[int] = ()) -> int:
     """The next token: argmax when greedy, else one draw from softmax(processed scores)."""
-    processed = process(scores, params, previous)
-    if params.greedy:
-        return int(np.argmax(processed))
-    probs = _softmax(processed.astype(np.float64))
+    with np.errstate(all="ignore"):  # non-finite results are caught below, with the parameters named
+        processed = process(scores, params, previous)
+        if params.greedy:
+            return int(np.argmax(processed))
+        probs = _softmax(processed.astype(np.float64))
+    if not np.isfinite(probs).all() or not probs.sum() > 0:
+        # e.g. a temperature so small (a denormal) that the scaled logits overflow to inf
+        raise InputError(f"sampling found no valid probabilities: the processed logits are not finite "
+                         f"(temperature {params.temperature}, top_k {params.top_k}, top_p {params.top_p}, "
+                         f"min_p {params.min_p})")
     cdf = np.cumsum(probs)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), cdf.size - 1))
 

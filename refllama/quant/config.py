@@ -10,13 +10,13 @@ in docs/quantization.md.
 from __future__ import annotations
 
 import enum
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refllama.errors import ConfigError
+from refllama.errors import ConfigError, brief
+from refllama.formats.files import ModelFolder, read_json
 
 
 class QuantizationMethod(enum.Enum):
@@ -102,28 +102,67 @@ def _matches(module: str, class_name: str, entry: str, substring: bool) -> bool:
     return _match_rank(module, class_name, entry) is not None
 
 
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 31:
+        raise ConfigError(where, f"expected an integer, got {brief(value)}")
+    return value
+
+
+def _optional_size(value: Any, where: str) -> int | None:
+    """A group size: None or -1 mean none."""
+    return None if value in (None, -1) else _int(value, where)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    """A list of module names or `re:` patterns (a lone string is a list of one)."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(where, f"expected a list of strings, got {brief(value)}")
+    for v in values:
+        if v.startswith("re:"):
+            _check_pattern(v[3:], where)
+    return list(values)
+
+
+# A quantified group that itself holds a quantifier, e.g. (a+)+ or (.*)*: backtracking that is exponential in the
+# module name's length. Python's re has no time limit, so such patterns are refused rather than run.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)[*+{]")
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    if len(pattern) > 1000 or _NESTED_QUANTIFIER.search(pattern):
+        raise ConfigError(where, f"regex {brief(pattern)} is too long or nests quantifiers (slow to match)")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise ConfigError(where, f"invalid regex {brief(pattern)}") from None
+
+
 def _spec(block: dict[str, Any] | None, where: str) -> QuantizationSpec | None:
     if block is None:
         return None
     if not isinstance(block, dict) or "num_bits" not in block:
         raise ConfigError(where, "expected an object with 'num_bits'")
-    group_size = block.get("group_size")
+    group_size = _optional_size(block.get("group_size"), f"{where}.group_size")
     actorder = block.get("actorder")
     if actorder is True:
         actorder = "group"
     block_structure = block.get("block_structure")
+    if block_structure and (not isinstance(block_structure, list) or len(block_structure) > 8):
+        raise ConfigError(f"{where}.block_structure", f"expected a list of integers, got {brief(block_structure)}")
     return QuantizationSpec(
-        num_bits=int(block["num_bits"]),
+        num_bits=_int(block["num_bits"], f"{where}.num_bits"),
         symmetric=bool(block.get("symmetric", True)),
         dynamic=block.get("dynamic", False) not in (False, None),
-        group_size=int(group_size) if group_size not in (None, -1) else None,
-        strategy=str(block.get("strategy") or ("group" if group_size not in (None, -1) else "tensor")),
-        observer=str(block.get("observer") or "minmax"),
-        type=str(block.get("type") or "int"),
-        actorder=str(actorder) if actorder not in (None, False) else None,
-        block_structure=tuple(block_structure) if block_structure else None,
-        zp_dtype=str(block["zp_dtype"]) if block.get("zp_dtype") else None,
-        scale_dtype=str(block["scale_dtype"]) if block.get("scale_dtype") else None,
+        group_size=group_size,
+        strategy=str(block.get("strategy") or ("group" if group_size is not None else "tensor"))[:100],
+        observer=str(block.get("observer") or "minmax")[:100],
+        type=str(block.get("type") or "int")[:100],
+        actorder=str(actorder)[:100] if actorder not in (None, False) else None,
+        block_structure=tuple(_int(b, f"{where}.block_structure") for b in block_structure)
+        if block_structure else None,
+        zp_dtype=str(block["zp_dtype"])[:100] if block.get("zp_dtype") else None,
+        scale_dtype=str(block["scale_dtype"])[:100] if block.get("scale_dtype") else None,
     )
 
 
@@ -131,48 +170,55 @@ def parse_quantization_config(block: dict[str, Any]) -> QuantizationConfig:
     """Parse an HF `quantization_config` object; unknown methods become QuantizationMethod.Custom."""
     if not isinstance(block, dict):
         raise ConfigError("quantization_config", "expected an object")
-    name = str(block.get("quant_method", "")).lower()
+    name = str(block.get("quant_method", ""))[:100].lower()
     try:
         method = QuantizationMethod(name)
     except ValueError:
         method = QuantizationMethod.Custom
     if method is QuantizationMethod.CompressedTensors:
         groups = {}
-        for gname, g in (block.get("config_groups") or {}).items():
-            where = f"quantization_config.config_groups.{gname}"
+        config_groups = block.get("config_groups") or {}
+        if not isinstance(config_groups, dict):
+            raise ConfigError("quantization_config.config_groups", "expected an object")
+        for gname, g in config_groups.items():
+            where = f"quantization_config.config_groups.{gname[:100]}"
             if not isinstance(g, dict):
                 raise ConfigError(where, "expected an object")
-            targets = g.get("targets") or []
+            fmt = g.get("format")
+            if fmt is not None and not isinstance(fmt, str):
+                raise ConfigError(f"{where}.format", f"expected a string, got {brief(fmt)}")
             groups[gname] = QuantizationGroup(
-                targets=[targets] if isinstance(targets, str) else list(targets),
+                targets=_strings(g.get("targets") or [], f"{where}.targets"),
                 weights=_spec(g.get("weights"), f"{where}.weights"),
                 input_activations=_spec(g.get("input_activations"), f"{where}.input_activations"),
                 output_activations=_spec(g.get("output_activations"), f"{where}.output_activations"),
-                format=g.get("format"),
+                format=fmt,
             )
+        ratio = block.get("global_compression_ratio")
         return QuantizationConfig(
             method=method,
-            format=str(block.get("format") or ""),
+            format=str(block.get("format") or "")[:100],
             config_groups=groups,
-            global_compression_ratio=block.get("global_compression_ratio"),
-            ignored_layers=list(block.get("ignore") or []),
+            global_compression_ratio=ratio if isinstance(ratio, (int, float)) else None,
+            ignored_layers=_strings(block.get("ignore") or [], "quantization_config.ignore"),
             raw=dict(block),
         )
     if method in (QuantizationMethod.GPTQ, QuantizationMethod.AWQ):
         bits = block.get("bits", block.get("w_bit"))
         if bits is None:
             raise ConfigError("quantization_config.bits", f"missing for quant_method '{name}'")
-        group_size = block.get("group_size", block.get("q_group_size"))
+        group_size = _optional_size(block.get("group_size", block.get("q_group_size")),
+                                    "quantization_config.group_size")
         desc_act = bool(block.get("desc_act", False))
         weights = QuantizationSpec(
-            num_bits=int(bits),
+            num_bits=_int(bits, "quantization_config.bits"),
             symmetric=bool(block.get("sym", not block.get("zero_point", False))),
-            group_size=int(group_size) if group_size not in (None, -1) else None,
-            strategy="group" if group_size not in (None, -1) else "channel",
+            group_size=group_size,
+            strategy="group" if group_size is not None else "channel",
             actorder="group" if desc_act else None,
         )
-        fmt = str(block.get("checkpoint_format") or block.get("version") or name).lower()
-        ignored = list(block.get("modules_to_not_convert") or [])
+        fmt = str(block.get("checkpoint_format") or block.get("version") or name)[:100].lower()
+        ignored = _strings(block.get("modules_to_not_convert") or [], "quantization_config.modules_to_not_convert")
         if not block.get("lm_head", False) and "lm_head" not in ignored:
             ignored.append("lm_head")  # GPTQ/AWQ quantize the head only when asked (`lm_head: true`)
         return QuantizationConfig(
@@ -182,22 +228,24 @@ def parse_quantization_config(block: dict[str, Any]) -> QuantizationConfig:
             ignored_layers=ignored,
             raw=dict(block),
         )
-    return QuantizationConfig(method=method, format=str(block.get("format") or name), raw=dict(block))
+    return QuantizationConfig(method=method, format=str(block.get("format") or name)[:100], raw=dict(block))
 
 
-def read_quantize_config(folder: str | Path) -> QuantizationConfig | None:
+def read_quantize_config(folder: str | Path | ModelFolder) -> QuantizationConfig | None:
     """GPTQ's `quantize_config.json` (AutoGPTQ / GPTQModel), for checkpoints whose config.json has no block."""
-    path = Path(folder) / "quantize_config.json"
-    if not path.is_file():
+    folder = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
+    path = folder.file("quantize_config.json", _config_error)
+    if path is None:
         return None
-    try:
-        block = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("quantize_config.json", f"not valid JSON ({e})", path) from None
+    block = read_json(path, _config_error, limit=16 << 20)
     if not isinstance(block, dict):
         raise ConfigError("quantize_config.json", "expected an object", path)
     block.setdefault("quant_method", "gptq")  # AutoGPTQ's files predate the key
     return parse_quantization_config(block)
+
+
+def _config_error(message: str, path: Path) -> ConfigError:
+    return ConfigError("quantize_config.json", message, path)
 
 
 # --- what the reference runs ------------------------------------------------------------------------------------
