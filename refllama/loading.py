@@ -22,12 +22,12 @@ from refllama.dtypes import LayerDataTypeConfig
 from refllama.errors import CheckpointError, TokenizerError
 from refllama.formats.checkpoint import load_weight_map
 from refllama.formats.files import ModelFolder
+from refllama.formats.finite import check_weights
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
-from refllama.model.finite import check_weights
 from refllama.model.weights import StageSpan, WeightMap
 from refllama.sharding.plan import StagePlan
 
@@ -56,7 +56,7 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
     of a sharded folder only the shard files that hold them; a stage needs no `tokenizer` either. `backend` None
     (a driver that computes nothing) keeps no GGUF blocks. A folder's files must lie inside it; `allow_symlinks`
     trusts its symlinks wherever they point (refllama/formats/files.py). `verify` checks that every float weight
-    is finite (NumericalError naming the first that is not; refllama/model/finite.py).
+    is finite (NumericalError naming the first that is not; refllama/formats/finite.py).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":

@@ -22,9 +22,9 @@ import numpy as np
 
 from refllama.config import LlamaConfig
 from refllama.errors import InputError, NumericalError, brief
+from refllama.formats.finite import first_nonfinite
 from refllama.generation.requests import GenerationRequest, GenerationResponse, Timings, TokenLogprob, Usage
 from refllama.generation.sampling import log_softmax, sample
-from refllama.model.finite import first_nonfinite
 
 
 class Model(Protocol):
@@ -73,7 +73,7 @@ def forward_steps(model: Model, ids: np.ndarray, max_new_tokens: int, attention_
 
 def check_finite(model: Model, logits: np.ndarray, row_ids: Any) -> None:
     """NumericalError when a row's logits hold a NaN or an Inf, naming the first intermediate of a forward pass over
-    that row's tokens (`row_ids(b)`) where non-finite values appear (refllama/model/finite.py)."""
+    that row's tokens (`row_ids(b)`) where non-finite values appear (refllama/formats/finite.py)."""
     finite = np.isfinite(logits).reshape(logits.shape[0], -1).all(axis=1)
     if finite.all():
         return

@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from refllama.dtypes import is_ml_float
 from refllama.errors import NumericalError
 from refllama.formats import ggml_quants
 from refllama.formats.files import FileMap
@@ -27,7 +27,6 @@ from refllama.model.weights import WeightMap
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 
 _CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32, well inside L2
-_EXOTIC = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)}
 
 # WeightMap field paths -> Hugging Face tensor names, for messages
 _HF_PREFIXES = (("embeddings", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"),
@@ -60,7 +59,7 @@ def is_finite(array: np.ndarray) -> bool:
 
 
 def _finite_chunk(chunk: np.ndarray) -> bool:
-    if chunk.dtype in _EXOTIC:
+    if is_ml_float(chunk.dtype):
         chunk = chunk.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow or NaN in the sum is what is looked for
         total = chunk.sum(dtype=np.float64 if chunk.dtype == np.float64 else np.float32)
@@ -84,7 +83,7 @@ def first_nonfinite(trace: Mapping[str, Any]) -> str | None:
     """The name of the first intermediate (in forward order) holding a NaN or an Inf, or None."""
     for name, value in trace.items():
         value = np.asarray(value)
-        if value.dtype.kind == "f" or value.dtype in _EXOTIC:
+        if value.dtype.kind == "f" or is_ml_float(value.dtype):
             if not np.isfinite(value.astype(np.float32, copy=False)).all():
                 return name
     return None
@@ -106,7 +105,7 @@ def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray]]:
                 for field in layout.names:
                     if layout[field].kind == "f":
                         yield f"{_hf_name(path)} (block field {field})", blocks[field]
-        elif isinstance(node, np.ndarray) and (node.dtype.kind == "f" or node.dtype in _EXOTIC):
+        elif isinstance(node, np.ndarray) and (node.dtype.kind == "f" or is_ml_float(node.dtype)):
             yield _hf_name(path), node
 
 
