@@ -199,3 +199,57 @@ def test_missing_expert_and_bad_moe_config_are_named(tmp_path):
         LlamaConfig.from_dict({**config, "no_rope_layers": [1, 1, 2, 1]})
     with pytest.raises(ConfigError, match="moe_layers"):
         LlamaConfig.from_dict({**config, "moe_layers": [1, 4]})
+
+
+# --- GGUF: a Mixtral file written by llama.cpp's own converter (tools/make_moe_gguf.py) ------------------------
+
+GGUF_MOE = FIXTURES / "gguf_moe"
+GGUF_F64_ATOL = 1e-11  # GGUF stores rms_norm_eps as float32: the same model up to that rounding
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_llama_cpp_converted_mixtral_gguf_matches_hf(dtype):
+    """Stacked ffn_*_exps experts, the float32 ffn_gate_inp router, q/k un-permuted: HF's logits and greedy run."""
+    g, tag = golden("mixtral_bf16"), "f32" if dtype == "float32" else "f64"
+    engine = refllama.load(GGUF_MOE / "mixtral-f32.gguf", dtype=dtype)
+    assert engine.config.moe.num_experts == 8 and engine.config.moe.top_k == 2
+    for n in LENGTHS:
+        assert_close(engine.logits(g[f"ids_{n}"]), g[f"logits_{n}_{tag}"],
+                     F32_ATOL if tag == "f32" else GGUF_F64_ATOL)
+    assert engine.generate_ids(g["ids_10"], 16, stop_at_eos=False) == g[f"greedy_{tag}"].tolist()
+
+
+def _gguf_per_expert(src, out):
+    """Rewrite a stacked-expert GGUF in the older layout, one tensor per expert (blk.N.ffn_gate.E.weight)."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(field.name, value)
+        else:
+            writer.add_key_value(field.name, value, kind)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name.endswith("_exps.weight"):
+            stem = t.name[:-len("_exps.weight")]
+            for e in range(data.shape[0]):
+                writer.add_tensor(f"{stem}.{e}.weight", np.ascontiguousarray(data[e]))
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_per_expert_gguf_layout_is_the_same_model(tmp_path):
+    path = _gguf_per_expert(GGUF_MOE / "mixtral-f32.gguf", tmp_path / "per_expert.gguf")
+    ids = golden("mixtral_bf16")["ids_48"]
+    ours = refllama.load(path, dtype="float64").logits(ids)
+    np.testing.assert_array_equal(ours, refllama.load(GGUF_MOE / "mixtral-f32.gguf", dtype="float64").logits(ids))
