@@ -253,3 +253,26 @@ def test_per_expert_gguf_layout_is_the_same_model(tmp_path):
     ids = golden("mixtral_bf16")["ids_48"]
     ours = refllama.load(path, dtype="float64").logits(ids)
     np.testing.assert_array_equal(ours, refllama.load(GGUF_MOE / "mixtral-f32.gguf", dtype="float64").logits(ids))
+
+
+# --- Other backends: the same forward pass through their operations --------------------------------------------
+
+OTHER_BACKENDS = [b.name for b in refllama.backends.installed() if b.name in ("numba", "mlx")]
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_other_backends_match_hf_float32(backend, name):
+    g = golden(name)
+    engine = refllama.load(FIXTURES / name, backend=backend)
+    assert_close(engine.logits(g["ids_48"]), g["logits_48_f32"], F32_ATOL)
+    assert engine.generate_ids(g["ids_10"], 16, stop_at_eos=False) == g["greedy_f32"].tolist()
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_other_backends_run_the_quantized_mixtral_gguf_as_the_reference(backend):
+    """Q8_0 experts (numba reads the blocks in place) against the numpy reference on the same file."""
+    ids = golden("mixtral_bf16")["ids_48"]
+    reference = refllama.load(GGUF_MOE / "mixtral-q8_0.gguf").logits(ids)
+    np.testing.assert_allclose(refllama.load(GGUF_MOE / "mixtral-q8_0.gguf", backend=backend).logits(ids),
+                               reference, rtol=0, atol=F32_ATOL)
