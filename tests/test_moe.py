@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -16,12 +17,16 @@ from safetensors.numpy import save_file
 
 import refllama
 from refllama.config import LlamaConfig, MoEConfig, Router
+from refllama.diagnostics.diagnostic import ModelDiagnostic
 from refllama.errors import ConfigError, WeightError
 from refllama.formats.safetensors import TensorSource
 from refllama.model import moe
 from refllama.model.llama import local_mask_for
 
-from conftest import F32_ATOL, F64_ATOL, FIXTURES, MANIFEST, assert_close, decode_rows, engine_cache, golden
+from conftest import F32_ATOL, F64_ATOL, FIXTURES, MANIFEST, ROOT, assert_close, decode_rows, engine_cache, golden
+
+sys.path.insert(0, str(ROOT / "tools"))
+import make_sparse_checkpoint
 
 MOE_NAMES = sorted(MANIFEST["moe_fixtures"])
 LENGTHS = MANIFEST["sequence_lengths"]
@@ -276,3 +281,54 @@ def test_other_backends_run_the_quantized_mixtral_gguf_as_the_reference(backend)
     reference = refllama.load(GGUF_MOE / "mixtral-q8_0.gguf").logits(ids)
     np.testing.assert_allclose(refllama.load(GGUF_MOE / "mixtral-q8_0.gguf", backend=backend).logits(ids),
                                reference, rtol=0, atol=F32_ATOL)
+
+
+def _nbytes(weight) -> int:
+    raw = getattr(weight, "raw", weight)  # GGUFBlockWeight: its blocks
+    return int(np.asarray(raw).nbytes)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *OTHER_BACKENDS])
+def test_decode_reads_only_the_chosen_experts(backend, monkeypatch):
+    """One decode step touches top_k / num_experts of the expert weights (2 of 8 here), counted in bytes."""
+    engine = refllama.load(GGUF_MOE / "mixtral-q8_0.gguf", backend=backend)
+    experts = {id(lin.weight) for layer in engine.model.weights.layers for mlp in layer.mlp.experts
+               for lin in vars(mlp).values()}
+    total = sum(_nbytes(lin.weight) for layer in engine.model.weights.layers for mlp in layer.mlp.experts
+                for lin in vars(mlp).values())
+    read = []
+    linear = engine.backend.linear
+
+    def counting(x, layer):
+        if id(layer.weight) in experts:
+            read.append(_nbytes(layer.weight))
+        return linear(x, layer)
+
+    cache = engine.new_cache(1, 8)
+    engine.forward(np.array([[1, 5, 9]]), cache)
+    monkeypatch.setattr(engine.backend, "linear", counting)
+    engine.forward(np.array([[7]]), cache)  # one decode step
+    moe = engine.config.moe
+    assert len(read) == 3 * moe.top_k * len(moe.layers)  # gate, up, down of each chosen expert
+    assert sum(read) == total * moe.top_k // moe.num_experts
+
+
+# --- Diagnostics: published MoE shapes as sparse checkpoints (tools/make_sparse_checkpoint.py) ------------------
+
+@pytest.mark.parametrize(("config", "variant", "total", "active"), [
+    ("MIXTRAL_8X7B", "Mixtral(size='8x7B')", 46_702_792_704, 12_879_925_248),
+    ("LLAMA4_SCOUT", "Llama4(name='Scout', size='17B-16E')", 107_769_861_120, 17_172_894_720),
+    ("LLAMA4_MAVERICK", "Llama4(name='Maverick', size='17B-128E')", 400_711_848_960, 17_184_691_200),
+])
+def test_published_moe_shapes_are_detected_and_counted(tmp_path, config, variant, total, active):
+    """Mixtral 8x7B: 46.7B total, 12.9B active, as published; Llama 4 text models: 17B active, 400B total for
+    Maverick (Meta's 109B for Scout includes its vision encoder: the text model is 107.8B). Every expert is
+    resident in the memory estimate."""
+    folder = make_sparse_checkpoint.write(tmp_path / config.lower(), getattr(make_sparse_checkpoint, config), 4)
+    d = ModelDiagnostic.analyze_directory(folder, context_length=4096)
+    report = d.to_json()
+    assert repr(d.model_type) == variant and not d.problems
+    assert d.weight_info.parameter_count == report["weights"]["config_parameter_count"] == total
+    assert report["weights"]["active_parameter_count"] == active
+    assert d.memory_requirements.model_weights == 4 * total  # bf16 -> float32 on numpy, all experts
+    json.dumps(report)
