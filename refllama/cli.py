@@ -217,7 +217,7 @@ def cmd_logits(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from refllama.engine import load
     from refllama.errors import InputError
-    from refllama.testing.compare import PROFILES, compare_traces
+    from refllama.testing.compare import PROFILES, compare_traces, expert_agreement
 
     if args.profile not in PROFILES:
         raise InputError(f"unknown profile {args.profile!r} (one of {', '.join(PROFILES)})")
@@ -247,14 +247,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     ids = token_ids()
     b = args.b or args.a
-    rows = compare_traces(trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b, args.dtype_b),
-                          args.profile)
+    reference, candidate = trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b, args.dtype_b)
+    rows = compare_traces(reference, candidate, args.profile)
+    routing = expert_agreement(reference, candidate)
     first = next((r for r in rows if not r.ok), None)
+    first_routing = next((r for r in routing if r.first_token is not None), None)
     labels = [f"{args.a} ({args.backend_a} {args.dtype_a})", f"{b} ({args.backend_b} {args.dtype_b})"]
     if args.json:
         print(json.dumps({"reference": labels[0], "candidate": labels[1], "profile": args.profile,
                           "tokens": len(ids), "first_divergence": first.name if first else None,
-                          "rows": [asdict(r) for r in rows]}, indent=2))
+                          "rows": [asdict(r) for r in rows], "routing": [asdict(r) for r in routing],
+                          "first_routing_difference": first_routing.layer if first_routing else None}, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
@@ -269,6 +272,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         console.print(table)
         console.print(f"first divergence beyond '{args.profile}': {first.name}" if first else
                       f"no tensor diverges beyond the '{args.profile}' profile")
+        if routing:
+            agreement = ", ".join(f"layer {r.layer} {r.agreement:.3f}" for r in routing)
+            console.print(f"expert choice agreement: {agreement}")
+            console.print(f"routing first differs at layer {first_routing.layer}, token {first_routing.first_token}"
+                          if first_routing else "routing identical in every MoE layer")
     if args.plot is not None:
         _plot(rows, args.plot, labels)
     return 1 if first else 0

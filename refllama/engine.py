@@ -123,7 +123,8 @@ class GenericLlamaEngine:
         """Every intermediate of one full forward pass over one sequence, by stable name, as host arrays without
         the batch axis: embeddings (T, hidden); per layer N: layers.N.input_norm, .q / .k (after RoPE) and .v
         (heads, T, head_dim), .attention_output, .residual_attention, .post_attention_norm, .mlp_output and
-        .residual (T, hidden); final_norm (T, hidden); logits (T, vocab)."""
+        .residual (T, hidden); final_norm (T, hidden); logits (T, vocab). MoE layers add .router_logits
+        (T, experts), .experts (T, k: the chosen experts, best first) and .expert_weights (T, k)."""
         ids = self.check_ids(token_ids, ndim=1)
         trace: dict = {}
         self.model.forward(ids[None, :], self.new_cache(1, len(ids)), trace=trace)

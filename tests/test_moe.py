@@ -332,3 +332,26 @@ def test_published_moe_shapes_are_detected_and_counted(tmp_path, config, variant
     assert report["weights"]["active_parameter_count"] == active
     assert d.memory_requirements.model_weights == 4 * total  # bf16 -> float32 on numpy, all experts
     json.dumps(report)
+
+
+# --- Oracle: routing in traces and in `refllama compare` ---------------------------------------------------------
+
+def test_compare_reports_expert_agreement_and_the_first_layer_that_differs(capsys):
+    from refllama.cli import main
+    from refllama.testing.compare import expert_agreement
+
+    ids = golden("mixtral_bf16")["ids_48"]
+    ref = engines("mixtral_bf16", "float64").trace(ids)
+    assert [(r.layer, r.agreement, r.first_token) for r in
+            expert_agreement(ref, engines("mixtral_bf16").trace(ids))] == [(0, 1.0, None), (1, 1.0, None)]
+    quantized = refllama.load(GGUF_MOE / "mixtral-q8_0.gguf").trace(ids)
+    rows = expert_agreement(ref, quantized)
+    expected = [np.mean((np.sort(ref[f"layers.{r.layer}.experts"], -1)
+                         == np.sort(quantized[f"layers.{r.layer}.experts"], -1)).all(-1)) for r in rows]
+    assert [r.agreement for r in rows] == expected and min(expected) < 1.0  # Q8_0 moves some choices
+    main(["compare", str(FIXTURES / "mixtral_bf16"), str(GGUF_MOE / "mixtral-q8_0.gguf"), "--json",
+          "--ids", ",".join(map(str, ids))])
+    report = json.loads(capsys.readouterr().out)
+    first = next(r for r in rows if r.first_token is not None)
+    assert report["first_routing_difference"] == first.layer
+    assert [r["agreement"] for r in report["routing"]] == expected

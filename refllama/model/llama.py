@@ -62,7 +62,8 @@ class LlamaModel:
         positions (B, T) default to cache.length + arange(T); `last_only` computes the logits of the last position
         only (B, 1, vocab), all a prefill needs before decoding; `trace`, if given, receives every intermediate
         by name (embeddings, layers.N.input_norm, .q, .k, .v, .attention_output, .residual_attention,
-        .post_attention_norm, .mlp_output, .residual, final_norm, logits).
+        .post_attention_norm, .mlp_output, .residual, final_norm, logits; MoE layers also .router_logits, .experts,
+        .expert_weights).
         """
         step = self.step_inputs(input_ids.shape, cache.length, attention_mask, positions)
         x = self.embed(input_ids, trace)  # (B, T, hidden)

@@ -3,7 +3,8 @@
 Metrics, per position and overall: max and mean absolute difference; NMSE as llama.cpp's test-backend-ops
 defines it (sum (a - b)^2 / sum a^2, a the reference); KL(P_ref || P_cand) of the softmax distributions; top-1
 agreement; and top-k containment as vLLM's `check_logprobs_close` judges it (where the top-1 tokens differ, each
-must be among the other's top k).
+must be among the other's top k). For mixture-of-experts traces, `expert_agreement` compares the experts each
+token chose, layer by layer, and names the first layer where routing differs.
 """
 
 from __future__ import annotations
@@ -180,10 +181,32 @@ def compare_traces(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     p = PROFILES[profile] if isinstance(profile, str) else profile
     rows = []
     for name, ref in reference.items():
-        if name not in candidate:
-            continue
+        if name not in candidate or name.endswith(ROUTING_SUFFIXES):
+            continue  # expert choices are compared by expert_agreement
         report = compare(ref, candidate[name])
         ok = report.nmse <= p.nmse and (name != "logits" or not check(report, p))
         scale = float(np.abs(ref).max()) or 1.0
         rows.append(TraceRow(name, report.max_abs_diff, report.max_abs_diff / scale, report.nmse, ok))
     return rows
+
+
+ROUTING_SUFFIXES = (".experts", ".expert_weights")
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    layer: int
+    agreement: float  # fraction of tokens whose set of chosen experts is the same
+    first_token: int | None  # the first token whose experts differ
+
+
+def expert_agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[RoutingRow]:
+    """Per MoE layer (traces' `layers.N.experts`, (T, k)), how often both chose the same set of experts."""
+    rows = []
+    for name, ref in reference.items():
+        if not (name.startswith("layers.") and name.endswith(".experts")) or name not in candidate:
+            continue
+        same = (np.sort(np.asarray(ref), axis=-1) == np.sort(np.asarray(candidate[name]), axis=-1)).all(axis=-1)
+        differ = np.flatnonzero(~same.reshape(-1))
+        rows.append(RoutingRow(int(name.split(".")[1]), float(same.mean()), int(differ[0]) if differ.size else None))
+    return sorted(rows, key=lambda r: r.layer)
