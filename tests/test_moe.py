@@ -355,3 +355,40 @@ def test_compare_reports_expert_agreement_and_the_first_layer_that_differs(capsy
     first = next(r for r in rows if r.first_token is not None)
     assert report["first_routing_difference"] == first.layer
     assert [r["agreement"] for r in report["routing"]] == expected
+
+
+# --- Quantized MoE: compressed-tensors with the router left unquantized -----------------------------------------
+
+@pytest.mark.parametrize("name", ["mixtral", "llama4"])
+def test_compressed_tensors_moe_with_an_unquantized_router(tmp_path, name):
+    """MLPs (experts, Llama 4's shared expert and dense layers) W4A16 group 32 as llm-compressor quantizes them
+    (refllama's writer equals llm-compressor's byte for byte: test_quant_layer_dtypes.py), the router ignored
+    (`re:.*block_sparse_moe.gate` / `re:.*router`, as llm-compressor's MoE examples do): written as a
+    compressed-tensors folder, read back with PackedIntWeight experts and a float router, same logits."""
+    from refllama.dtypes import DataType, LayerDataTypeConfig, MLPComponent
+    from refllama.formats.checkpoint import quantized_linears
+    from refllama.quant.quantize import (
+        apply_layer_dtypes,
+        compressed_tensors_block,
+        save_compressed_tensors,
+        weight_presets,
+    )
+    from refllama.quant.types import PackedIntWeight
+
+    spec, _ = weight_presets(32)[DataType.W4A16]
+    types = LayerDataTypeConfig(mlp_weights=dict.fromkeys(MLPComponent, DataType.W4A16))
+    engine = engines(name, "float64")
+    quantized = apply_layer_dtypes(engine.source_weights, types, group_size=32)
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    router = "re:.*block_sparse_moe.gate" if name == "mixtral" else "re:.*router"
+    block = compressed_tensors_block(spec, False, "pack-quantized", ignore=["lm_head", router, "re:.*self_attn.*"])
+    folder = save_compressed_tensors(tmp_path / name, config, quantized, block)
+    reloaded = refllama.load(folder, dtype="float64")
+    layer = reloaded.model.weights.layers[engine.config.moe.layers[0]].mlp
+    assert isinstance(layer.experts[0].down_proj.weight, PackedIntWeight)
+    assert not hasattr(layer.router.weight, "packed")  # the router stays float
+    assert len(quantized_linears(reloaded.model.weights)) == len(quantized_linears(quantized))
+    ids = golden(name)["ids_48"]
+    expected = refllama.GenericLlamaEngine(engine.config, quantized, engine.backend).logits(ids)
+    np.testing.assert_array_equal(reloaded.logits(ids), expected)
+    assert np.abs(expected - engine.logits(ids)).max() > 1e-3  # the experts are really quantized
