@@ -307,7 +307,7 @@ def _plot(rows, path: Path, labels: list[str]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from refllama import benchmark
+    from refllama.diagnostics import benchmark
     from refllama.backends import get_backend
 
     get_backend(args.backend, args.dtype)  # import the backend's libraries before the memory baseline
