@@ -307,8 +307,8 @@ def _plot(rows, path: Path, labels: list[str]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from refllama.diagnostics import benchmark
     from refllama.backends import get_backend
+    from refllama.diagnostics import benchmark
 
     get_backend(args.backend, args.dtype)  # import the backend's libraries before the memory baseline
     base = benchmark.rss_mb()

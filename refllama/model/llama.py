@@ -43,7 +43,7 @@ class StepInputs:
     sin: Array  # (B, 1, T, D)
     mask: Array  # (B, T, S) bool: query t may attend to slot s
     local_mask: Array | None = None  # (B, T, S) the same within the sliding window or chunk, where one is set
-    q_scale: Array | None = None  # (1, 1, T, 1) attention temperature of layers without RoPE, where set
+    q_scale: Array | None = None  # (1, T, 1, 1) attention temperature of layers without RoPE, where set
 
 
 class LlamaModel:
@@ -86,7 +86,7 @@ class LlamaModel:
             local = xp.asarray(local_mask_for(mask, start, attention_mask, c.sliding_window, chunk))
         q_scale = None
         if c.attn_temperature is not None and c.nope_layers:
-            q_scale = xp.asarray(temperature(start + np.arange(T), *c.attn_temperature)[None, None, :, None])
+            q_scale = xp.asarray(temperature(start + np.arange(T), *c.attn_temperature)[None, :, None, None])
         return StepInputs(xp.asarray(cos[:, None]), xp.asarray(sin[:, None]),  # (B, 1, T, D), compute dtype
                           xp.asarray(mask), local, q_scale)
 
@@ -130,18 +130,19 @@ class LlamaModel:
         c, xp = self.config, self.backend
         B, T, _ = x.shape
         H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = xp.linear(x, w.q_proj).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        q = xp.linear(x, w.q_proj).reshape(B, T, H, D)  # (B, T, H, D)
+        uses_rope = c.uses_rope(layer)
+        if not uses_rope and step.q_scale is not None:  # Llama 4's attention temperature on layers without RoPE,
+            q = q * step.q_scale  # applied before the transpose so q keeps every layer's memory layout
+        q = q.transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = xp.linear(x, w.k_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         v = xp.linear(x, w.v_proj).reshape(B, T, KV, D).transpose(0, 2, 1, 3)  # (B, KV, T, D)
-        uses_rope = c.uses_rope(layer)
         if uses_rope:
             rotate = xp.apply_rope_interleaved if c.rope_interleaved else xp.apply_rope
             q, k = rotate(q, step.cos, step.sin), rotate(k, step.cos, step.sin)
             if c.qk_norm:  # Llama 4: weightless RMSNorm over head_dim after RoPE
                 ones = self.qk_norm_weight
                 q, k = xp.rms_norm(q, ones, c.rms_norm_eps), xp.rms_norm(k, ones, c.rms_norm_eps)
-        elif step.q_scale is not None:
-            q = q * step.q_scale  # Llama 4's attention temperature on layers without RoPE
         if trace is not None:
             trace.update({f"layers.{layer}.q": q, f"layers.{layer}.k": k, f"layers.{layer}.v": v})
         k, v = cache.update(layer, k, v)  # (B, KV, S, D): cached keys and values plus these
