@@ -206,6 +206,17 @@ def test_missing_expert_and_bad_moe_config_are_named(tmp_path):
         LlamaConfig.from_dict({**config, "moe_layers": [1, 4]})
 
 
+def test_pruned_experts_are_refused_by_name(tmp_path):
+    """compressed-tensors 0.20.1's moe_sparsity_config (pruned experts) is not implemented: a typed error."""
+    folder = _copy("mixtral", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    block = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {},
+             "moe_sparsity_config": {"format": "pruned"}}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": block}))
+    with pytest.raises(ConfigError, match="moe_sparsity_config"):
+        refllama.load(folder)
+
+
 # --- GGUF: a Mixtral file written by llama.cpp's own converter (tools/make_moe_gguf.py) ------------------------
 
 GGUF_MOE = FIXTURES / "gguf_moe"
