@@ -27,6 +27,7 @@ import numpy as np
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
+from refllama.model import ops
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.types import Int8Weight, PackedIntWeight
@@ -125,6 +126,12 @@ class Backend:
     def apply_rope(self, x: Array, cos: Array, sin: Array) -> Array:
         """Rotate-half RoPE: x (B, H, T, D) * cos (B, 1, T, D) + rotate_half(x) * sin."""
         raise NotImplementedError
+
+    def apply_rope_interleaved(self, x: Array, cos: Array, sin: Array) -> Array:
+        """RoPE on adjacent pairs (Llama 4): the reference (refllama/model/ops.py) on the host, unless a backend
+        has its own."""
+        host = ops.apply_rope_interleaved(self.to_numpy(x), self.to_numpy(cos), self.to_numpy(sin))
+        return self.asarray(host)
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
         """softmax(q k^T / sqrt(D) where mask, else the dtype's minimum) v with GQA.

@@ -117,6 +117,11 @@ class MlxBackend(Backend):
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
+    def apply_rope_interleaved(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        pairs = x.reshape(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
+        rotated = mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+        return x * cos + rotated * sin
+
     def attention(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> mx.array:
         """MLX's fused attention (GQA without repeating K/V; softmax in float32), plus a guard for empty rows.
 

@@ -42,6 +42,7 @@ class NumpyBackend(Backend):
     matmul = staticmethod(ops.linear)
     rms_norm = staticmethod(ops.rms_norm)
     apply_rope = staticmethod(ops.apply_rope)
+    apply_rope_interleaved = staticmethod(ops.apply_rope_interleaved)
     attention = staticmethod(ops.attention)
     gated_activation = staticmethod(ops.gated_activation)
 

@@ -297,7 +297,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from refllama.engine import load
     from refllama.errors import InputError
-    from refllama.testing.compare import PROFILES, compare_traces
+    from refllama.testing.compare import PROFILES, compare_traces, expert_agreement
     from refllama.testing.traces import label, load_trace
 
     if args.profile not in PROFILES:
@@ -330,13 +330,17 @@ def _compare(args: argparse.Namespace) -> int:
     (ref, label_a), (cand, label_b) = trace(args.a, args.backend_a, args.dtype_a), trace(b, args.backend_b,
                                                                                          args.dtype_b)
     rows = compare_traces(ref, cand, args.profile, allow_missing=True)
+    routing = expert_agreement(ref, cand)
     first = next((r for r in rows if not r.ok), None)
+    first_routing = next((r for r in routing if r.first_token is not None), None)
     missing = [r.name for r in rows if r.missing]
     labels = [label_a, label_b]
     if args.json:
         print(json.dumps({"reference": labels[0], "candidate": labels[1], "profile": args.profile,
                           "tokens": len(ids), "first_divergence": first.name if first else None,
-                          "missing": missing, "rows": [asdict(r) for r in rows]}, indent=2))
+                          "missing": missing, "rows": [asdict(r) for r in rows],
+                          "routing": [asdict(r) for r in routing],
+                          "first_routing_difference": first_routing.layer if first_routing else None}, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
@@ -354,6 +358,11 @@ def _compare(args: argparse.Namespace) -> int:
             console.print(f"{len(missing)} tensors of the reference are missing from the candidate")
         console.print(f"first divergence beyond '{args.profile}': {first.name}" if first else
                       f"no tensor diverges beyond the '{args.profile}' profile")
+        if routing:
+            agreement = ", ".join(f"layer {r.layer} {r.agreement:.3f}" for r in routing)
+            console.print(f"expert choice agreement: {agreement}")
+            console.print(f"routing first differs at layer {first_routing.layer}, token {first_routing.first_token}"
+                          if first_routing else "routing identical in every MoE layer")
     if args.plot is not None:
         _plot([r for r in rows if not r.missing], args.plot, labels)
     return 1 if first else 0

@@ -46,6 +46,15 @@ LIMITS = {
     "vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12,
     "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
     "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24,
+    "num_local_experts": 1 << 12, "num_experts_per_tok": 1 << 12,
+}
+
+# model_type -> the architecture it names, and its transformers config defaults where they differ from Llama's
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "llama4_text": "Llama4ForCausalLM",
+               "llama4": "Llama4ForConditionalGeneration"}
+_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"rope_theta": 1e6, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5},
+    "llama4_text": {"rope_theta": 5e5, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "head_dim": 128},
 }
 
 
@@ -58,6 +67,25 @@ class RopeScaling:
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_position_embeddings: int | None = None
+
+
+class Router(enum.Enum):
+    """How an MoE layer turns router logits into expert weights (refllama/model/moe.py has the arithmetic)."""
+
+    Softmax = "softmax"  # Mixtral: softmax over all experts, top-k, renormalise over the k
+    Sigmoid = "sigmoid"  # Llama 4: top-k of the raw logits, sigmoid of those; the expert input is scaled
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP: which layers have one, and its shape."""
+
+    num_experts: int  # num_local_experts
+    top_k: int  # num_experts_per_tok
+    intermediate_size: int  # per expert (and of Llama 4's shared expert)
+    router: Router
+    layers: tuple[int, ...]  # the MoE layers; the others keep the dense MLP (config.intermediate_size)
+    shared_expert: bool = False  # Llama 4: a dense MLP of intermediate_size added to the routed sum
 
 
 @dataclass(frozen=True)
@@ -90,8 +118,24 @@ class LlamaConfig:
     layer_dtypes: LayerDataTypeConfig | None = None
     # Quantization
     quantization_config: QuantizationConfig | None = None
+    # Mixture of experts (Mixtral, Llama 4); None for dense models
+    moe: MoEConfig | None = None
+    # Attention variants (Mixtral's sliding window; Llama 4's RoPE form, NoPE layers, chunks, QK norm, temperature)
+    sliding_window: int | None = None  # a query sees the last `sliding_window` positions, itself included
+    rope_interleaved: bool = False  # RoPE on adjacent pairs (2i, 2i+1) (Llama 4's complex form), not rotate-half
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (Llama 4's no_rope_layers[i] == 0)
+    attention_chunk_size: int | None = None  # chunked layers attend only within chunks of this many positions
+    chunked_layers: tuple[int, ...] = ()  # Llama 4: its RoPE layers, unless config.json's layer_types says otherwise
+    qk_norm: bool = False  # weightless RMSNorm on q and k after RoPE, on RoPE layers
+    attn_temperature: tuple[float, float] | None = None  # (floor_scale, attn_scale): q scaling on NoPE layers
     model_type: str = "llama"
     name_or_path: str | None = field(default=None, compare=False)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
 
     @property
     def num_key_value_groups(self) -> int:
@@ -121,6 +165,11 @@ class LlamaConfig:
             raise ConfigError("<root>", "config must be a JSON object", source)
         if generation_config is not None and not isinstance(generation_config, dict):
             raise ConfigError("<root>", "generation config must be a JSON object", source)
+        data = _text_config(data, source)
+        model_type = data.get("model_type", "llama")
+        if not isinstance(model_type, str):
+            raise ConfigError("model_type", f"expected a string, got {brief(model_type)}", source)
+        data = {**_TYPE_DEFAULTS.get(model_type, {}), **data}
         r = _Reader(data, source)
         hidden_size = r.positive_int("hidden_size")
         heads = r.positive_int("num_attention_heads")
@@ -180,11 +229,14 @@ class LlamaConfig:
             bos = g.token_id("bos_token_id", default=bos)
             pad = g.token_id("pad_token_id", default=pad)
 
+        num_layers = r.positive_int("num_hidden_layers")
+        variant = _architecture_variant(model_type, r, num_layers)
         return cls(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
-            intermediate_size=r.positive_int("intermediate_size"),
-            num_hidden_layers=r.positive_int("num_hidden_layers"),
+            intermediate_size=r.positive_int("intermediate_size_mlp" if model_type == "llama4_text"
+                                             else "intermediate_size"),
+            num_hidden_layers=num_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -201,13 +253,16 @@ class LlamaConfig:
             pad_token_id=pad,
             default_dtype=default_dtype,
             quantization_config=quantization,
-            model_type=str(data.get("model_type", "llama"))[:100],
+            model_type=str(model_type)[:100],
             name_or_path=data.get("_name_or_path") if isinstance(data.get("_name_or_path"), str) else None,
+            **variant,
         )
 
 
     def to_hf_dict(self) -> dict[str, Any]:
         """This config as a classic transformers config.json object (what from_dict reads back unchanged)."""
+        if self.model_type != "llama":
+            raise ConfigError("model_type", f"only dense Llama configs can be written back, not {self.model_type!r}")
         if self.rope_freq_factors is not None:
             raise ConfigError("rope_freq_factors", "per-frequency RoPE factors (GGUF rope_freqs) have no "
                               "config.json equivalent")
@@ -236,6 +291,70 @@ class LlamaConfig:
 
 def _config_error(message: str, path: Path) -> ConfigError:
     return ConfigError("<file>", message, path)
+
+
+def _text_config(data: dict[str, Any], source: str | Path | None) -> dict[str, Any]:
+    """A Llama 4 multimodal config (model_type "llama4") holds the text model's config under `text_config`."""
+    if data.get("model_type") != "llama4":
+        return data
+    text = data.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError("text_config", "a llama4 config needs its text model's config as an object", source)
+    return {**text, "model_type": "llama4_text", "_name_or_path": data.get("_name_or_path")}
+
+
+def _architecture_variant(model_type: str, r: _Reader, num_layers: int) -> dict[str, Any]:
+    """The LlamaConfig fields of Mixtral and Llama 4 text configs (empty for Llama), with transformers' defaults."""
+    if model_type == "mixtral":
+        moe = _moe(r, Router.Softmax, default_experts=8, default_top_k=2, layers=tuple(range(num_layers)))
+        return {"moe": moe, "sliding_window": r.positive_int("sliding_window", default=None)}
+    if model_type != "llama4_text":
+        return {}
+    step = r.positive_int("interleave_moe_layer_step", default=1)
+    layers = r.data.get("moe_layers")
+    if layers is None:
+        layers = list(range(step - 1, num_layers, step))
+    layers = _layer_list(r, "moe_layers", layers, num_layers)
+    moe = _moe(r, Router.Sigmoid, default_experts=16, default_top_k=1, layers=tuple(sorted(set(layers))),
+               shared_expert=True)
+    interval = r.positive_int("no_rope_layer_interval", default=4)
+    uses_rope = r.data.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if (not isinstance(uses_rope, list) or len(uses_rope) != num_layers
+            or any(v not in (0, 1) or isinstance(v, float) for v in uses_rope)):
+        raise r._fail("no_rope_layers", f"expected {num_layers} flags of 0 or 1 (1: the layer uses RoPE)")
+    temperature = None
+    if r.boolean("attn_temperature_tuning", default=True):
+        temperature = (r.positive_float("floor_scale", default=8192.0), r.positive_float("attn_scale", default=0.1))
+    chunk = r.data.get("attention_chunk_size", 8192)
+    chunk = None if chunk is None else r.positive_int("attention_chunk_size", default=8192)
+    kinds = r.data.get("layer_types")  # transformers builds its masks from this list when a config has one
+    if kinds is None:
+        kinds = ["chunked_attention" if v and chunk is not None else "full_attention" for v in uses_rope]
+    if (not isinstance(kinds, list) or len(kinds) != num_layers
+            or any(k not in ("chunked_attention", "full_attention") for k in kinds)):
+        raise r._fail("layer_types", f"expected {num_layers} of 'chunked_attention' or 'full_attention'")
+    chunked = tuple(i for i, k in enumerate(kinds) if k == "chunked_attention")
+    if chunked and chunk is None:
+        raise r._fail("attention_chunk_size", "chunked_attention layers need a chunk size")
+    return {"moe": moe, "rope_interleaved": True, "nope_layers": tuple(i for i, v in enumerate(uses_rope) if not v),
+            "attention_chunk_size": chunk, "chunked_layers": chunked,
+            "qk_norm": r.boolean("use_qk_norm", default=True), "attn_temperature": temperature}
+
+
+def _moe(r: _Reader, router: Router, *, default_experts: int, default_top_k: int, layers: tuple[int, ...],
+         shared_expert: bool = False) -> MoEConfig:
+    experts = r.positive_int("num_local_experts", default=default_experts)
+    top_k = r.positive_int("num_experts_per_tok", default=default_top_k)
+    if top_k > experts:
+        raise r._fail("num_experts_per_tok", f"{top_k} exceeds num_local_experts={experts}")
+    return MoEConfig(experts, top_k, r.positive_int("intermediate_size"), router, layers, shared_expert)
+
+
+def _layer_list(r: _Reader, key: str, value: Any, num_layers: int) -> list[int]:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_layers
+                                          for v in value):
+        raise r._fail(key, f"expected a list of layer indices below num_hidden_layers={num_layers}, got {value!r}")
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

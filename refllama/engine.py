@@ -204,6 +204,8 @@ class GenericLlamaEngine:
         batch axis: embeddings (T, hidden); per layer N: layers.N.input_norm, .q / .k (after RoPE) and .v
         (KV heads for k and v: (heads, T, head_dim)), .attention_output (after o_proj), .residual_attention,
         .post_attention_norm, .mlp_output and .residual (T, hidden); final_norm (T, hidden); logits (T, vocab).
+        MoE layers add .router_logits (T, experts), .experts (T, k: the chosen experts, best first) and
+        .expert_weights (T, k).
 
         `decode_from=n` traces the KV-cache path instead: ids[:n] as one prefill, then each later id as a
         one-token step through the cache; every tensor is joined over positions, so the names and shapes are

@@ -590,6 +590,17 @@ def test_fixtures_through_the_backend(emulated, name):
     assert e32.generate_ids(g["ids_10"], max_new_tokens=16) == g["greedy_f32"].tolist()
 
 
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_bf16", "llama4", "llama4_noqk"])
+def test_moe_fixtures_through_the_backend(emulated, name):
+    """Mixtral and Llama 4 (tests/test_moe.py): routing on the host, only the chosen experts' Linears launched,
+    Llama 4's interleaved RoPE through the base class's host reference."""
+    g = golden(name)
+    e32, e64 = engine(emulated, FIXTURES / name), engine(emulated, FIXTURES / name, DataType.F64)
+    assert_close(e32.logits(g["ids_48"]), g["logits_48_f32"], F32_ATOL)
+    np.testing.assert_allclose(e64.logits(g["ids_48"]), g["logits_48_f64"], rtol=0, atol=F64_ATOL)
+    assert e32.generate_ids(g["ids_10"], max_new_tokens=16, stop_at_eos=False) == g["greedy_f32"].tolist()
+
+
 def test_cached_decoding_and_padded_batches(emulated):
     g = golden("llama32")
     e = engine(emulated, FIXTURES / "llama32")

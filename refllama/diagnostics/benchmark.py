@@ -21,6 +21,7 @@ import numpy as np
 
 from refllama.errors import InputError
 from refllama.generation.decode import forward_steps, greedy
+from refllama.model.weights import MoEWeights
 
 # An English paragraph for prompts, tokenized and cut (or repeated) to the prompt length.
 PROMPT_TEXT = (
@@ -128,9 +129,13 @@ def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> di
     backend = engine.backend
     names = {id(engine.model.lm_head): "linear lm_head"}
     for layer in engine.model.weights.layers:
-        for group in (layer.self_attention, layer.mlp):
+        mlp = layer.mlp
+        groups = [mlp] if not isinstance(mlp, MoEWeights) else [*mlp.experts, *filter(None, [mlp.shared_expert])]
+        for group in (layer.self_attention, *groups):
             for name, lin in vars(group).items():
                 names[id(lin)] = f"linear {name}"
+        if isinstance(mlp, MoEWeights):
+            names[id(mlp.router)] = "linear router"
     spent: dict[str, float] = defaultdict(float)
 
     def timed(op: str, fn: Any) -> Any:

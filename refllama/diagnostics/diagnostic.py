@@ -21,7 +21,7 @@ from refllama.config import LlamaConfig
 from refllama.diagnostics.memory import MemoryRequirements, estimate, format_bytes, parse_bytes
 from refllama.dtypes import DataType
 from refllama.errors import BackendError, CheckpointError, InputError, RefLlamaError, TokenizerError, brief
-from refllama.formats.checkpoint import expected_shapes
+from refllama.formats.checkpoint import expected_shapes, stored_stacked, text_model
 from refllama.formats.files import ModelFolder, read_bytes, read_json
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
@@ -53,11 +53,22 @@ class Distilled:
 
 
 @dataclass(frozen=True)
+class Mixtral:
+    size: str  # "8x7B", "8x22B"
+
+
+@dataclass(frozen=True)
+class Llama4:
+    name: str  # "Scout", "Maverick"
+    size: str  # "17B-16E", "17B-128E" (active parameters, experts)
+
+
+@dataclass(frozen=True)
 class Custom:
     name: str
 
 
-LlamaVariant = MetaLlama | TinyLlama | Distilled | Custom
+LlamaVariant = MetaLlama | TinyLlama | Distilled | Mixtral | Llama4 | Custom
 
 META_SIZES = (1, 3, 7, 8, 13, 34, 70, 405)  # billions, as Meta labels them
 TINYLLAMA_SHAPE = (32000, 2048, 5632, 22, 32, 4)  # vocab, hidden, intermediate, layers, heads, kv heads
@@ -65,17 +76,32 @@ DISTILL_VENDORS = {"deepseek": "DeepSeek", "nvidia": "NVIDIA", "minitron": "NVID
                    "nous": "NousResearch"}
 
 
-def parameter_count(c: LlamaConfig) -> int:
-    """Parameters the config implies (embeddings, untied head, projections, norms, biases)."""
+# Mixtral and Llama 4 text releases by shape: (hidden, layers, experts, experts per token) -> variant
+MOE_RELEASES = {(4096, 32, 8, 2): Mixtral("8x7B"), (6144, 56, 8, 2): Mixtral("8x22B"),
+                (5120, 48, 16, 1): Llama4("Scout", "17B-16E"), (5120, 48, 128, 1): Llama4("Maverick", "17B-128E")}
+
+
+def parameter_count(c: LlamaConfig, active: bool = False) -> int:
+    """Parameters the config implies (embeddings, untied head, projections, norms, biases, every expert); with
+    `active`, those one token uses: in MoE layers the router, top_k experts and the shared expert only."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-    layer += 2 * c.hidden_size
+    attention = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 2 * c.hidden_size
     if c.attention_bias:
-        layer += q + 2 * kv + c.hidden_size
+        attention += q + 2 * kv + c.hidden_size
+    dense = 3 * c.hidden_size * c.intermediate_size
     if c.mlp_bias:
-        layer += 2 * c.intermediate_size + c.hidden_size
+        dense += 2 * c.intermediate_size + c.hidden_size
+    total = 0
+    for i in range(c.num_hidden_layers):
+        total += attention
+        if not c.is_moe_layer(i):
+            total += dense
+            continue
+        m = c.moe
+        expert = 3 * c.hidden_size * m.intermediate_size
+        total += m.num_experts * c.hidden_size + expert * ((m.top_k if active else m.num_experts) + m.shared_expert)
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return embeddings + c.num_hidden_layers * layer + c.hidden_size
+    return embeddings + total + c.hidden_size
 
 
 def size_label(params: int, meta: bool = False) -> str:
@@ -92,6 +118,11 @@ def detect_variant(config: LlamaConfig, names: list[str]) -> LlamaVariant:
     """Which Llama this is, from its shape and the names it carries (_name_or_path, folder, GGUF name)."""
     text = " ".join(n for n in names if n).lower()
     params = parameter_count(config)
+    if config.moe is not None:
+        key = (config.hidden_size, config.num_hidden_layers, config.moe.num_experts, config.moe.top_k)
+        release = MOE_RELEASES.get(key)
+        if release is not None and type(release).__name__.lower() in config.model_type.replace("_text", ""):
+            return release
     shape = (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
              config.num_attention_heads, config.num_key_value_heads)
     meta_version = _meta_version(config, text)
@@ -346,6 +377,8 @@ class ModelDiagnostic:
             "model_path": str(self.model_path),
             "model_type": {"kind": type(variant).__name__, **asdict(variant)},
             "config": {**self.config.__dict__, "hidden_act": self.config.hidden_act.value,
+                       "moe": None if self.config.moe is None else {
+                           **asdict(self.config.moe), "router": self.config.moe.router.value},
                        "default_dtype": self.config.default_dtype.value,
                        "rope_scaling": asdict(self.config.rope_scaling) if self.config.rope_scaling else None,
                        "quantization_config": None, "layer_dtypes": None,
@@ -354,6 +387,7 @@ class ModelDiagnostic:
             "weights": {"files": self.weight_info.files, "tensor_count": len(self.weight_info.tensors),
                         "parameter_count": self.weight_info.parameter_count,
                         "config_parameter_count": parameter_count(self.config),
+                        "active_parameter_count": parameter_count(self.config, active=True),
                         "total_bytes": self.weight_info.total_bytes,
                         "dtype_histogram": self.weight_info.dtype_histogram,
                         "quantized_tensors": len(self.weight_info.quantized)},
@@ -377,8 +411,9 @@ class ModelDiagnostic:
 
 def _shape_problems(source: TensorSource | GGUFTensorSource, config: LlamaConfig) -> list[str]:
     """Missing and misshapen tensors, from the headers (load_weight_map checks the same, and more, at load)."""
-    expected = expected_shapes(config)  # lm_head is already left out when tied
+    source = text_model(source)
     present = {n: source.info(n).shape for n in source.names()}
+    expected = expected_shapes(config, stored_stacked(config, set(present)))  # lm_head left out when tied
     return [f"missing tensor {n}" for n in sorted(set(expected) - set(present))] + [
         f"{n} has shape {list(present[n])}, the config needs {list(s)}"
         for n, s in expected.items() if n in present and present[n] != s]

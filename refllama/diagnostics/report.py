@@ -24,6 +24,7 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
                                 f"(intermediate {c['intermediate_size']})"),
             ("heads / kv heads / head_dim", f"{c['num_attention_heads']} / {c['num_key_value_heads']} / "
                                             f"{c['head_dim']}"),
+            *([("experts", _experts(c["moe"], w["active_parameter_count"]))] if c.get("moe") else []),
             ("vocabulary", f"{c['vocab_size']:,}"), ("context", f"{c['max_position_embeddings']:,}"),
             ("rope", f"theta {c['rope_theta']:g}, scaling {c['rope_scaling'] or 'none'}"),
             ("tied embeddings", str(c["tie_word_embeddings"])),
@@ -86,3 +87,9 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     for p in report["problems"]:
         console.print(f"[red]problem:[/red] {p}")
     console.print(f"[bold]verdict:[/bold] {report['verdict']}")
+
+
+def _experts(moe: dict[str, Any], active: int) -> str:
+    shared = ", shared expert" if moe["shared_expert"] else ""
+    return (f"{moe['num_experts']} ({moe['router']} router, top {moe['top_k']}, {len(moe['layers'])} MoE layers"
+            f"{shared}), {active:,} parameters active per token")

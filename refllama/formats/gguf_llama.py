@@ -12,6 +12,12 @@ conversions make the formats agree:
 
 Quantized tensors are dequantized to float32, except those of the block types a backend asks to keep
 (`keep_blocks`): those come back as `GGUFBlockWeight` over the mapped bytes (q/k rows reordered the same way).
+
+Mixtral is a `llama` file with `llama.expert_count` / `llama.expert_used_count`: its router is
+`blk.N.ffn_gate_inp` and its experts are stacked, `blk.N.ffn_{gate,up,down}_exps` (NumPy [E, I, hidden] and
+[E, hidden, I]), or, in older files, one tensor per expert (`blk.N.ffn_gate.E`). Either way each expert is
+presented as its own HF Linear (`block_sparse_moe.experts.E.w1` ...): a slice of the stacked tensor, so a
+backend reading blocks in place touches only the experts a token chose.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 
 from refllama.config import LlamaConfig
 from refllama.errors import CheckpointError, ConfigError, brief
+from refllama.formats import ggml_quants
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.safetensors import TensorInfo
@@ -56,17 +63,37 @@ LAYER_NAMES = {
 }
 IGNORED = {"rope_freqs.weight"}  # read into the config, not a weight
 _AS_STORED = (GGMLType.F32, GGMLType.F16, GGMLType.F64, GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64)
+# Mixtral's expert projections (w1 gate, w3 up, w2 down) by GGUF name, stacked (_exps) or per expert (.E)
+EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+MOE = "block_sparse_moe"
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The HF tensor name of a GGUF Llama tensor name, or None if it is not one."""
+    """The HF tensor name of a GGUF Llama tensor name, or None if it is not one (or a stacked expert tensor)."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[base]}.{suffix}"
     parts = base.split(".")
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
         return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] == "ffn_gate_inp":
+        return f"model.layers.{parts[1]}.{MOE}.gate.{suffix}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in EXPERT_NAMES \
+            and parts[3].isdigit():
+        return f"model.layers.{parts[1]}.{MOE}.experts.{parts[3]}.{EXPERT_NAMES[parts[2]]}.{suffix}"
     return None
+
+
+def stacked_expert_names(gguf_name: str, experts: int) -> list[str] | None:
+    """HF names of the expert slices of a stacked `blk.N.ffn_*_exps` tensor, in expert order, or None."""
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit() or not parts[2].endswith("_exps"):
+        return None
+    projection = EXPERT_NAMES.get(parts[2][:-len("_exps")])
+    if projection is None:
+        return None
+    return [f"model.layers.{parts[1]}.{MOE}.experts.{e}.{projection}.{suffix}" for e in range(experts)]
 
 
 def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
@@ -96,6 +123,10 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     data["tie_word_embeddings"] = "output.weight" not in names
     data["attention_bias"] = "blk.0.attn_q.bias" in names
     data["mlp_bias"] = "blk.0.ffn_up.bias" in names
+    if "llama.expert_count" in m:  # Mixtral: an MoE MLP in every layer
+        data.update({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                     "num_local_experts": _plain(m["llama.expert_count"]),
+                     "num_experts_per_tok": _plain(m.get("llama.expert_used_count"))})
     data["bos_token_id"] = _plain(m.get("tokenizer.ggml.bos_token_id"))
     # The stop set: eos plus the end-of-turn/end-of-message ids llama.cpp also stops on.
     eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
@@ -111,7 +142,8 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
         config = LlamaConfig.from_dict(data, source=gguf.path)
     except ConfigError as e:
         field = e.field.split(".")[0]
-        key = f"llama.{CONFIG_KEYS[field]}" if field in CONFIG_KEYS else TOKEN_KEYS.get(field, e.field)
+        keys = {**CONFIG_KEYS, "num_local_experts": "expert_count", "num_experts_per_tok": "expert_used_count"}
+        key = f"llama.{keys[field]}" if field in keys else TOKEN_KEYS.get(field, e.field)
         raise ConfigError(key, e.message, gguf.path) from None
     if "rope_freqs.weight" in names:
         factors = gguf.get("rope_freqs.weight").astype(np.float64)
@@ -137,11 +169,17 @@ class GGUFTensorSource:
         self.gguf, self.config, self.folder = gguf, config, gguf.path
         self.keep_blocks = keep_blocks
         self._gguf_name: dict[str, str] = {}
+        self._expert: dict[str, int] = {}  # HF name of an expert slice -> its index in the stacked tensor
+        experts = config.moe.num_experts if config.moe is not None else 0
         unknown = []
         for name in gguf.tensors:
             hf = hf_name(name)
+            sliced = stacked_expert_names(name, experts) if experts else None
             if hf is not None:
                 self._gguf_name[hf] = name
+            elif sliced is not None and gguf.tensors[name].shape[0] == experts:
+                for e, expert_name in enumerate(sliced):
+                    self._gguf_name[expert_name], self._expert[expert_name] = name, e
             elif name not in IGNORED:
                 unknown.append(name)
         if unknown:
@@ -157,15 +195,29 @@ class GGUFTensorSource:
         # float and integer types as stored (an integer tensor is no float weight: load_weight_map refuses it);
         # block types (and BF16) come back as float32 or as blocks
         dtype = stored if g.ggml_type in _AS_STORED else "F32"
-        return TensorInfo(name, dtype, g.shape, g.offset, g.offset + g.nbytes, Path(self.gguf.path))
+        shape, start, nbytes = g.shape, g.offset, g.nbytes
+        if name in self._expert:  # one expert's slice of a stacked tensor
+            shape, nbytes = g.shape[1:], g.nbytes // g.shape[0]
+            start += self._expert[name] * nbytes
+        return TensorInfo(name, dtype, shape, start, start + nbytes, Path(self.gguf.path))
 
     def get(self, name: str) -> np.ndarray | GGUFBlockWeight:
         gguf_name = self._gguf_name[name]
         info = self.gguf.tensors[gguf_name]
-        if info.ggml_type in self.keep_blocks and len(info.shape) == 2:
+        shape, expert = info.shape, self._expert.get(name)
+        if expert is not None:
+            shape = info.shape[1:]
+        if info.ggml_type in self.keep_blocks and len(shape) == 2:
             rows = self.gguf.raw(gguf_name).reshape(info.shape[0], -1)  # (out, bytes per row): blocks run along in
-            return GGUFBlockWeight(self._hf_rows(gguf_name, rows), info.ggml_type, info.shape)
-        return self._hf_rows(gguf_name, self.gguf.get(gguf_name))
+            if expert is not None:
+                rows = rows.reshape(info.shape[0], shape[0], -1)[expert]  # this expert's rows of blocks (a view)
+            return GGUFBlockWeight(self._hf_rows(gguf_name, rows), info.ggml_type, shape)
+        if expert is None:
+            return self._hf_rows(gguf_name, self.gguf.get(gguf_name))
+        if info.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.F64):
+            return self.gguf.get(gguf_name)[expert]  # a view
+        raw = self.gguf.raw(gguf_name).reshape(info.shape[0], -1)[expert]  # only this expert's blocks
+        return ggml_quants.dequantize(raw, info.ggml_type, shape)
 
     def _hf_rows(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
         """Q/K rows (of a float weight, a bias or rows of blocks) back in HF order; other tensors as they are."""

@@ -51,6 +51,14 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rotated * sin
 
 
+def apply_rope_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE on adjacent pairs, Llama 4's complex form: (x[2i] + i x[2i+1]) * (cos + i sin) for each pair, with
+    cos, sin (B, 1, T, D) holding each pair's angle twice (`rope.cos_sin` with rope_interleaved)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (B, H, T, D/2, 2)
+    rotated = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)  # (-x[2i+1], x[2i]) per pair
+    return x * cos + rotated * sin
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """softmax(q k^T / sqrt(D), masked) v with grouped-query attention.
 

@@ -2,7 +2,8 @@
 
 One place decides the RoPE numerics so backends cannot drift apart: `inv_freq` follows transformers'
 `modeling_rope_utils` formula for each scaling type term by term (in float64 rather than HF's float32), and
-`cos_sin` builds the rotate-half tables `cat(freqs, freqs)` that `apply_rope` consumes.
+`cos_sin` builds the rotate-half tables `cat(freqs, freqs)` that `apply_rope` consumes (or, for Llama 4's
+RoPE on adjacent pairs, `repeat(freqs, 2)` for `apply_rope_interleaved`).
 
 Dynamic NTK scaling depends on the sequence length. refllama follows HF's rule for one forward call: the
 table is computed from `max(positions) + 1`, enlarged when that passes max_position_embeddings. Keys go into the
@@ -57,5 +58,8 @@ def cos_sin(config: LlamaConfig, positions: np.ndarray) -> tuple[np.ndarray, np.
     positions = np.asarray(positions, dtype=np.int64)
     table = inv_freq(config, seq_len=int(positions.max()) + 1)
     freqs = positions[..., None].astype(np.float64) * table  # (B, T, head_dim/2)
-    emb = np.concatenate([freqs, freqs], axis=-1)  # (B, T, head_dim)
+    if config.rope_interleaved:  # pairs (2i, 2i + 1) share frequency i
+        emb = np.repeat(freqs, 2, axis=-1)  # (B, T, head_dim)
+    else:  # rotate-half: pairs (i, i + head_dim/2)
+        emb = np.concatenate([freqs, freqs], axis=-1)  # (B, T, head_dim)
     return np.cos(emb), np.sin(emb)

@@ -39,9 +39,19 @@ class MLPWeights:
 
 
 @dataclass
+class MoEWeights:
+    """A sparse mixture-of-experts MLP: a router and one gated MLP per expert, each expert's three Linears in HF's
+    [out, in] orientation whatever the stored layout (per-expert tensors, or stacked [E, ...] slices)."""
+
+    router: Linear  # [num_experts, hidden]
+    experts: list[MLPWeights]  # num_experts x ([I, hidden], [I, hidden], [hidden, I])
+    shared_expert: MLPWeights | None = None  # Llama 4: added to the routed sum
+
+
+@dataclass
 class LayerWeights:
     self_attention: AttentionWeights
-    mlp: MLPWeights
+    mlp: MLPWeights | MoEWeights
     input_layernorm: Array  # [hidden]
     post_attention_layernorm: Array  # [hidden]
 

@@ -297,6 +297,8 @@ def _check_ct_extras(q: QuantizationConfig) -> None:
         raise ConfigError(f"{where}.sparsity_config", f"sparse format {sparsity.get('format')!r} is not supported")
     if q.raw.get("transform_config"):
         raise ConfigError(f"{where}.transform_config", "weight/activation transforms are not supported")
+    if q.raw.get("moe_sparsity_config"):
+        raise ConfigError(f"{where}.moe_sparsity_config", "pruned experts (an MoE sparsity config) are not supported")
 
 
 def check_ct_group(q: QuantizationConfig, gname: str, group: QuantizationGroup) -> None:

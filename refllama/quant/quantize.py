@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from refllama.config import LlamaConfig
 from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
 from refllama.errors import ConfigError
 from refllama.quant.config import QuantizationSpec
@@ -192,10 +193,18 @@ def apply_layer_dtypes(weights: Any, layer_dtypes: LayerDataTypeConfig, *, group
         attn = replace(attn, **{name: linear(getattr(attn, name), layer_dtypes.attention_weights.get(c),
                                              f"layer_dtypes.attention_weights[{name}] ({p}self_attn.{name})")
                                 for c, name in _ATTENTION.items()})
+        def mlp_types(mlp: Any, where: str) -> Any:
+            return replace(mlp, **{name: linear(getattr(mlp, name), layer_dtypes.mlp_weights.get(c),
+                                                f"layer_dtypes.mlp_weights[{name}] ({where}.{name})")
+                                   for c, name in _MLP.items()})
+
         mlp = layer.mlp
-        mlp = replace(mlp, **{name: linear(getattr(mlp, name), layer_dtypes.mlp_weights.get(c),
-                                           f"layer_dtypes.mlp_weights[{name}] ({p}mlp.{name})")
-                              for c, name in _MLP.items()})
+        if hasattr(mlp, "experts"):  # MoE: each expert and the shared expert take the MLP's types; the router
+            shared = mlp.shared_expert  # stays as stored, as quantized MoE checkpoints keep it
+            mlp = replace(mlp, experts=[mlp_types(e, f"{p}experts.{j}") for j, e in enumerate(mlp.experts)],
+                          shared_expert=None if shared is None else mlp_types(shared, f"{p}shared_expert"))
+        else:
+            mlp = mlp_types(mlp, p + "mlp")
         norms = {name: _as_float(getattr(layer, name), layer_dtypes.layer_norm, f"layer_dtypes.layer_norm ({p}{name})")
                  for name in ("input_layernorm", "post_attention_layernorm")}
         layers.append(replace(layer, self_attention=attn, mlp=mlp, **norms))
@@ -213,6 +222,11 @@ def apply_layer_dtypes(weights: Any, layer_dtypes: LayerDataTypeConfig, *, group
 def map_linear_weights(weights: Any, fn: Callable[[Any], Any]) -> Any:
     """A new WeightMap with `fn` applied to every Linear's weight (and to lm_head), everything else shared."""
     def attn_or_mlp(block: Any) -> Any:
+        if hasattr(block, "experts"):  # MoE: the router, every expert, the shared expert
+            shared = block.shared_expert
+            return replace(block, router=replace(block.router, weight=fn(block.router.weight)),
+                           experts=[attn_or_mlp(e) for e in block.experts],
+                           shared_expert=None if shared is None else attn_or_mlp(shared))
         return replace(block, **{k: replace(v, weight=fn(v.weight)) for k, v in vars(block).items()})
 
     layers = [replace(layer, self_attention=attn_or_mlp(layer.self_attention), mlp=attn_or_mlp(layer.mlp))
@@ -259,9 +273,10 @@ def compressed_tensors_block(spec: QuantizationSpec, activations: bool, fmt: str
             "transform_config": {}}
 
 
-def compressed_tensors_tensors(weights: Any) -> dict[str, np.ndarray]:
+def compressed_tensors_tensors(weights: Any, config: Any = None) -> dict[str, np.ndarray]:
     """The WeightMap's tensors under the names and layouts compressed-tensors stores (int-quantized for
-    Int8Weight, pack-quantized for PackedIntWeight; float tensors as they are)."""
+    Int8Weight, pack-quantized for PackedIntWeight; float tensors as they are). MoE layers need the config
+    (a LlamaConfig): their experts are written per expert under the architecture's names."""
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.asarray(weights.embeddings),
                                   "model.norm.weight": np.asarray(weights.final_norm)}
 
@@ -288,8 +303,27 @@ def compressed_tensors_tensors(weights: Any) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         for name, lin in vars(layer.self_attention).items():
             put(p + "self_attn." + name, lin)
-        for name, lin in vars(layer.mlp).items():
-            put(p + "mlp." + name, lin)
+        if hasattr(layer.mlp, "experts"):
+            from refllama.formats.checkpoint import mlp_names
+
+            if config is None:
+                raise ConfigError("config", "an MoE model's experts are named by its architecture: pass its config")
+            names = mlp_names(config)
+            put(p + names.router, layer.mlp.router)
+            experts = [(tuple(m.format(e=e) for m in names.experts), x) for e, x in enumerate(layer.mlp.experts)]
+            if layer.mlp.shared_expert is not None:
+                experts.append((names.shared, layer.mlp.shared_expert))
+            for modules, expert in experts:
+                for module, lin in zip(modules, (expert.gate_proj, expert.up_proj, expert.down_proj), strict=True):
+                    put(p + module, lin)
+        else:
+            from refllama.formats.checkpoint import mlp_names
+
+            modules = mlp_names(config).dense if config is not None else ("mlp.gate_proj", "mlp.up_proj",
+                                                                          "mlp.down_proj")
+            for module, lin in zip(modules, (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj),
+                                   strict=True):
+                put(p + module, lin)
         out[p + "input_layernorm.weight"] = np.asarray(layer.input_layernorm)
         out[p + "post_attention_layernorm.weight"] = np.asarray(layer.post_attention_layernorm)
     if weights.lm_head is not None:
@@ -307,7 +341,8 @@ def save_compressed_tensors(folder: str | Path, hf_config: dict[str, Any], weigh
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(compressed_tensors_tensors(weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors = compressed_tensors_tensors(weights, LlamaConfig.from_dict(hf_config))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = {**hf_config, "quantization_config": quantization_config}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

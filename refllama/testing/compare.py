@@ -3,7 +3,8 @@
 Metrics, per position and overall: max and mean absolute difference; NMSE as llama.cpp's test-backend-ops
 defines it (sum (a - b)^2 / sum a^2, a the reference); KL(P_ref || P_cand) of the softmax distributions; top-1
 agreement; and top-k containment as vLLM's `check_logprobs_close` judges it (where the top-1 tokens differ, each
-must be among the other's top k).
+must be among the other's top k). For mixture-of-experts traces, `expert_agreement` compares the experts each
+token chose, layer by layer, and names the first layer where routing differs.
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ def compare_traces(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     missing = set(validate_trace(candidate, expected, allow_missing=allow_missing, source="candidate trace"))
     rows = []
     for name, ref in reference.items():
+        if name.endswith(ROUTING_SUFFIXES):
+            continue  # expert choices are compared by expert_agreement
         if name in missing:
             rows.append(TraceRow(name, float("nan"), float("nan"), float("nan"), True, missing=True))
             continue
@@ -266,3 +269,25 @@ def assert_cached_matches_full(full: dict[str, np.ndarray] | np.ndarray, cached:
         raise AssertionError(f"cached logits differ from the full pass beyond the '{name}' profile, first at "
                              f"{where}: " + "; ".join(failures) + f"\n{report}")
     return report
+
+
+ROUTING_SUFFIXES = (".experts", ".expert_weights")
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    layer: int
+    agreement: float  # fraction of tokens whose set of chosen experts is the same
+    first_token: int | None  # the first token whose experts differ
+
+
+def expert_agreement(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[RoutingRow]:
+    """Per MoE layer (traces' `layers.N.experts`, (T, k)), how often both chose the same set of experts."""
+    rows = []
+    for name, ref in reference.items():
+        if not (name.startswith("layers.") and name.endswith(".experts")) or name not in candidate:
+            continue
+        same = (np.sort(np.asarray(ref), axis=-1) == np.sort(np.asarray(candidate[name]), axis=-1)).all(axis=-1)
+        differ = np.flatnonzero(~same.reshape(-1))
+        rows.append(RoutingRow(int(name.split(".")[1]), float(same.mean()), int(differ[0]) if differ.size else None))
+    return sorted(rows, key=lambda r: r.layer)
