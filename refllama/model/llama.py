@@ -66,10 +66,12 @@ class LlamaModel:
         .expert_weights).
         """
         step = self.step_inputs(input_ids.shape, cache.length, attention_mask, positions)
-        x = self.embed(input_ids, trace)  # (B, T, hidden)
-        x = self.forward_layers(x, 0, self.config.num_hidden_layers, cache, step, trace)
+        # embed (B, T, hidden) -> every layer (B, T, hidden) -> head (B, T or 1, vocab), nested so that no name here
+        # holds the residual stream while the next piece runs (peak memory)
+        logits = self.head(self.forward_layers(self.embed(input_ids, trace), 0, self.config.num_hidden_layers, cache,
+                                               step, trace), trace, last_only)
         cache.advance(input_ids.shape[1])
-        return self.head(x, trace, last_only)  # (B, T or 1, vocab)
+        return logits
 
     def step_inputs(self, shape: tuple[int, int], start: int, attention_mask: np.ndarray | None = None,
                     positions: np.ndarray | None = None) -> StepInputs:
@@ -115,6 +117,7 @@ class LlamaModel:
                         xp.rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps))
             mlp = self.moe(i, h, layer.mlp, trace) if isinstance(layer.mlp, MoEWeights) else self.mlp(h, layer.mlp)
             x = _record(trace, f"layers.{i}.residual", x + _record(trace, f"layers.{i}.mlp_output", mlp))
+            del mlp  # as attn above
         return x
 
     def head(self, x: Array, trace: Trace = None, last_only: bool = False) -> Array:
