@@ -1,6 +1,8 @@
 """refllama: a reference inference engine for Llama-family models, written once in NumPy."""
 
 from refllama.config import ActivationType, LlamaConfig, RopeScaling
+from refllama.diagnostics.diagnostic import ModelDiagnostic
+from refllama.diagnostics.memory import BackendConfig, MemoryLimitError
 from refllama.dtypes import DataType, LayerDataTypeConfig
 from refllama.engine import GenericLlamaEngine, generate, load
 from refllama.errors import (
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationType",
+    "BackendConfig",
     "BackendError",
     "CheckpointError",
     "ConfigError",
@@ -32,6 +35,8 @@ __all__ = [
     "LayerDataTypeConfig",
     "LlamaConfig",
     "LlamaTokenizer",
+    "MemoryLimitError",
+    "ModelDiagnostic",
     "RefLlamaError",
     "RopeScaling",
     "TokenLogprob",

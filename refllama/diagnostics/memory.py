@@ -100,12 +100,21 @@ class ReduceBatchSize:
 
 
 @dataclass(frozen=True)
+class UseBackend:
+    """Not in the spec's list: another backend that reads the weights as stored (numba: GGUF blocks, bfloat16)
+    needs less memory for the same model."""
+
+    backend: str
+    total_bytes: int  # the estimate on that backend
+
+
+@dataclass(frozen=True)
 class EnableGradientCheckpointing:
     """In the spec for completeness, never emitted: inference keeps no activations for a backward pass, so
     recomputing them saves nothing."""
 
 
-MemoryOptimization = QuantizeToDataType | ReduceKVCacheSize | UseModelSharding | ReduceBatchSize
+MemoryOptimization = QuantizeToDataType | UseBackend | ReduceKVCacheSize | UseModelSharding | ReduceBatchSize
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,13 @@ def _recommendations(config: LlamaConfig, weights: WeightInfo, req: MemoryRequir
     w, overhead = req.model_weights, req.runtime_overhead
     out: list[MemoryOptimization] = []
     rest = req.activation_memory + overhead + req.kv_cache
+    for name in backends.names():  # a backend that keeps more of the weights as stored, in the same dtype
+        try:
+            fits_dtype = name != req.backend and dtype in backends.backend_class(name).dtypes
+        except BackendError:
+            continue  # not installed here
+        if fits_dtype and weights_in_memory(weights, dtype, name) + rest <= limit:
+            out.append(UseBackend(name, weights_in_memory(weights, dtype, name) + rest))
     for qtype, bytes_per_weight in ((DataType.W8A16, 1.0 + 2 / 128), (DataType.W4A16, 0.5 + 2 / 32)):
         quantized = _quantized_weights(weights, dtype, bytes_per_weight)
         if quantized + rest <= limit:
@@ -266,6 +282,8 @@ def _quantized_weights(weights: WeightInfo, dtype: DataType, bytes_per_weight: f
 def describe(o: MemoryOptimization) -> str:
     if isinstance(o, QuantizeToDataType):
         return f"quantize weights to {o.dtype.name} (about {format_bytes(o.total_bytes)} in all)"
+    if isinstance(o, UseBackend):
+        return f"use the {o.backend} backend (about {format_bytes(o.total_bytes)} in all)"
     if isinstance(o, ReduceKVCacheSize):
         return f"reduce the context to {o.context_length} tokens"
     if isinstance(o, ReduceBatchSize):
@@ -273,17 +291,20 @@ def describe(o: MemoryOptimization) -> str:
     return f"shard the model over {o.num_shards} devices"
 
 
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+_UNITS = {"B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_bytes(value: int | str) -> int:
-    """16000000000, "16GB", "16 GiB", "512MB" -> bytes."""
+    """16000000000 (an int: bytes), "16GB", "16 GiB", "512MB", "100B" -> bytes. A string needs its unit: "16"
+    alone is more likely 16 GB meant than 16 bytes, so it is refused rather than guessed."""
     if isinstance(value, int):
         return value
     text = str(value).strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
     unit = text[len(number):]
+    if not unit:
+        raise RefLlamaError(f"a size needs a unit: {value!r} (examples: 16GB, 512MB, 8GiB, 100B)")
     try:
         return int(float(number) * _UNITS[unit])
     except (ValueError, KeyError):
