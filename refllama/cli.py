@@ -256,7 +256,7 @@ def _line_reader() -> Callable[[], str]:
     """Reads one chat line: with line editing and history (prompt_toolkit) on a terminal, plainly from a pipe.
     Raises EOFError at the end (Ctrl-D) and KeyboardInterrupt on Ctrl-C."""
     if not sys.stdin.isatty():
-        return lambda: input()
+        return input
     from prompt_toolkit import PromptSession
 
     session: PromptSession = PromptSession()

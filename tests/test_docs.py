@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from conftest import FIXTURES, ROOT, smollm2_path
+from conftest import FIXTURES, ROOT, smollm2_engine, smollm2_path
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDER_MODELS = ("path/to/hf-llama-folder-or-model.gguf", "path/to/model", '"model.gguf"')
@@ -67,8 +67,24 @@ def fragment_names() -> dict:
             "my_engine_logits": my_engine_logits}
 
 
+@pytest.fixture
+def shared_smollm2(monkeypatch):
+    """refllama.load of the embedded model on the numpy backend returns the session's copy (a load is ~3 s of CPU);
+    any other load is a real one."""
+    import refllama
+
+    real = refllama.load
+
+    def load(path=None, backend="numpy", dtype="float32", progress=None, **options):
+        if (path is None or Path(path) == smollm2_path()) and backend == "numpy" and not options and not progress:
+            return smollm2_engine(str(dtype))
+        return real(path, backend=backend, dtype=dtype, progress=progress, **options)
+
+    monkeypatch.setattr(refllama, "load", load)
+
+
 @pytest.mark.parametrize("path", _ids("python"))
-def test_python_blocks_run(path, monkeypatch, capsys):
+def test_python_blocks_run(path, monkeypatch, capsys, shared_smollm2):
     """A file's python blocks run in order in one namespace; an ```output block after one must be what it printed."""
     import refllama
 
@@ -180,7 +196,7 @@ def test_docs_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / "walkthrough" / "index.html").is_file()
 
 
-def test_walkthrough_figures_are_made_by_the_script(tmp_path):
+def test_walkthrough_figures_are_made_by_the_script(tmp_path, shared_smollm2):
     """docs/img's pictures come from tools/walkthrough_figures.py, which must still make them."""
     pytest.importorskip("matplotlib")
     smollm2_path()
