@@ -190,15 +190,15 @@ def _load(args: argparse.Namespace):
                     quant_semantics=args.quant_semantics)
 
 
-def _first_run_note(engine) -> str:
-    """What the spinner says while the first tokens are computed: numba compiles its kernels on a first run."""
+def _first_run_note(engine, doing: str = "generating") -> str:
+    """What the spinner says while the model runs: numba compiles its kernels on a first run."""
     if engine.backend.name == "numba":
         from refllama.backends.numba_kernels import cache_dir
 
         folder = Path(cache_dir())
         if not folder.is_dir() or not any(folder.rglob("*.nbi")):
-            return "generating (numba compiles its kernels on this first run, about 20 s; later runs reuse them)"
-    return "generating"
+            return f"{doing} (numba compiles its kernels on this first run, about 20 s; later runs reuse them)"
+    return doing
 
 
 def _request(args: argparse.Namespace, **source):
@@ -322,7 +322,8 @@ def cmd_logits(args: argparse.Namespace) -> None:
         if engine.tokenizer is None:
             raise InputError("this model has no tokenizer: use --ids")
         ids = engine.tokenizer.encode(args.text)
-    logits = engine.logits(ids)
+    with _spinner(args, _first_run_note(engine, "computing the logits")):
+        logits = engine.logits(ids)
     try:
         np.save(out, logits)
     except OSError as e:
