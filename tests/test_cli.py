@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 import refllama
 from refllama import cli
@@ -393,6 +392,7 @@ def test_make_sparse_checkpoint_help_writes_nothing(tmp_path):
 
 def test_golden_extra_pins_the_versions_the_goldens_were_made_with():
     """`pip install -e ".[golden]"` must install what golden/manifest.json records, or regenerated files drift."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["golden"]
     pins = dict(requirement.split("==") for requirement in extra)
     manifest = json.loads((ROOT / "golden" / "manifest.json").read_text())
