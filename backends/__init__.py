@@ -34,8 +34,8 @@ def backend_class(name: str) -> type[Backend]:
     try:
         module = importlib.import_module(f"{__name__}.{name}{SUFFIX}")
     except ImportError as e:
-        raise BackendError(f"backend {name!r} cannot be imported ({e}); install it with: "
-                           f"pip install 'refllama[{name}]'") from None
+        raise BackendError(f"backend {name!r} cannot be imported ({e}); install it from the refllama checkout "
+                           f"with: pip install -e \".[{name}]\"") from None
     return module.BACKEND
 
 

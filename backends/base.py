@@ -42,7 +42,7 @@ class Backend:
     # --- what the backend declares (class attributes, read by the engine, the memory estimate and the tests) ---
     name: ClassVar[str]
     dtypes: ClassVar[tuple[DataType, ...]]  # compute dtypes it runs
-    extra: ClassVar[str | None] = None  # the pip extra that installs its dependencies: pip install 'refllama[extra]'
+    extra: ClassVar[str | None] = None  # the pip extra that installs its dependencies: pip install -e ".[extra]"
     marker: ClassVar[str | None] = None  # pytest marker its tests carry where more than an import is needed
     # Stored types it reads in place, without a float copy: "BF16" (2-D bfloat16 matrices) and ggml block type
     # names ("Q4_0", ...). The loader keeps those GGUF blocks memory-mapped as GGUFBlockWeight; the memory

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from refllama.config import ActivationType, LlamaConfig, RopeScaling
+    from refllama.diagnostics.diagnostic import ModelDiagnostic
+    from refllama.diagnostics.memory import BackendConfig, MemoryLimitError
     from refllama.dtypes import DataType, LayerDataTypeConfig
     from refllama.engine import GenericLlamaEngine, generate, load
     from refllama.errors import (
@@ -34,6 +36,9 @@ _EXPORTS = {
     "ActivationType": "refllama.config",
     "LlamaConfig": "refllama.config",
     "RopeScaling": "refllama.config",
+    "ModelDiagnostic": "refllama.diagnostics.diagnostic",
+    "BackendConfig": "refllama.diagnostics.memory",
+    "MemoryLimitError": "refllama.diagnostics.memory",
     "DataType": "refllama.dtypes",
     "LayerDataTypeConfig": "refllama.dtypes",
     "GenericLlamaEngine": "refllama.engine",
@@ -57,6 +62,7 @@ _EXPORTS = {
 
 __all__ = [
     "ActivationType",
+    "BackendConfig",
     "BackendError",
     "CheckpointError",
     "ConfigError",
@@ -69,6 +75,8 @@ __all__ = [
     "LayerDataTypeConfig",
     "LlamaConfig",
     "LlamaTokenizer",
+    "MemoryLimitError",
+    "ModelDiagnostic",
     "RefLlamaError",
     "RopeScaling",
     "TokenLogprob",

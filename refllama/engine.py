@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -262,8 +262,9 @@ class GenericLlamaEngine:
         return [response for start in range(0, len(requests), size)
                 for response in decode.run(self, requests[start:start + size])]
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """The response text in pieces, as tokens arrive (no piece splits a UTF-8 character)."""
+    def stream(self, request: GenerationRequest) -> Generator[str, None, GenerationResponse]:
+        """The response text in pieces, as tokens arrive (no piece splits a UTF-8 character); the generator returns
+        the GenerationResponse (timings included) when it ends."""
         return decode.stream(self, request)
 
     def check_ids(self, token_ids: Sequence[int] | np.ndarray, ndim: int = 1) -> np.ndarray:

@@ -48,6 +48,16 @@ def smollm2_path() -> Path:
         pytest.skip(f"SmolLM2 not installed ({e})")
 
 
+@functools.cache
+def smollm2_engine(dtype: str = "float32"):
+    """SmolLM2 on the numpy backend, loaded once per test session (a load dequantizes the GGUF: ~3 s of CPU).
+    Shared: a test must not change it (no set_precision, no batch_size)."""
+    from refllama.engine import GenericLlamaEngine
+
+    # the class method: tests that route refllama.load (or refllama.engine.load) to this cache patch those names
+    return GenericLlamaEngine.load(smollm2_path(), backend="numpy", dtype=dtype)
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}

@@ -9,13 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import refllama
 from refllama import GenerationRequest
 from refllama.errors import InputError
 from refllama.generation.chat import render_chat_template
 from refllama.generation.sampling import SamplingParams, process, sample
 
-from conftest import FIXTURE_NAMES, GOLDEN, smollm2_path
+from conftest import FIXTURE_NAMES, GOLDEN, smollm2_engine
 
 SAMPLING = json.loads((GOLDEN / "manifest.json").read_text())["sampling"]["cases"]
 
@@ -179,7 +178,7 @@ def test_a_batch_row_equals_the_request_alone(engines, case):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return refllama.load(smollm2_path())
+    return smollm2_engine()
 
 
 def test_chat_request_uses_the_template_without_a_double_bos(smollm2):

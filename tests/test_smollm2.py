@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GOLDEN, assert_smollm2_logits, load_npz, smollm2_path
+from conftest import GOLDEN, assert_smollm2_logits, load_npz, smollm2_engine, smollm2_path
 
 F64_ATOL = 1e-11  # float64 vs HF patched to true float64 (float32: conftest.SMOLLM2_ATOL, 2e-4)
 PROMPTS = ["chat", "paragraph", "code", "unicode"]
@@ -27,16 +27,12 @@ def golden():
 
 @pytest.fixture(scope="module")
 def engine32():
-    import refllama
-
-    return refllama.load(smollm2_path(), dtype="float32")
+    return smollm2_engine("float32")
 
 
 @pytest.fixture(scope="module")
 def engine64():
-    import refllama
-
-    return refllama.load(smollm2_path(), dtype="float64")
+    return smollm2_engine("float64")
 
 
 def test_golden_was_made_from_this_file():

@@ -5,8 +5,8 @@
 
 Rows (each in a fresh process, with every thread pool set to --threads): refllama numpy f32, numba f32, numba
 W8A8 (compressed-tensors), numba Q8_0 and Q4_1 (GGUF); llama.cpp (llama-cpp-python) f32, q8_0 and Q4_1 on the same
-GGUF files; HF transformers torch f32. A peer that is not installed is skipped with a message (`pip install
-'refllama[bench]'` installs them). Every engine gets the same prompt token ids and decodes greedily without
+GGUF files; HF transformers torch f32. A peer that is not installed is skipped with a message (`pip install -e
+".[bench]"` in the checkout installs them). Every engine gets the same prompt token ids and decodes greedily without
 stopping at eos. Figures are medians over --reps repetitions (refllama/diagnostics/benchmark.py says what one is).
 
 The model files are made once in --work from the Q4_1 GGUF (the installed default model): an F32 GGUF (its
@@ -276,7 +276,7 @@ def available(engine: str, backend: str | None = None) -> str | None:
         try:
             __import__(module)
         except ImportError as e:
-            return f"{module} is not installed ({e}); pip install 'refllama[bench]'"
+            return f"{module} is not installed ({e}); pip install -e \".[bench]\""
     return None
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -355,7 +356,8 @@ def write_smollm2() -> None:
             "P_greedy_f32": f"{SMOLLM2_NEW_TOKENS} greedy new tokens (generate, stops at eos)",
             "P_positions_f64 / P_logits_f64": "middle and last position, true float64 (patched, as for fixtures)",
         },
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "gguf": importlib.metadata.version("gguf")},
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"smollm2: {len(arrays)} arrays -> {path.relative_to(ROOT)} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -526,6 +528,7 @@ def write_all(names: list[str]) -> None:
         "regenerate": "pip install -e '.[golden]' && python tools/make_fixtures.py && python tools/make_golden.py",
         "reference": "transformers LlamaForCausalLM, attn_implementation='eager', one torch thread",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "accelerate": importlib.metadata.version("accelerate"), "gguf": importlib.metadata.version("gguf"),
                      "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "float64_patch": F64_PATCH,
         "sequence_lengths": list(LENGTHS),

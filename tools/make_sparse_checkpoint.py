@@ -9,6 +9,7 @@ so the folder claims ~141 GB but takes a few megabytes of disk. Diagnostics must
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import struct
@@ -108,4 +109,6 @@ def write(out: Path, config: dict = LLAMA_31_70B, shards: int = SHARDS) -> Path:
 
 
 if __name__ == "__main__":
-    print(write(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="the folder to write (created)")
+    print(write(parser.parse_args().out_dir))

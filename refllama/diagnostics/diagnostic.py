@@ -222,8 +222,7 @@ def _safetensors_weight_info(source: TensorSource) -> WeightInfo:
 def _gguf_weight_info(gguf: GGUFFile) -> WeightInfo:
     tensors = [TensorEntry(n, i.ggml_type.name, i.shape, i.nbytes, gguf.path.name) for n, i in gguf.tensors.items()]
     plain = {"F32", "F16", "BF16", "F64"}
-    quantized = {t.name: f"GGUF {t.dtype} blocks (dequantized to float32 at load)" for t in tensors
-                 if t.dtype not in plain}
+    quantized = {t.name: f"GGUF {t.dtype} blocks" for t in tensors if t.dtype not in plain}
     return WeightInfo(tensors, [gguf.path.name], quantized)
 
 
@@ -282,8 +281,11 @@ class BackendCompatibility:
     note: str
 
 
-def check_backends(quantization: QuantizationConfig | None) -> list[BackendCompatibility]:
-    """Which registered backends import here and which compute dtypes they offer for this model."""
+def check_backends(quantization: QuantizationConfig | None,
+                   weights: WeightInfo | None = None) -> list[BackendCompatibility]:
+    """Which registered backends import here and which compute dtypes they offer for this model; for a GGUF
+    model, which block types each reads in place (as the memory estimate counts them) and which it dequantizes."""
+    blocks = {t.dtype for t in weights.tensors if t.dtype.startswith(("Q", "IQ"))} if weights else set()
     out = []
     for name in backends.names():
         try:
@@ -295,9 +297,32 @@ def check_backends(quantization: QuantizationConfig | None) -> list[BackendCompa
         note = "runs the float weights"
         if quantization is not None:
             note = f"{quantization.method.value} {quantization.format}".strip()
-            note += ": dequantized to float32 at load" if quantization.method.value == "gguf" else ""
+            if quantization.method.value == "gguf":
+                kept, converted = sorted(blocks & backend.reads_as_stored), sorted(blocks - backend.reads_as_stored)
+                parts = ([f"{', '.join(kept)} blocks read in place as stored"] if kept else []) + (
+                    [f"{', '.join(converted)} dequantized to float32 at load"] if converted else [])
+                note += ": " + "; ".join(parts) if parts else ""
         out.append(BackendCompatibility(name, True, dtypes, note))
     return out
+
+
+def check_backend(backend: str, dtype: DataType | str) -> DataType:
+    """The compute dtype, after the checks load makes: an unknown backend or dtype, or a dtype an installed backend
+    does not compute in, raises BackendError (a backend not installed here is still estimated)."""
+    try:
+        compute = DataType.parse(dtype)
+    except ValueError:
+        raise BackendError(f"unknown compute dtype {dtype!r}") from None
+    try:
+        cls = backends.backend_class(backend)
+    except BackendError:
+        if backend not in backends.names():
+            raise
+        return compute
+    if compute not in cls.dtypes:
+        raise BackendError(f"the {backend} backend computes in {', '.join(d.value for d in cls.dtypes)}, "
+                           f"not {compute.value}")
+    return compute
 
 
 # --- the diagnostic --------------------------------------------------------------------------------------------
@@ -319,18 +344,15 @@ class ModelDiagnostic:
     @classmethod
     def analyze_directory(cls, path: str | Path, backend: str = "numpy", dtype: DataType | str = DataType.F32,
                           context_length: int | None = None, batch_size: int = 1,
-                          memory_limit: int | None = None) -> ModelDiagnostic:
-        """Analyse an HF folder or a .gguf file from headers only."""
+                          memory_limit: int | str | None = None) -> ModelDiagnostic:
+        """Analyse an HF folder or a .gguf file from headers only. `memory_limit`: bytes, or a size with a unit
+        ("16GB", "512MiB")."""
         path = Path(path).expanduser()
-        try:
-            dtype = DataType.parse(dtype)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        dtype = check_backend(backend, dtype)
         for name, value in (("context_length", context_length), ("batch_size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"{name} must be an integer >= 1, got {brief(value)}")
-        if memory_limit is not None:
-            memory_limit = parse_bytes(memory_limit)
+        memory_limit = None if memory_limit is None else parse_bytes(memory_limit)
         if path.is_file() and path.suffix == ".gguf":
             gguf = GGUFFile(path)
             config = config_from_gguf(gguf)
@@ -349,7 +371,7 @@ class ModelDiagnostic:
             raise CheckpointError("not a model folder or a .gguf file", path)
         memory = estimate(config, weights, backend, dtype, context_length, batch_size, memory_limit=memory_limit,
                           vocab_entries=tokenizer.vocab_size or 0)
-        backends = check_backends(config.quantization_config)
+        backends = check_backends(config.quantization_config, weights)
         supported = sorted({DataType(d) for b in backends if b.available for d in b.dtypes},
                            key=lambda d: list(DataType).index(d))
         return cls(path, detect_variant(config, names), config, weights, tokenizer, config.quantization_config,

@@ -123,12 +123,21 @@ class ReduceBatchSize:
 
 
 @dataclass(frozen=True)
+class UseBackend:
+    """Not in the spec's list: another backend that reads the weights as stored (numba: GGUF blocks, bfloat16)
+    needs less memory for the same model."""
+
+    backend: str
+    total_bytes: int  # the estimate on that backend
+
+
+@dataclass(frozen=True)
 class EnableGradientCheckpointing:
     """In the spec for completeness, never emitted: inference keeps no activations for a backward pass, so
     recomputing them saves nothing."""
 
 
-MemoryOptimization = QuantizeToDataType | ReduceKVCacheSize | UseModelSharding | ReduceBatchSize
+MemoryOptimization = QuantizeToDataType | UseBackend | ReduceKVCacheSize | UseModelSharding | ReduceBatchSize
 
 
 @dataclass(frozen=True)
@@ -277,6 +286,13 @@ def _recommendations(config: LlamaConfig, weights: WeightInfo, req: MemoryRequir
     w, overhead = req.model_weights, req.runtime_overhead
     out: list[MemoryOptimization] = []
     rest = req.activation_memory + overhead + req.kv_cache
+    for name in backends.names():  # a backend that keeps more of the weights as stored, in the same dtype
+        try:
+            fits_dtype = name != req.backend and dtype in backends.backend_class(name).dtypes
+        except BackendError:
+            continue  # not installed here
+        if fits_dtype and weights_in_memory(weights, dtype, name) + rest <= limit:
+            out.append(UseBackend(name, weights_in_memory(weights, dtype, name) + rest))
     for qtype, bytes_per_weight in ((DataType.W8A16, 1.0 + 2 / 128), (DataType.W4A16, 0.5 + 2 / 32)):
         quantized = _quantized_weights(weights, dtype, bytes_per_weight)
         if quantized + rest <= limit:
@@ -385,6 +401,8 @@ def _quantized_weights(weights: WeightInfo, dtype: DataType, bytes_per_weight: f
 def describe(o: MemoryOptimization) -> str:
     if isinstance(o, QuantizeToDataType):
         return f"quantize weights to {o.dtype.name} (about {format_bytes(o.total_bytes)} in all)"
+    if isinstance(o, UseBackend):
+        return f"use the {o.backend} backend (about {format_bytes(o.total_bytes)} in all)"
     if isinstance(o, ReduceKVCacheSize):
         return f"reduce the context to {o.context_length} tokens"
     if isinstance(o, ReduceBatchSize):
@@ -395,7 +413,7 @@ def describe(o: MemoryOptimization) -> str:
     return f"shard the model over {o.num_shards} devices"
 
 
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+_UNITS = {"B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -403,13 +421,17 @@ MAX_BYTES = 1 << 60  # an exbibyte: larger "sizes" are typos (or "inf")
 
 
 def parse_bytes(value: int | str) -> int:
-    """16000000000, "16GB", "16 GiB", "512MB" -> bytes; InputError for anything else (negative, inf, nan, ...)."""
+    """16000000000 (an int: bytes), "16GB", "16 GiB", "512MB", "100B" -> bytes; InputError for anything else
+    (negative, inf, nan, ...). A string needs its unit: "16" alone is more likely 16 GB meant than 16 bytes, so it
+    is refused rather than guessed."""
     if _is_int(value) and 0 <= value <= MAX_BYTES:
         return int(value)
     problem = InputError(f"not a size: {brief(value)} (examples: 16GB, 512MB, 8GiB; at most 1 EiB)")
     if not isinstance(value, str) or len(value) > 40:
         raise problem
     text = value.strip().upper().replace(" ", "")
+    if text and text.rstrip("KMGTIB") == text:
+        raise InputError(f"a size needs a unit: {brief(value)} (examples: 16GB, 512MB, 8GiB, 100B)")
     number = text.rstrip("KMGTIB")
     unit = text[len(number):]
     try:

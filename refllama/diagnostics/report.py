@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from refllama.diagnostics.memory import format_bytes
 
 
 def render(report: dict[str, Any], console: Console | None = None) -> None:
+    """Print the report. Text from the model or the environment (paths, notes, problems) is escaped: rich would
+    read `[mlx]` in `pip install -e ".[mlx]"` as markup and drop it."""
     console = console or Console()
     variant = report["model_type"]
     detail = ", ".join(f"{k}={v}" for k, v in variant.items() if k != "kind")
     c, w, m, t = report["config"], report["weights"], report["memory"], report["tokenizer"]
-    console.print(f"[bold]{report['model_path']}[/bold]")
+    console.print(f"[bold]{escape(report['model_path'])}[/bold]")
     console.print(f"variant: [bold]{variant['kind']}[/bold]({detail})")
 
     model = Table(title="model", show_header=False)
@@ -33,7 +36,7 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             ("tokenizer", f"{t['type']} ({t['source']}), {t['vocab_size'] or '?'} tokens, chat template: "
                           f"{'yes' if t['has_chat_template'] else 'no'}")]
     for k, v in rows:
-        model.add_row(k, v)
+        model.add_row(k, escape(v))
     console.print(model)
 
     console.print(f"weights: {w['tensor_count']} tensors in {len(w['files'])} file(s), "
@@ -78,15 +81,15 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     for col in ("backend", "available", "dtypes", "note"):
         backends.add_column(col)
     for b in report["backends"]:
-        backends.add_row(b["backend"], "yes" if b["available"] else "no", ", ".join(b["dtypes"]), b["note"])
+        backends.add_row(b["backend"], "yes" if b["available"] else "no", ", ".join(b["dtypes"]), escape(b["note"]))
     console.print(backends)
     if "verification" in report:
         v = report["verification"]
         console.print(f"verification: {'ok' if v['ok'] else 'FAILED'} ({v['checked_tensors']} tensors; "
                       f"non-finite: {v['nonfinite'] or 'none'}; checksums: {v['checksums'] or 'no manifest'})")
     for p in report["problems"]:
-        console.print(f"[red]problem:[/red] {p}")
-    console.print(f"[bold]verdict:[/bold] {report['verdict']}")
+        console.print(f"[red]problem:[/red] {escape(p)}")
+    console.print(f"[bold]verdict:[/bold] {escape(report['verdict'])}")
 
 
 def _experts(moe: dict[str, Any], active: int) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +50,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tensors = {name: np.ascontiguousarray(source.get(name)) for name in source.names()}
     dtypes = {str(t.dtype) for t in tensors.values() if t.ndim == 2}
     hf_config["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o666 & ~_umask())  # safetensors writes through a private temporary file (0600)
     _write_json(out / "config.json", hf_config)
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
     if config.pad_token_id is not None:
@@ -62,6 +65,12 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     elif vocabulary is not None:
         write_tokenizer_json(gguf.metadata, out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -15,7 +15,7 @@ max_new_tokens or the context limit (max_position_embeddings) -> "length".
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -238,9 +238,15 @@ def run(engine: Model, requests: Sequence[GenerationRequest]) -> list[Generation
             return done.value
 
 
-def stream(engine: Model, request: GenerationRequest) -> Iterator[str]:
-    """Text pieces as tokens arrive; they concatenate to exactly the final response text."""
-    for _, piece in _steps(engine, [request]):
+def stream(engine: Model, request: GenerationRequest) -> Generator[str, None, GenerationResponse]:
+    """Text pieces as tokens arrive; they concatenate to exactly the final response text. The generator's return
+    value (StopIteration.value) is the GenerationResponse, with its timings."""
+    steps = _steps(engine, [request])
+    while True:
+        try:
+            _, piece = next(steps)
+        except StopIteration as done:
+            return done.value[0]
         if piece:
             yield piece
 
