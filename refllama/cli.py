@@ -1,4 +1,4 @@
-"""The `refllama` command: generate, chat, logits, inspect, compare, bench, convert.
+"""The `refllama` command: generate, chat, logits, inspect, compare, trace, bench, convert, serve.
 
 MODEL is a Hugging Face folder or a .gguf file; omitted, it is the embedded default (SmolLM2-135M-Instruct).
 Exit codes: 0 ok, 2 usage, 1 model or input error (one line on stderr; the traceback only with --debug).

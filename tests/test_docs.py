@@ -152,6 +152,9 @@ def test_console_blocks_print_what_they_show(path, tmp_path):
             command = command.replace("path/to/Llama-3.1-70B-Instruct", str(sparse))
         if "--backend-b mlx" in command:
             pytest.importorskip("mlx.core")
+        if "--engine mlx-lm" in command:
+            pytest.importorskip("mlx_lm")
+        command = command.replace("SmolLM2-135M-Instruct.Q4_1.gguf", str(smollm2_path()))  # the embedded model
         r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
         output = _normalise(r.stdout + r.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refllama.dtypes import is_ml_float
 from refllama.errors import RefLlamaError
 
 LAYER_TENSORS = ("input_norm", "q", "k", "v", "attention_output", "residual_attention", "post_attention_norm",
@@ -97,7 +98,8 @@ def validate_trace(trace: dict[str, np.ndarray], expected: dict[str, tuple[int, 
             missing.append(name)
             continue
         value = np.asarray(trace[name])
-        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+                or is_ml_float(value.dtype)):  # bfloat16 traces (ml_dtypes) from half-precision engines
             problems.append(f"'{name}' has dtype {value.dtype}, expected a float array")
         elif value.shape != tuple(shape):
             problems.append(f"'{name}' has shape {value.shape}, expected {tuple(shape)}{_hint(name)}")
