@@ -232,7 +232,7 @@ def _load(args: argparse.Namespace):
 
 def _first_run_note(engine, doing: str = "generating") -> str:
     """What the spinner says while the model runs: numba compiles its kernels on a first run."""
-    if engine.backend.name == "numba":
+    if getattr(engine.backend, "name", None) == "numba":  # a sharded engine's backends live in its stages
         from refllama.backends.numba_kernels import cache_dir
 
         folder = Path(cache_dir())

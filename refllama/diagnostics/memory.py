@@ -430,7 +430,7 @@ def parse_bytes(value: int | str) -> int:
     if not isinstance(value, str) or len(value) > 40:
         raise problem
     text = value.strip().upper().replace(" ", "")
-    if text and text.rstrip("KMGTIB") == text:
+    if text.isdigit() or text.replace(".", "", 1).isdigit():  # a bare number: 16 bytes or 16 GB meant?
         raise InputError(f"a size needs a unit: {brief(value)} (examples: 16GB, 512MB, 8GiB, 100B)")
     number = text.rstrip("KMGTIB")
     unit = text[len(number):]
