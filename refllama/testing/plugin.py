@@ -61,15 +61,22 @@ class EngineSpec:
 
 
 def available_engines(backends: Sequence[str] | None = None,
-                      dtypes: Sequence[str] = DEFAULT_DTYPES) -> list[EngineSpec]:
+                      dtypes: Sequence[str] | None = DEFAULT_DTYPES) -> list[EngineSpec]:
     """The (backend, dtype) pairs of the backends (`refllama.backends.names()`) that import here and run the
-    dtype, in registry order (None: every backend)."""
+    dtype, in registry order (backends None: every backend; dtypes None: every dtype each backend declares)."""
     specs = []
     for cls in installed():
         if backends is not None and cls.name not in backends:
             continue
-        specs += [EngineSpec(cls.name, DataType.parse(d).value) for d in dtypes if DataType.parse(d) in cls.dtypes]
+        wanted = cls.dtypes if dtypes is None else [DataType.parse(d) for d in dtypes]
+        specs += [EngineSpec(cls.name, d.value) for d in wanted if d in cls.dtypes]
     return specs
+
+
+def selected_engines(config: pytest.Config, dtypes: Sequence[str] | None = DEFAULT_DTYPES) -> list[EngineSpec]:
+    """available_engines narrowed by --refllama-backends and --refllama-dtypes (or their ini options); `dtypes`
+    where neither names any."""
+    return available_engines(_listed(config, "refllama_backends"), _listed(config, "refllama_dtypes") or dtypes)
 
 
 def backend_marks(name: str) -> list[pytest.MarkDecorator]:
@@ -269,8 +276,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     if _SPECS not in config.stash:
-        config.stash[_SPECS] = available_engines(_listed(config, "refllama_backends"),
-                                                 _listed(config, "refllama_dtypes") or DEFAULT_DTYPES)
+        config.stash[_SPECS] = selected_engines(config)
     params = [pytest.param(s, id=s.id, marks=backend_marks(s.backend)) for s in config.stash[_SPECS]]
     metafunc.parametrize("refllama_engine", params, indirect=True)
 
