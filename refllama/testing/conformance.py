@@ -363,7 +363,7 @@ def test_apply_rope_on_the_models_strided_view(candidate, B, H, T, D):
     expected = ref.apply_rope(ref.asarray(host).transpose(0, 2, 1, 3), ref.asarray(cos), ref.asarray(sin))
     if candidate.half:
         candidate.assert_close(got, expected)
-    else:  # two products and a sum, each rounded once: no other result is right
+    else:  # x * cos + rotated * sin, each product and the sum rounded once (no fused multiply-add): one result
         candidate.assert_exact(got, expected)
 
 
