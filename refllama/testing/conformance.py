@@ -692,13 +692,13 @@ def test_quantized_fixture_logits(candidate, candidate_engines, goldens, quant_n
 
 
 def test_quantized_fixture_cached_decoding_equals_a_full_forward(candidate, candidate_engines, goldens, quant_name):
-    """Prompt b prefilled with 3 tokens, then decoded one token at a time (the decode kernels): the full
-    forward's logits, within the golden bound of the dtype (per-token activation scales do not depend on other
-    tokens, so W8A8 too)."""
+    """Prompt b (19 tokens) prefilled but for its last 4 tokens, which are decoded one at a time (the decode
+    kernels): the full forward's logits, within the golden bound of the dtype (per-token activation scales do not
+    depend on other tokens, so W8A8 too)."""
     g = goldens.quant_golden(quant_name)
     engine = candidate_engines(quant_name)
     ids = g["ids_b"]
-    np.testing.assert_allclose(decode_rows(engine, ids, prefill=3).astype(np.float64),
+    np.testing.assert_allclose(decode_rows(engine, ids, prefill=len(ids) - 4).astype(np.float64),
                                engine.logits(ids).astype(np.float64), rtol=0, atol=candidate.golden_atol)
 
 
