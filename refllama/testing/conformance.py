@@ -466,10 +466,12 @@ def _check_quantized_linear(candidate: Candidate, weight: Any, rng: np.random.Ge
         candidate.assert_close(got, expected, scale)
 
 
-INT8_CASES = {  # weight-only int8 codes: group size, zero points, act-order, one scale per tensor
-    "per-channel": {}, "g32-asym": {"group_size": 32, "asym": True}, "g32-act-order": {"group_size": 32,
-                                                                                      "act_order": True},
-    "g24-asym": {"group_size": 24, "asym": True}, "per-tensor-asym": {"per_tensor": True, "asym": True},
+INT8_CASES = {  # weight-only int8 codes: group size, zero points, act-order, one scale per tensor, scale dtype
+    "per-channel": {},
+    "g32-asym": {"group_size": 32, "asym": True},
+    "g32-act-order": {"group_size": 32, "act_order": True},
+    "g24-asym": {"group_size": 24, "asym": True},
+    "per-tensor-asym": {"per_tensor": True, "asym": True},
     "f32-scales": {"group_size": 32, "scale_dtype": np.float32},
 }
 
