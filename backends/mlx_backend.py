@@ -56,6 +56,8 @@ class MlxBackend(Backend):
         a = np.asarray(a)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.type in _ML_FLOATS:
             a = a.astype(self.np_dtype, copy=False)
+        if any(stride < 0 for stride in a.strides):  # MLX takes no negative strides (a reversed view)
+            a = a.copy()
         return mx.array(a)  # a copy into MLX memory: read-only and memory-mapped views are fine
 
     def to_numpy(self, a: mx.array) -> np.ndarray:

@@ -9,6 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The golden bounds and checks, one set for every backend (refllama/testing/golden.py), for the test modules here.
+from refllama.testing.golden import (  # noqa: F401
+    ARGMAX_MARGIN,
+    F32_ATOL,
+    F64_ATOL,
+    HALF_ATOL,
+    SMOLLM2_ATOL,
+    assert_close,
+    assert_smollm2_logits,
+    decode_rows,
+    top2_margin,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = ROOT / "golden"
@@ -25,14 +38,6 @@ FIXTURE_NAMES = sorted(MANIFEST["fixtures"])
 LENGTHS = MANIFEST["sequence_lengths"]
 QUANT = FIXTURES / "quant"  # tiny checkpoints made by the real quantization tools, each with its golden.npz
 QUANT_NAMES = sorted(p.name for p in QUANT.iterdir() if p.is_dir())
-
-# Bounds against the golden files, one set for every backend (measured figures: tests/test_golden.py,
-# tests/test_quant_fixtures.py, tests/test_smollm2.py and each backend's docs).
-F32_ATOL = 2e-5  # a float32 engine vs HF float32
-F64_ATOL = 1e-12  # a float64 engine vs HF patched to true float64
-ARGMAX_MARGIN = 1e-3  # argmax must agree where HF's top-1/top-2 margin exceeds this (below it float32 noise may flip)
-HALF_ATOL = {"bfloat16": 0.1, "float16": 0.015}  # half-precision engines vs HF float32 (as far as HF's own)
-SMOLLM2_ATOL = 2e-4  # SmolLM2 in float32 vs HF float32 on the same GGUF
 
 
 def smollm2_path() -> Path:
@@ -69,39 +74,6 @@ def golden(name: str) -> dict[str, np.ndarray]:
 
 def quant_golden(name: str) -> dict[str, np.ndarray]:
     return load_npz(QUANT / name / "golden.npz")
-
-
-def top2_margin(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, atol: float) -> np.ndarray:
-    """Logits within atol of the reference, and the same argmax wherever its margin is clear; returns that mask."""
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
-    clear = top2_margin(ref) > ARGMAX_MARGIN
-    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
-    return clear
-
-
-def decode_rows(engine, ids: np.ndarray, prefill: int) -> np.ndarray:
-    """Logits of `ids` from a prefill of `prefill` tokens, then one token at a time through the cache."""
-    cache = engine.new_cache(1, len(ids))
-    rows = [engine.forward(ids[None, :prefill], cache)[0]]
-    rows += [engine.forward(ids[None, t:t + 1], cache)[0] for t in range(prefill, len(ids))]
-    return np.concatenate(rows)
-
-
-def assert_smollm2_logits(logits: np.ndarray, g: dict[str, np.ndarray], prompt: str) -> None:
-    """SmolLM2 logits of a golden prompt (golden/smollm2.npz) against HF: the stored positions, every position's
-    top-k entries, and the argmax where HF's top-1/top-2 margin is clear."""
-    np.testing.assert_allclose(logits[g[f"{prompt}_positions"]], g[f"{prompt}_logits_f32"], rtol=0,
-                               atol=SMOLLM2_ATOL)
-    top_ids = g[f"{prompt}_topk_ids"].astype(np.int64)
-    top = g[f"{prompt}_topk_f32"]
-    np.testing.assert_allclose(np.take_along_axis(logits, top_ids, -1), top, rtol=0, atol=SMOLLM2_ATOL)
-    clear = top[:, 0] - top[:, 1] > ARGMAX_MARGIN
-    np.testing.assert_array_equal(logits.argmax(-1)[clear], top_ids[clear, 0])
 
 
 def engine_cache(backend: str = "numpy"):

@@ -43,6 +43,7 @@ from refllama.quant import gguf_blocks  # noqa: E402
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul  # noqa: E402
 from refllama.quant.packing import pack_rows  # noqa: E402
 from refllama.quant.types import ActivationQuant, Int8Weight, PackedIntWeight, dequantize  # noqa: E402
+from refllama.testing.golden import W8A8_HF_ATOL, W8A8_HF_TOP1  # noqa: E402
 
 from conftest import (  # noqa: E402
     F32_ATOL,
@@ -62,7 +63,7 @@ from conftest import (  # noqa: E402
     quant_golden,
 )
 from test_cupy_kernels import random_blocks  # noqa: E402
-from test_quant_fixtures import W8A8_HF_ATOL, W8A8_HF_TOP1, reference_key  # noqa: E402
+from test_quant_fixtures import reference_key  # noqa: E402
 
 ALL_TYPES = [DataType.F32, DataType.F64, DataType.F16, DataType.BF16]
 

@@ -1,7 +1,9 @@
-"""The tiny checkpoints made by the real tools (tests/fixtures/quant/, see its README) against their goldens.
+"""The tiny checkpoints made by the real tools (tests/fixtures/quant/, see its README): their files, how they
+load, and W8A8's layer-0 intermediates against HF's. Every backend's logits against each folder's golden are the
+conformance suite's (refllama/testing/conformance.py, run by tests/test_conformance.py), with the bounds of
+refllama/testing/golden.py.
 
-Each folder is compared with the golden of the same folder (its README and manifest.json say how each was made).
-Measured here, numpy backend, max |logit diff| over prompts a (7 tokens) and b (19 tokens):
+Measured, numpy backend, max |logit diff| over prompts a (7 tokens) and b (19 tokens):
 
 | fixture | reference key | float32 | float64 |
 | --- | --- | --- | --- |
@@ -36,27 +38,16 @@ from refllama.formats.checkpoint import load_weight_map, quantized_linears
 from refllama.formats.safetensors import TensorSource
 from refllama.quant import Int8Weight, PackedIntWeight, dequantize
 from refllama.quant.int8 import int8_accumulate, quantize_tokens_hf, quantize_tokens_vllm, w8a8_matmul
+from refllama.testing import golden
 
-from conftest import (
-    F32_ATOL,
-    F64_ATOL,
-    GOLDEN,
-    QUANT,
-    QUANT_NAMES,
-    assert_close,
-    quant_engine,
-    quant_golden,
-)
+from conftest import GOLDEN, QUANT, QUANT_NAMES, quant_engine, quant_golden
 
-W8A8_HF_ATOL = 0.3  # the -127.5 tie (module docstring); measured 0.08 (f32) / 0.135 (f64)
-W8A8_HF_TOP1 = 0.9
 PROMPTS = ("a", "b")
 
 
 def reference_key(name: str, prompt: str) -> str:
     """The golden key the engine must match tightly: the exact-dequant reference where HF's route was inexact."""
-    g = quant_golden(name)
-    return f"logits_{prompt}_f32dequant" if f"logits_{prompt}_f32dequant" in g else f"logits_{prompt}"
+    return golden.reference_key(quant_golden(name), prompt)
 
 
 @pytest.mark.parametrize("name", QUANT_NAMES)
@@ -69,25 +60,6 @@ def test_fixture_files_match_their_manifest(name):
     for fname, entry in manifest["files"].items():
         data = (QUANT / name / fname).read_bytes()
         assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"], fname
-
-
-@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_float32_engine_matches_the_exact_function_of_the_checkpoint(name, prompt):
-    g = quant_golden(name)
-    ours = quant_engine(name).logits(g[f"ids_{prompt}"])
-    assert ours.dtype == np.float32
-    assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)
-
-
-@pytest.mark.parametrize("name", [n for n in QUANT_NAMES if n != "tiny-w8a8"])
-def test_float64_engine_matches_too(name):
-    g = quant_golden(name)
-    for prompt in PROMPTS:
-        ours = quant_engine(name, dtype="float64").logits(g[f"ids_{prompt}"])
-        assert_close(ours, g[reference_key(name, prompt)], F32_ATOL)  # the references are float32
-        if f"logits_{prompt}_f64pure" in g:
-            np.testing.assert_allclose(ours, g[f"logits_{prompt}_f64pure"], rtol=0, atol=F64_ATOL)
 
 
 @pytest.mark.parametrize("name", [n for n in QUANT_NAMES if "dequant_l0_q_proj" in quant_golden(n)])
@@ -142,34 +114,12 @@ def test_w8a8_layer0_intermediates_equal_the_golden_exactly():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_w8a8_vllm_semantics_match_their_reference(dtype):
+def test_the_two_w8a8_semantics_differ_on_this_model(dtype):
+    """Up to 0.18 here (notes), so the conformance suite's checks of each semantics against its golden can tell
+    them apart."""
     g = quant_golden("tiny-w8a8")
-    for prompt in PROMPTS:
-        ours = quant_engine("tiny-w8a8", dtype=dtype, semantics="vllm").logits(g[f"ids_{prompt}"])
-        assert_close(ours, g[f"logits_{prompt}_int8vllm"], F32_ATOL)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_w8a8_hf_semantics_match_hf_within_the_tie_bound(dtype):
-    g = quant_golden("tiny-w8a8")
-    for prompt in PROMPTS:
-        ours = quant_engine("tiny-w8a8", dtype=dtype).logits(g[f"ids_{prompt}"])
-        ref = g[f"logits_{prompt}"]
-        assert np.abs(ours - ref).max() < W8A8_HF_ATOL
-        assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= W8A8_HF_TOP1
-    # the two semantics really differ on this model (notes: up to 0.18), so the tests above can tell them apart
     vllm = quant_engine("tiny-w8a8", dtype=dtype, semantics="vllm").logits(g["ids_b"])
     assert np.abs(vllm - g["logits_b_int8vllm"]).max() < 1e-4 < np.abs(vllm - g["logits_b"]).max()
-
-
-def test_w8a8_cached_decoding_equals_a_full_forward():
-    """Per-token activation scales do not depend on other tokens, so the KV cache changes nothing."""
-    g = quant_golden("tiny-w8a8")
-    e = quant_engine("tiny-w8a8")
-    ids = g["ids_b"]
-    cache = e.new_cache(1, len(ids))
-    rows = [e.forward(ids[None, :5], cache)[0]] + [e.forward(ids[None, t:t + 1], cache)[0] for t in range(5, 19)]
-    np.testing.assert_allclose(np.concatenate(rows), e.logits(ids), rtol=0, atol=2e-5)
 
 
 def test_dequantize_option_keeps_w8a8_and_dequantizes_the_rest():

@@ -247,6 +247,15 @@ def block_layout(ggml_type: GGMLType) -> np.dtype | None:
     return entry[0] if entry is not None else None
 
 
+def block_layout(ggml_type: GGMLType) -> np.dtype:
+    """One block of a quantized type as a NumPy structured dtype (ggml's field names, e.g. "d", "qs"), so that
+    tests can build blocks field by field; ValueError for types that are not blocks (F32, BF16, ...)."""
+    try:
+        return _DECODERS[GGMLType(ggml_type)][0]
+    except KeyError:
+        raise ValueError(f"{GGMLType(ggml_type).name} is not a block type") from None
+
+
 def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes (uint8, exactly tensor_nbytes long) of a tensor -> new float32 array of `shape`.
 

@@ -67,7 +67,7 @@ class WeightMap:
 
     def map(self, fn: Callable[[Array], Array]) -> WeightMap:
         """A new WeightMap with `fn` applied to every tensor (how a backend takes the weights in)."""
-        return _map_tree(self, fn)
+        return map_arrays(self, fn)
 
     def tensors(self) -> list[Array]:
         """Every tensor, in a fixed order (the order `map` visits them)."""
@@ -113,11 +113,13 @@ class StageSpan:
 _SCALARS = (int, float, str, bool, tuple, enum.Enum)
 
 
-def _map_tree(node: Any, fn: Callable[[Array], Array]) -> Any:
+def map_arrays(node: Any, fn: Callable[[Array], Array]) -> Any:
+    """`node` (a WeightMap, a Linear, a quantized weight, a list of them, an array) with `fn` applied to every
+    tensor inside it: how the engine hands weights to a backend (`fn` = its `asarray`)."""
     if node is None or isinstance(node, _SCALARS):
         return node
     if isinstance(node, list):
-        return [_map_tree(item, fn) for item in node]
+        return [map_arrays(item, fn) for item in node]
     if is_dataclass(node):
-        return replace(node, **{f.name: _map_tree(getattr(node, f.name), fn) for f in fields(node)})
+        return replace(node, **{f.name: map_arrays(getattr(node, f.name), fn) for f in fields(node)})
     return fn(node)

@@ -61,15 +61,22 @@ class EngineSpec:
 
 
 def available_engines(backends: Sequence[str] | None = None,
-                      dtypes: Sequence[str] = DEFAULT_DTYPES) -> list[EngineSpec]:
+                      dtypes: Sequence[str] | None = DEFAULT_DTYPES) -> list[EngineSpec]:
     """The (backend, dtype) pairs of the backends (`refllama.backends.names()`) that import here and run the
-    dtype, in registry order (None: every backend)."""
+    dtype, in registry order (backends None: every backend; dtypes None: every dtype each backend declares)."""
     specs = []
     for cls in installed():
         if backends is not None and cls.name not in backends:
             continue
-        specs += [EngineSpec(cls.name, DataType.parse(d).value) for d in dtypes if DataType.parse(d) in cls.dtypes]
+        wanted = cls.dtypes if dtypes is None else [DataType.parse(d) for d in dtypes]
+        specs += [EngineSpec(cls.name, d.value) for d in wanted if d in cls.dtypes]
     return specs
+
+
+def selected_engines(config: pytest.Config, dtypes: Sequence[str] | None = DEFAULT_DTYPES) -> list[EngineSpec]:
+    """available_engines narrowed by --refllama-backends and --refllama-dtypes (or their ini options); `dtypes`
+    where neither names any."""
+    return available_engines(_listed(config, "refllama_backends"), _listed(config, "refllama_dtypes") or dtypes)
 
 
 def backend_marks(name: str) -> list[pytest.MarkDecorator]:
@@ -159,11 +166,12 @@ class EngineCache:
 
 class GoldenFiles:
     """A directory of golden .npz files: `golden("bias")` is that file's arrays (read-only, loaded once);
-    `checkpoint("bias")` the model they were made from, as golden/manifest.json records it."""
+    `checkpoint("bias")` the model they were made from, as golden/manifest.json records it. In a refllama checkout
+    the tiny quantized checkpoints sit beside it too (tests/fixtures/quant/NAME, each with its golden.npz)."""
 
     def __init__(self, directory: Path):
         self.dir = directory
-        self._loaded: dict[str, dict[str, np.ndarray]] = {}
+        self._loaded: dict[Path, dict[str, np.ndarray]] = {}
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -174,17 +182,24 @@ class GoldenFiles:
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.npz"))
 
+    @property
+    def fixtures(self) -> list[str]:
+        """The golden files whose checkpoint the manifest records (`checkpoint(name)`)."""
+        return sorted(self.manifest.get("fixtures", {}))
+
+    @cached_property
+    def quant_fixtures(self) -> list[str]:
+        """The quantized checkpoints golden/quant_manifest.json lists (`quant_checkpoint`, `quant_golden`)."""
+        path = self.dir / "quant_manifest.json"
+        if not path.is_file():
+            return []
+        return sorted(json.loads(path.read_text(encoding="utf-8")).get("tiny_fixtures", {}).get("folders", []))
+
     def __call__(self, name: str) -> dict[str, np.ndarray]:
-        if name not in self._loaded:
-            path = self.dir / f"{name}.npz"
-            if not path.is_file():
-                raise FileNotFoundError(f"no golden file {path} (available: {', '.join(self.names) or 'none'})")
-            with np.load(path) as data:
-                arrays = {k: data[k] for k in data.files}
-            for a in arrays.values():
-                a.setflags(write=False)  # shared by every test of the session
-            self._loaded[name] = arrays
-        return self._loaded[name]
+        path = self.dir / f"{name}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"no golden file {path} (available: {', '.join(self.names) or 'none'})")
+        return self._load(path)
 
     def checkpoint(self, name: str) -> Path:
         try:
@@ -192,6 +207,21 @@ class GoldenFiles:
         except KeyError:
             raise LookupError(f"{self.dir / 'manifest.json'} records no fixture checkpoint for {name!r}") from None
         return self.dir.parent / relative
+
+    def quant_checkpoint(self, name: str) -> Path:
+        return self.dir.parent / "tests" / "fixtures" / "quant" / name
+
+    def quant_golden(self, name: str) -> dict[str, np.ndarray]:
+        return self._load(self.quant_checkpoint(name) / "golden.npz")
+
+    def _load(self, path: Path) -> dict[str, np.ndarray]:
+        if path not in self._loaded:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+            for a in arrays.values():
+                a.setflags(write=False)  # shared by every test of the session
+            self._loaded[path] = arrays
+        return self._loaded[path]
 
     def __repr__(self) -> str:
         return f"<refllama_golden {self.dir}>"
@@ -269,8 +299,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     if _SPECS not in config.stash:
-        config.stash[_SPECS] = available_engines(_listed(config, "refllama_backends"),
-                                                 _listed(config, "refllama_dtypes") or DEFAULT_DTYPES)
+        config.stash[_SPECS] = selected_engines(config)
     params = [pytest.param(s, id=s.id, marks=backend_marks(s.backend)) for s in config.stash[_SPECS]]
     metafunc.parametrize("refllama_engine", params, indirect=True)
 
