@@ -242,18 +242,10 @@ SUPPORTED_TYPES = tuple(sorted({*_FLOATS, GGMLType.BF16, GGMLType.I8, GGMLType.I
 
 
 def block_layout(ggml_type: GGMLType) -> np.dtype | None:
-    """The packed struct of one block of a block type (its float fields are the scales), None for plain types."""
+    """One block of a block type as a NumPy structured dtype (ggml's field names, e.g. "d", "qs"; the float fields
+    are the scales), None for plain types (F32, BF16, ...)."""
     entry = _DECODERS.get(ggml_type)
     return entry[0] if entry is not None else None
-
-
-def block_layout(ggml_type: GGMLType) -> np.dtype:
-    """One block of a quantized type as a NumPy structured dtype (ggml's field names, e.g. "d", "qs"), so that
-    tests can build blocks field by field; ValueError for types that are not blocks (F32, BF16, ...)."""
-    try:
-        return _DECODERS[GGMLType(ggml_type)][0]
-    except KeyError:
-        raise ValueError(f"{GGMLType(ggml_type).name} is not a block type") from None
 
 
 def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:

@@ -65,6 +65,8 @@ def gguf_weight(rng: np.random.Generator, ggml_type: GGMLType | str, N: int, K: 
     a realistic size (|d| ~ 0.02) for the fields ggml stores as fp16 / fp32."""
     ggml_type = GGMLType[ggml_type] if isinstance(ggml_type, str) else GGMLType(ggml_type)
     layout = ggml_quants.block_layout(ggml_type)
+    if layout is None:
+        raise ValueError(f"{ggml_type.name} is not a block type")
     block = ggml_quants.BLOCK_SIZES[ggml_type][0]
     if K % block:
         raise ValueError(f"{ggml_type.name} rows are whole blocks of {block}; K = {K} is not")
