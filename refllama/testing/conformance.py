@@ -359,8 +359,9 @@ def test_apply_rope_on_the_models_strided_view(candidate, B, H, T, D):
     angles = np.concatenate([angles, angles], axis=-1)
     cos, sin = np.cos(angles).astype(candidate.dtype), np.sin(angles).astype(candidate.dtype)
     xp, ref = candidate.xp, candidate.ref
-    got = xp.apply_rope(xp.asarray(host).transpose(0, 2, 1, 3), xp.asarray(cos), xp.asarray(sin))
-    expected = ref.apply_rope(ref.asarray(host).transpose(0, 2, 1, 3), ref.asarray(cos), ref.asarray(sin))
+    flat = host.reshape(B, T, H * D)  # as a Linear leaves q; split_heads makes the model's view of it
+    got = xp.apply_rope(xp.split_heads(xp.asarray(flat), H), xp.asarray(cos), xp.asarray(sin))
+    expected = ref.apply_rope(ref.split_heads(ref.asarray(flat), H), ref.asarray(cos), ref.asarray(sin))
     if candidate.half:
         candidate.assert_close(got, expected)
     else:  # x * cos + rotated * sin, each product and the sum rounded once (no fused multiply-add): one result
@@ -389,7 +390,7 @@ def test_attention(candidate, heads, T, past):
         q, k, v = candidate.host(rng, B, H, T, D), candidate.host(rng, B, KV, S, D), candidate.host(rng, B, KV, S, D)
         expected = ref.attention(ref.asarray(q), ref.asarray(k), ref.asarray(v), mask)
         buffers = [xp.cache_write(xp.zeros((B, KV, S + 5, D)), xp.asarray(a), 0) for a in (k, v)]
-        layouts = [(xp.asarray(k), xp.asarray(v)), (buffers[0][:, :, :S], buffers[1][:, :, :S])]
+        layouts = [(xp.asarray(k), xp.asarray(v)), (buffers[0][:, :, :S, :], buffers[1][:, :, :S, :])]
         reversed_k, reversed_v = k[:, :, ::-1], v[:, :, ::-1]  # same keys and values in the other slot order
         reversed_expected = ref.attention(ref.asarray(q), ref.asarray(reversed_k), ref.asarray(reversed_v),
                                           mask[:, :, ::-1])
