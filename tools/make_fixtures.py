@@ -15,6 +15,7 @@ import filecmp
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -165,16 +166,21 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare with --out")
     parser.add_argument("names", nargs="*", default=list(FIXTURES))
     args = parser.parse_args()
-    if not args.check:
-        for name in args.names:
-            print("wrote", write_fixture(name, args.out))
+    return write_or_check(args.names, args.out, args.check, write_fixture)
+
+
+def write_or_check(names: list[str], out: Path, check: bool, write: Callable[[str, Path], Path]) -> int:
+    """Write each fixture into `out`, or (check) write them into a temp dir and compare byte for byte with `out`."""
+    if not check:
+        for name in names:
+            print("wrote", write(name, out))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         bad = []
-        for name in args.names:
-            fresh = write_fixture(name, Path(tmp))
+        for name in names:
+            fresh = write(name, Path(tmp))
             files = sorted(p.name for p in fresh.iterdir())
-            _, mismatch, errors = filecmp.cmpfiles(fresh, args.out / name, files, shallow=False)
+            _, mismatch, errors = filecmp.cmpfiles(fresh, out / name, files, shallow=False)
             bad += [f"{name}/{f}" for f in mismatch + errors]
         print("fixtures identical" if not bad else f"fixtures differ: {bad}")
         return 1 if bad else 0

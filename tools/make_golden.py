@@ -540,25 +540,29 @@ def write_all(names: list[str]) -> None:
 
 def check(names: list[str]) -> int:
     """Regenerate and compare with the committed golden files; non-zero exit on any difference."""
-    failures = 0
-    for name in names:
-        fresh = golden_for_fixture(name)
-        with np.load(GOLDEN_DIR / f"{name}.npz") as committed:
-            if sorted(committed.files) != sorted(fresh):
-                print(f"{name}: keys differ: {sorted(committed.files)} vs {sorted(fresh)}")
-                failures += 1
-                continue
-            for key, value in fresh.items():
-                ref = committed[key]
-                if value.dtype.kind in "iu":
-                    ok, diff = np.array_equal(ref, value), "exact"
-                else:
-                    tol = CHECK_ATOL["f64" if value.dtype == np.float64 else "f32"]
-                    d = float(np.max(np.abs(ref - value))) if ref.shape == value.shape else float("inf")
-                    ok, diff = d <= tol, f"max|diff| {d:.3g} (allowed {tol:g})"
-                print(f"{name}/{key}: {'ok' if ok else 'MISMATCH'} {diff}")
-                failures += not ok
+    failures = sum(compare_with_committed(name, golden_for_fixture(name)) for name in names)
     return 1 if failures else 0
+
+
+def compare_with_committed(name: str, fresh: dict[str, np.ndarray]) -> int:
+    """Print how freshly made golden arrays compare with golden/NAME.npz; the number of mismatches. Integers must
+    be equal, floats within CHECK_ATOL (HF's own run-to-run noise across BLAS builds)."""
+    failures = 0
+    with np.load(GOLDEN_DIR / f"{name}.npz") as committed:
+        if sorted(committed.files) != sorted(fresh):
+            print(f"{name}: keys differ: {sorted(committed.files)} vs {sorted(fresh)}")
+            return 1
+        for key, value in fresh.items():
+            ref = committed[key]
+            if value.dtype.kind in "iu":
+                ok, diff = np.array_equal(ref, value), "exact"
+            else:
+                tol = CHECK_ATOL["f64" if value.dtype == np.float64 else "f32"]
+                d = float(np.max(np.abs(ref - value))) if ref.shape == value.shape else float("inf")
+                ok, diff = d <= tol, f"max|diff| {d:.3g} (allowed {tol:g})"
+            print(f"{name}/{key}: {'ok' if ok else 'MISMATCH'} {diff}")
+            failures += not ok
+    return failures
 
 
 def main() -> int:

@@ -13,16 +13,16 @@ extra. Running it again writes the same bytes (`--check` verifies that against t
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "tools"))
+from make_fixtures import write_or_check  # noqa: E402
 
 _COMMON = {
     "vocab_size": 64, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -122,19 +122,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare with --out")
     parser.add_argument("names", nargs="*", default=list(MOE_FIXTURES))
     args = parser.parse_args()
-    if not args.check:
-        for name in args.names:
-            print("wrote", write_fixture(name, args.out))
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        bad = []
-        for name in args.names:
-            fresh = write_fixture(name, Path(tmp))
-            files = sorted(p.name for p in fresh.iterdir())
-            _, mismatch, errors = filecmp.cmpfiles(fresh, args.out / name, files, shallow=False)
-            bad += [f"{name}/{f}" for f in mismatch + errors]
-        print("fixtures identical" if not bad else f"fixtures differ: {bad}")
-        return 1 if bad else 0
+    return write_or_check(args.names, args.out, args.check, write_fixture)
 
 
 if __name__ == "__main__":
