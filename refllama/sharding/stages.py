@@ -74,9 +74,10 @@ class Stage:
         """
         m, s = self.model, self.span
         with on_device(self.device):
-            h = m.embed(x, trace) if s.embeds else self.receive(x)  # (B, T, hidden)
-            step = m.step_inputs(h.shape[:2], cache.length, attention_mask, positions)
-            h = m.forward_layers(h, s.first, s.last, cache, step, trace)
+            step = m.step_inputs(x.shape[:2], cache.length, attention_mask, positions)  # ids or stream: (B, T, ...)
+            # nested, as in LlamaModel.forward: no name here holds the stage's input while its layers run
+            h = m.forward_layers(m.embed(x, trace) if s.embeds else self.receive(x), s.first, s.last, cache, step,
+                                 trace)  # (B, T, hidden)
             cache.advance(h.shape[1])
             return m.head(h, trace, last_only) if s.head else h
 
