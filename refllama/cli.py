@@ -416,7 +416,7 @@ def _compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from refllama.engine import load
-    from refllama.testing.compare import PROFILES, compare_traces, expert_agreement
+    from refllama.testing.comparison import PROFILES, compare_traces, expert_agreement
     from refllama.testing.traces import label, load_trace
 
     if args.profile not in PROFILES:
