@@ -154,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--backend", default="numpy", help="refllama's backend (--engine refllama)")
     tr.add_argument("--dtype", default="float32", help="compute dtype (llama.cpp: as the file stores it)")
     tr.add_argument("--decode-from", type=int, default=None, help="refllama: prefill N ids, then one per step")
+    tr.add_argument("--kv-cache", default="f16", choices=("f16", "f32"), help="llamacpp: the KV cache's type")
+    tr.add_argument("--flash-attention", default="auto", choices=("auto", "on", "off"),
+                    help="llamacpp: flash attention (llama.cpp's CPU kernel rounds to f16; auto turns it on)")
     tr.add_argument("--debug", action="store_true", help="show tracebacks")
 
     bn = command("bench", "prefill and decode tokens/s, time to first token and peak RSS of a model")
@@ -389,12 +392,15 @@ def _console():
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    from refllama.testing.engines import ENGINES, refllama_trace
+    from refllama.testing.engines import ENGINES, llamacpp_trace, refllama_trace
     from refllama.testing.traces import save_trace
 
     ids = _parse_ids(args.ids)
     if args.engine == "refllama":
         trace, manifest = refllama_trace(args.model, ids, args.dtype, args.backend, args.decode_from)
+    elif args.engine == "llamacpp":
+        trace, manifest = llamacpp_trace(args.model, ids, kv_cache=args.kv_cache,
+                                         flash_attention={"auto": None, "on": True, "off": False}[args.flash_attention])
     else:
         trace, manifest = ENGINES[args.engine](args.model, ids, args.dtype)
     save_trace(args.out, trace, **manifest, model=str(args.model), ids=ids)
@@ -416,7 +422,7 @@ def _compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from refllama.engine import load
-    from refllama.testing.compare import PROFILES, compare_traces, expert_agreement
+    from refllama.testing.comparison import PROFILES, compare_traces, expert_agreement
     from refllama.testing.traces import label, load_trace
 
     if args.profile not in PROFILES:

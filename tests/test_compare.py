@@ -48,6 +48,18 @@ def test_metrics_on_known_differences():
     assert compare(ref, cand).topk_containment == 0.75
 
 
+def test_the_metrics_module_and_the_compare_function_have_different_names():
+    """`refllama.testing.compare` is the function; the module is refllama.testing.comparison, so neither shadows
+    the other (refllama.testing.compare.compare_traces used to raise AttributeError)."""
+    import refllama.testing as testing
+    from refllama.testing import comparison
+
+    assert testing.compare is comparison.compare and callable(testing.compare)
+    assert testing.compare_traces is comparison.compare_traces
+    assert testing.expert_agreement is comparison.expert_agreement
+    assert set(testing.__all__) <= set(dir(testing))
+
+
 def test_profiles_document_their_calibration_and_catch_breaks():
     assert set(PROFILES) == {"f64", "f32", "bf16", "int8", "q4"}
     assert all(p.calibration for p in PROFILES.values())

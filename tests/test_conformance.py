@@ -23,7 +23,7 @@ def test_an_outside_module_gets_the_suite_for_the_backends_it_names(pytester):
 
 
 def test_without_golden_files_the_golden_part_skips_saying_why(pytester, monkeypatch):
-    monkeypatch.setattr(plugin, "_checkout_golden_dir", lambda: None)  # refllama installed from a wheel
+    monkeypatch.setattr(plugin, "checkout_golden_dir", lambda: None)  # refllama installed from a wheel
     pytester.makepyfile(test_mine=OUTSIDE)
     result = run(pytester, "-rs", "--refllama-backends=numpy", "--refllama-dtypes=float32", "-k",
                  "test_fixture_logits or padded_batch or embedding_is")

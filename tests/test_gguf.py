@@ -47,8 +47,9 @@ def _llama3_freq_factors(cfg: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def hf_folder_to_gguf(folder, out, with_rope_freqs: bool = False):
-    """Write an HF fixture as a llama.cpp-style GGUF (same tensor dtypes, q/k permuted, ggml names)."""
+def hf_folder_to_gguf(folder, out, with_rope_freqs: bool = False, for_llamacpp: bool = False):
+    """Write an HF fixture as a llama.cpp-style GGUF (same tensor dtypes, q/k permuted, ggml names). `for_llamacpp`
+    adds what llama.cpp itself requires: a vocabulary (placeholder pieces) and the attention head widths."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -76,6 +77,13 @@ def hf_folder_to_gguf(folder, out, with_rope_freqs: bool = False):
         w.add_rope_scaling_factor(scaling["factor"])
     if with_rope_freqs:
         w.add_tensor("rope_freqs.weight", _llama3_freq_factors(cfg))
+    if for_llamacpp:
+        w.add_key_length(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        w.add_value_length(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<t{i}>" for i in range(cfg["vocab_size"])])
+        w.add_token_scores([0.0] * cfg["vocab_size"])
+        w.add_token_types([gguf.TokenType.NORMAL] * cfg["vocab_size"])
     for name, array in sorted(tensors.items()):
         if name == "lm_head.weight" and cfg["tie_word_embeddings"]:
             continue

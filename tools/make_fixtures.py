@@ -80,7 +80,29 @@ FIXTURES: dict[str, tuple[dict, str, int, int, str]] = {
     "gelu": (
         {"hidden_act": "gelu"},
         "float32", 8, 1, "exact (erf) GELU in place of SiLU, f32"),
+    # The three below vary the remaining constants, so that a wrong constant in an engine fails on at least two
+    # fixtures (tests/test_constant_mutations.py).
+    "eps6_theta1m": (
+        {"rms_norm_eps": 1e-6, "rope_theta": 1e6},
+        "float32", 9, 1, "Qwen2/Mistral-like constants: rms_norm_eps 1e-6, rope_theta 1e6, small (std 0.02) "
+                         "embeddings, f32"),
+    "llama31": (
+        {"head_dim": 32, "rope_theta": 500000.0, "attention_bias": True,
+         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32}},
+        "float32", 10, 1, "Llama-3.1-like: llama3 rope scaling (factor 8, original context 32: high, medium and "
+                          "low frequencies), theta 5e5, head_dim 32 != hidden/heads 16, attention bias without MLP "
+                          "bias, small (std 0.02) embeddings, untied, f32"),
+    "dynamic_tied": (
+        {"max_position_embeddings": 28, "rope_theta": 500000.0, "num_key_value_heads": 1,
+         "tie_word_embeddings": True, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+        "float32", 11, 1, "dynamic NTK rope scaling (factor 4) past max_position_embeddings 28, theta 5e5, MQA, "
+                          "tied, f32"),
 }
+
+# Embedding standard deviation where it is not the default (1 untied, 1/sqrt(hidden) tied): trained models'
+# embeddings are small, and only then does the first RMSNorm's eps change its output measurably.
+EMBEDDING_STD = {"eps6_theta1m": 0.02, "llama31": 0.02}
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -91,7 +113,7 @@ def fixture_config(name: str) -> dict:
     return {k: v for k, v in config.items() if v is not DROP}
 
 
-def make_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+def make_weights(config: dict, seed: int, embedding_std: float | None = None) -> dict[str, np.ndarray]:
     """Random weights scaled so activations stay O(1) and logits are O(1)-O(10) (clear argmax margins)."""
     rng = np.random.default_rng(seed)
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -107,6 +129,7 @@ def make_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     # A tied table is also the output projection: scale it like one, or each token's own embedding dominates
     # the residual stream and greedy decoding just repeats its input.
     embed_scale = 1 / np.sqrt(hidden) if config["tie_word_embeddings"] else 1.0
+    embed_scale = embedding_std or embed_scale
     w = {"model.embed_tokens.weight": embed_scale * rng.standard_normal((vocab, hidden))}
     linears = {
         "self_attn.q_proj": (heads * head_dim, hidden, config["attention_bias"]),
@@ -136,7 +159,8 @@ def write_fixture(name: str, out_dir: Path) -> Path:
     config = fixture_config(name)
     folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in make_weights(config, seed).items()}
+    raw = make_weights(config, seed, EMBEDDING_STD.get(name))
+    weights = {k: v.astype(_NUMPY_DTYPES[dtype]) for k, v in raw.items()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     eos = config["eos_token_id"]
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "do_sample": False}

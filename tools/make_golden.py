@@ -202,7 +202,8 @@ def golden_for_fixture(name: str, fixtures_dir: Path = FIXTURES_DIR) -> dict[str
     out[f"logits_{max(LENGTHS)}_f64stock"] = _forward_logits(folder, torch.float64, longest)
     prompt = seqs[GREEDY_PROMPT_LENGTH]
     out["greedy_f32"] = _greedy(folder, torch.float32, prompt)
-    dynamic = (fixture_config(name).get("rope_scaling") or {}).get("type") == "dynamic"
+    scaling = fixture_config(name).get("rope_scaling") or {}
+    dynamic = scaling.get("rope_type", scaling.get("type")) == "dynamic"
     if dynamic:
         out["cached_decode_f32"] = _cached_decode(folder, torch.float32, seqs[max(LENGTHS)])
     with hf_float64_patched():

@@ -150,16 +150,55 @@ def mlx_lm_trace(path: str, ids: list[int], dtype: str = "float32") -> tuple[Tra
     return _ordered(found, len(inner.layers)), {"engine": "mlx-lm", "version": _version("mlx-lm"), "dtype": dtype}
 
 
-# llama.cpp's graph names (llama-graph / models/llama) -> refllama's, per layer; "-N" is the layer suffix.
-LLAMACPP_NAMES = {"attn_norm": "input_norm", "Qcur": "q", "Kcur": "k", "Vcur": "v", "ffn_inp": "residual_attention",
-                  "ffn_norm": "post_attention_norm", "ffn_out": "mlp_output", "l_out": "residual"}
-LLAMACPP_GLOBAL = {"inp_embd": "embeddings", "result_norm": "final_norm", "result_output": "logits"}
+# llama.cpp's graph node names (src/models/llama.cpp, llama-graph.cpp) -> refllama's: per layer ("NAME-N"), and global.
+# Several nodes may share a name (Qcur-N: the matmul, its 3-D view, the RoPE output); the last one computed is the
+# one the format means. The attention before o_proj (kqv_out-N) has no name in our format.
+LLAMACPP_LAYER_NAMES = {"attn_norm": "input_norm", "Qcur": "q", "Kcur": "k", "Vcur": "v",
+                        "attn_out": "attention_output", "ffn_inp": "residual_attention",
+                        "ffn_norm": "post_attention_norm", "ffn_out": "mlp_output", "l_out": "residual"}
+LLAMACPP_GLOBAL_NAMES = {"inp_embd": "embeddings", "embd": "embeddings", "result_norm": "final_norm",
+                         "result_output": "logits"}
 
 
-def llamacpp_trace(path: str, ids: list[int], dtype: str = "as stored") -> tuple[Trace, dict]:
-    """llama.cpp through llama-cpp-python: one batch of every id, every ggml node whose name maps to ours read
-    back in the eval callback. llama.cpp computes in its own types (activations quantized to q8_1 for a Q8_0
-    matmul, an f16 KV cache by default), which is what such a trace shows."""
+def llamacpp_name(ggml_name: str) -> str | None:
+    """Our trace name for a llama.cpp graph node ("Qcur-3" -> "layers.3.q"), or None for a node we do not read."""
+    if ggml_name in LLAMACPP_GLOBAL_NAMES:
+        return LLAMACPP_GLOBAL_NAMES[ggml_name]
+    base, _, layer = ggml_name.rpartition("-")
+    if base in LLAMACPP_LAYER_NAMES and layer.isdigit():
+        return f"layers.{int(layer)}.{LLAMACPP_LAYER_NAMES[base]}"
+    return None
+
+
+def from_ggml(name: str, values: np.ndarray, ne: tuple[int, int, int, int]) -> np.ndarray | None:
+    """One contiguous ggml tensor (its elements in memory order, ggml's extents `ne`) in our layout for `name`, or None
+    for a node of that name that is not the tensor the format means (q, k, v before their reshape into heads).
+
+    ggml's ne[0] is the fastest-varying axis, numpy's last: the array is values.reshape(ne[::-1]). q, k and v arrive
+    as ne = (head_dim, heads, T, 1), so (T, heads, head_dim), and become (heads, T, head_dim). GGUF files store the
+    q and k projections' rows permuted per head so that llama.cpp's RoPE rotates adjacent pairs (2i, 2i + 1); the
+    Hugging Face order, which refllama's GGUF loader restores, pairs i with i + head_dim/2. So q and k are put back
+    as (even elements, odd elements) along head_dim."""
+    x = values.reshape(tuple(reversed(ne)))
+    if name.rsplit(".", 1)[-1] in ("q", "k", "v"):
+        if ne[2] == 1 or ne[3] != 1:  # the 2-D projection output (width, T), not yet in heads
+            return None
+        x = x[0].transpose(1, 0, 2)  # (T, heads, D) -> (heads, T, D)
+        if not name.endswith(".v"):
+            x = np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)  # adjacent pairs -> rotate-half order
+        return x
+    if ne[2] != 1 or ne[3] != 1:
+        return None
+    return x[0, 0]  # (T, width)
+
+
+def llamacpp_trace(path: str, ids: list[int], dtype: str = "as stored", kv_cache: str = "f16",
+                   flash_attention: bool | None = None, threads: int = 2) -> tuple[Trace, dict]:
+    """llama.cpp through llama-cpp-python's low-level API: one batch of every id with logits for each, and every
+    ggml node whose name maps to ours (`llamacpp_name`) read back in the scheduler's eval callback (`cb_eval`,
+    which llama_cpp.Llama does not pass on). llama.cpp computes in its own types, which is what the trace shows:
+    activations quantized to q8_1 for a Q8_0 matmul, the KV cache in `kv_cache` ("f16", llama.cpp's default, or
+    "f32"), and flash attention where `flash_attention` says (None: llama.cpp's default, "auto")."""
     import ctypes
 
     import llama_cpp
@@ -176,49 +215,66 @@ def llamacpp_trace(path: str, ids: list[int], dtype: str = "as stored") -> tuple
     ggml.ggml_is_contiguous.restype = ctypes.c_bool
     ggml.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    F32, F16 = 0, 1  # enum ggml_type
-
-    def ours(name: str) -> str | None:
-        if name in LLAMACPP_GLOBAL:
-            return LLAMACPP_GLOBAL[name]
-        base, _, layer = name.rpartition("-")
-        return f"layers.{layer}.{LLAMACPP_NAMES[base]}" if base in LLAMACPP_NAMES and layer.isdigit() else None
-
+    element = {0: np.float32, 1: np.float16}  # enum ggml_type: F32, F16
+    kv_types = {"f16": 1, "f32": 0}
+    if kv_cache not in kv_types:
+        raise InputError(f"kv_cache must be one of {', '.join(kv_types)}, not {kv_cache!r}")
     found: Trace = {}
 
     def callback(tensor, ask, _user):
-        name = ours(ggml.ggml_get_name(tensor).decode(errors="replace"))
+        name = llamacpp_name(ggml.ggml_get_name(tensor).decode(errors="replace"))
         if ask or name is None:
             return name is not None
         kind = ctypes.c_int.from_address(tensor).value
-        ne = list((ctypes.c_int64 * 4).from_address(tensor + 16))  # ggml_tensor: type, buffer, ne[4], nb[4], ...
-        if kind not in (F32, F16) or not ggml.ggml_is_contiguous(tensor):
+        ne = tuple((ctypes.c_int64 * 4).from_address(tensor + 16))  # ggml_tensor: type, buffer, ne[4], nb[4], ...
+        if kind not in element or not ggml.ggml_is_contiguous(tensor):
             return True
         buf = np.empty(ggml.ggml_nbytes(tensor), dtype=np.uint8)
         ggml.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, buf.size)
-        value = buf.view(np.float32 if kind == F32 else np.float16).astype(np.float64)
-        found[name] = value.reshape(ne[::-1]).squeeze(axis=(0,)) if ne[3] == 1 else value.reshape(ne[::-1])
+        value = from_ggml(name, buf.view(element[kind]).astype(np.float64), ne)
+        if value is not None:
+            found[name] = value
         return True
 
+    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+    def quiet(_level, _text, _user):  # llama.cpp logs to stderr by default
+        pass
+
     c_callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(len(ids), 8), n_batch=max(len(ids), 8),
-                          n_ubatch=max(len(ids), 8), logits_all=True, verbose=False, n_threads=2,
-                          cb_eval=c_callback)
+    llama_cpp.llama_log_set(quiet, None)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise InputError(f"llama.cpp could not load {path}")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = max(len(ids), 8)
+    params.n_threads = params.n_threads_batch = threads
+    params.type_k = params.type_v = kv_types[kv_cache]
+    if flash_attention is not None:
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.cb_eval, params.cb_eval_user_data = c_callback, None
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
     try:
-        llm.eval(ids)
+        if not ctx:
+            raise InputError(f"llama.cpp could not make a context for {path}")
+        for i, token in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(ids)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise InputError(f"llama.cpp could not evaluate the ids on {path}")
+        layers = llama_cpp.llama_model_n_layer(model)
     finally:
-        llm.close()
-    # q, k, v arrive as (T, heads, D) (ggml ne = [D, heads, T]); the rest as (T, width).
-    for name in list(found):
-        if name.rsplit(".", 1)[-1] in ("q", "k", "v") and found[name].ndim == 3:
-            found[name] = found[name].transpose(1, 0, 2)
-    layers = 1 + max((int(n.split(".")[1]) for n in found if n.startswith("layers.")), default=-1)
-    for i in range(layers):
-        previous = found.get("embeddings") if i == 0 else found.get(f"layers.{i - 1}.residual")
-        if previous is not None and f"layers.{i}.residual_attention" in found:
-            found[f"layers.{i}.attention_output"] = found[f"layers.{i}.residual_attention"] - previous
-    return _ordered(found, layers), {"engine": "llama.cpp (llama-cpp-python)", "version": _version(
-        "llama-cpp-python"), "dtype": dtype}
+        llama_cpp.llama_batch_free(batch)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return _ordered(found, layers), {
+        "engine": "llama.cpp (llama-cpp-python)", "version": _version("llama-cpp-python"), "dtype": dtype,
+        "kv_cache": kv_cache, "flash_attention": "auto" if flash_attention is None else flash_attention,
+        "missing": [name for name in trace_names(layers) if name not in found]}
 
 
 ENGINES = {"hf": hf_trace, "llamacpp": llamacpp_trace, "mlx-lm": mlx_lm_trace}

@@ -1,11 +1,14 @@
 """How close an engine must come to the golden files (transformers' logits, golden/ and tests/fixtures/quant/):
-one set of bounds for every backend, and the checks that apply them.
+one set of bounds for every backend, the checks that apply them, and which model fixtures there are.
 
 Measured figures behind each bound are in tests/test_golden.py, tests/test_quant_fixtures.py,
 tests/test_smollm2.py and each backend's docs.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -63,3 +66,21 @@ def reference_key(g: dict[str, np.ndarray], prompt: str) -> str:
     """The key of a quantized fixture's golden (`g`) that a float32 engine must match tightly: the exact-dequant
     reference where HF's own route was inexact, else HF's logits."""
     return f"logits_{prompt}_f32dequant" if f"logits_{prompt}_f32dequant" in g else f"logits_{prompt}"
+
+
+def checkout_golden_dir() -> Path | None:
+    """The golden/ folder of the refllama checkout this package runs from (an editable install), or None."""
+    candidate = Path(__file__).resolve().parent.parent.parent / "golden"
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+def golden_fixture_names(directory: str | Path | None = None) -> list[str]:
+    """The model fixtures a golden directory's manifest.json records, each a checkpoint with its golden .npz of the
+    same name (sampling, chat-template and SmolLM2 files are not among them). A plain function, so that a test
+    module can parametrise over it at import: `@pytest.mark.parametrize("name", golden_fixture_names())`.
+    `directory` defaults to the refllama checkout's golden/; without one, or without a manifest, the list is empty."""
+    directory = checkout_golden_dir() if directory is None else Path(directory)
+    manifest = None if directory is None else directory / "manifest.json"
+    if manifest is None or not manifest.is_file():
+        return []
+    return sorted(json.loads(manifest.read_text(encoding="utf-8")).get("fixtures", {}))

@@ -31,8 +31,9 @@ import pytest
 
 from refllama.backends import backend_class, installed, names
 from refllama.dtypes import DataType
-from refllama.errors import CheckpointError
-from refllama.testing.compare import Report, assert_logits_close
+from refllama.errors import BackendError, CheckpointError
+from refllama.testing.comparison import Report, assert_logits_close
+from refllama.testing.golden import checkout_golden_dir, golden_fixture_names
 
 DEFAULT_DTYPES = ("float32", "float64")
 # The tolerance profile (refllama.testing.PROFILES) for a candidate computing in this dtype against the float64
@@ -185,7 +186,7 @@ class GoldenFiles:
     @property
     def fixtures(self) -> list[str]:
         """The golden files whose checkpoint the manifest records (`checkpoint(name)`)."""
-        return sorted(self.manifest.get("fixtures", {}))
+        return golden_fixture_names(self.dir)
 
     @cached_property
     def quant_fixtures(self) -> list[str]:
@@ -227,13 +228,6 @@ class GoldenFiles:
         return f"<refllama_golden {self.dir}>"
 
 
-def _checkout_golden_dir() -> Path | None:
-    import refllama
-
-    candidate = Path(refllama.__file__).resolve().parent.parent / "golden"
-    return candidate if (candidate / "manifest.json").is_file() else None
-
-
 def golden_dir(config: pytest.Config) -> Path | None:
     """--refllama-golden-dir (relative to where pytest was started), else the ini option (relative to the ini
     file), else a refllama checkout's golden/ folder; None when there is none of these."""
@@ -244,7 +238,7 @@ def golden_dir(config: pytest.Config) -> Path | None:
     if ini:
         base = config.inipath.parent if config.inipath else config.rootpath
         return (base / ini).resolve()
-    return _checkout_golden_dir()
+    return checkout_golden_dir()
 
 
 def _listed(config: pytest.Config, name: str) -> list[str] | None:
@@ -324,6 +318,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 available["mlx"] = mlx_available()
             if not available["mlx"]:
                 item.add_marker(pytest.mark.skip(reason="mlx not installed"))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A refllama_engine parameter a test pinned itself gets its backend's marker, as generated ones do (before -m
+    selects); one whose backend is registered but does not import here (mlx not installed, say) is skipped with the
+    import error."""
+    param = getattr(getattr(item, "callspec", None), "params", {}).get("refllama_engine")
+    if param is None or isinstance(param, EngineSpec):
+        return
+    try:
+        spec = _as_spec(param)
+    except (ValueError, TypeError):
+        return  # a malformed pin: the fixture's own error reports it
+    if spec.backend not in names():
+        return  # an unknown name is a usage error, not a skip: the fixture raises it
+    try:
+        marks = backend_marks(spec.backend)
+    except BackendError as e:
+        item.add_marker(pytest.mark.skip(reason=f"{spec.id}: {e}"))
+        return
+    for mark in marks:
+        item.add_marker(mark)
 
 
 def _as_spec(param: EngineSpec | tuple[str, str] | str) -> EngineSpec:
