@@ -109,7 +109,7 @@ def test_markdown_prints_each_target_met_or_not():
     r["rows"]["refllama numba f32"].update(time_to_first_token_s=0.2, load_s=1.0, rss_loaded_mb=100,
                                            rss_peak_mb=200, rss_base_mb=50, weight_bytes_per_token=500_000_000)
     for name, seconds in (("refllama numba f32", 5.0), ("HF torch f32", 6.0)):
-        r["scoring"][name].update(seconds=[seconds], shapes=[[256, 49152]], complete=True)
+        r["scoring"][name].update(seconds=[seconds], shapes=[[256, 49152]], complete=True, how="per prompt")
     r["rows"] = {"refllama numba f32": r["rows"]["refllama numba f32"]}
     r["bounds"] = bench.bounds(r["rows"], 30.0)
     r["ratios"], r["targets"] = bench.ratios(r["rows"], r["scoring"]), bench.targets(r)
@@ -117,7 +117,7 @@ def test_markdown_prints_each_target_met_or_not():
     text = bench.markdown(r)
     assert "| refllama numba f32 | 600 | 50.0 | 500 | 60.0 | 83% |" in text
     assert "| refllama numba f32 decode >= 85% of its memory bound | 83% | not met |" in text
-    assert "| refllama numba f32 | 800 | 5.00 | 256x49152 | yes |  | 1.33x |  |" in text
+    assert "| refllama numba f32 (per prompt) | 800 | 5.00 | 256x49152 | yes |  | 1.33x |  |" in text
     assert "| refllama numba f32 | 50.0 | 25.0 | 50% |" in text
     assert "before 30.0 GB/s, after 28.0 GB/s" in text
 
