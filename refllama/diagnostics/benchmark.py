@@ -125,8 +125,8 @@ def _status_kb(key: str) -> int:
 def streamed_weight_bytes(engine: Any) -> int:
     """Bytes of weights one decode step reads: every Linear's stored arrays (codes, scales, blocks) and the lm_head
     (the embedding table when tied). The embedding rows a step looks up (hidden x 4 bytes a token) and the norm
-    vectors are left out: under 0.1% of SmolLM2-135M's. An MoE layer counts its router, its shared expert and
-    top_k / num_experts of its experts (the expected share of a step)."""
+    vectors are left out: under 0.2% of SmolLM2-135M's bytes in any of its formats. An MoE layer counts its
+    router, its shared expert and top_k / num_experts of its experts (the expected share of a step)."""
     model = engine.model
     total = _linear_bytes(model.lm_head)
     for layer in model.weights.layers:
@@ -174,7 +174,7 @@ def read_bandwidth(threads: int, passes: int = 5, buffer_mib: int | None = None)
         start = time.perf_counter()
         total = kernel(data, chunks).sum()
         seconds.append(time.perf_counter() - start)
-        if total != data.size:  # ones sum exactly in float64: a short pass would show here
+        if total != data.size:  # ones sum exactly: a pass that skipped data would show here
             raise RuntimeError(f"the bandwidth kernel summed {total}, not {data.size}")
     return {"gb_per_s": data.nbytes / min(seconds) / 1e9, "buffer_mib": buffer_mib, "threads": numba.get_num_threads(),
             "passes": passes, "gb_per_s_each": [data.nbytes / s / 1e9 for s in seconds]}
