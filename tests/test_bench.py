@@ -72,7 +72,8 @@ def report() -> dict:
             "HF torch f32": {"prefill_tokens_per_s": 700.0, "decode_tokens_per_s": 20.0}}
     scoring = {"refllama numba f32": {"tokens_per_s": 800.0, "valid": False}, "HF torch f32": {"tokens_per_s": 600.0}}
     return {"rows": rows, "scoring": scoring, "bounds": {"refllama numba f32": {"fraction": 0.9}},
-            "busy": {"refllama numba Q8_0": {"kept": 0.3}}}
+            "busy": {"refllama numba Q8_0": {"kept": 0.3}},
+            "q4_1_rss": {"peak_minus_base_mb": 180, "bound_mb": 133, "file_mb": 94, "kv_mb": 11, "met": False}}
 
 
 def test_targets_compare_each_figure_with_its_minimum():
@@ -86,6 +87,7 @@ def test_targets_compare_each_figure_with_its_minimum():
     assert found[("refllama numba f32", "bound", None)]["met"] is True  # 90% >= 85%
     assert found[("refllama numba Q8_0", "busy", None)]["met"] is False  # 30% < 40%
     assert found[("refllama numba f32", "scoring", "HF torch f32")]["met"] is False  # faster, but wrong logits
+    assert found[("refllama numba Q4_1", "rss", None)]["met"] is False  # grew 180 MiB against 133
     missing = found[("refllama numba Q4_1", "decode", "llama.cpp Q4_1")]
     assert missing["ratio"] is None and missing["met"] is None
 
@@ -113,12 +115,15 @@ def test_markdown_prints_each_target_met_or_not():
     r["rows"] = {"refllama numba f32": r["rows"]["refllama numba f32"]}
     r["bounds"] = bench.bounds(r["rows"], 30.0)
     r["ratios"], r["targets"] = bench.ratios(r["rows"], r["scoring"]), bench.targets(r)
-    r["busy"] = {"refllama numba f32": {"quiet": 50.0, "busy": 25.0, "kept": 0.5}}
+    r["busy"] = {"refllama numba f32": {"quiet": 50.0, "busy": 25.0, "kept": 0.5, "quiet_ttft_s": 0.2,
+                                        "busy_ttft_s": 0.5}}
     text = bench.markdown(r)
     assert "| refllama numba f32 | 600 | 50.0 | 500 | 60.0 | 83% |" in text
     assert "| refllama numba f32 decode >= 85% of its memory bound | 83% | not met |" in text
     assert "| refllama numba f32 (per prompt) | 800 | 5.00 | 256x49152 | yes |  | 1.33x |  |" in text
-    assert "| refllama numba f32 | 50.0 | 25.0 | 50% |" in text
+    assert "| refllama numba f32 | 50.0 | 25.0 | 50% | 200 | 500 |" in text
+    assert "| refllama numba Q4_1 peak RSS over the baseline <= 1.3 x file + KV cache | the bound is 0.74x the " \
+        "growth | not met |" in text
     assert "before 30.0 GB/s, after 28.0 GB/s" in text
 
 
