@@ -160,3 +160,14 @@ def test_read_bandwidth_sums_the_whole_buffer():
     result = benchmark.read_bandwidth(1, passes=2, buffer_mib=8)
     assert result["buffer_mib"] == 8 and len(result["gb_per_s_each"]) == 2
     assert result["gb_per_s"] == max(result["gb_per_s_each"]) > 0
+
+
+def test_the_scoring_child_keeps_every_position_and_saves_the_first_prompt(tmp_path):
+    prompts = bench.scoring_prompts(list(range(1, 60)), 3, 12)
+    spec = {"task": "score", "engine": "refllama", "backend": "numpy", "path": str(FIXTURES / "llama32"),
+            "prompts": prompts, "reps": 2, "threads": 1, "save": str(tmp_path / "first.npy")}
+    result = bench.child(spec)
+    assert result["complete"] and result["shapes"] == [(12, 64)] and result["tokens"] == 36
+    assert len(result["seconds"]) == 2 and result["tokens_per_s"] > 0
+    engine = refllama.load(FIXTURES / "llama32", backend="numpy", dtype="float32")
+    np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), engine.logits(np.array(prompts[0])))
