@@ -1,5 +1,6 @@
 """Throughput of a loaded engine: prefill and decode tokens/s, time to first token, peak RSS, and where one decode
-step spends its time. `refllama bench` and tools/bench.py (which adds llama.cpp and HF transformers) use it.
+step spends its time; the machine's read bandwidth and the weight bytes a decode step streams, whose ratio bounds
+decode tokens/s. `refllama bench` and tools/bench.py (which adds llama.cpp and HF transformers) use it.
 
 One repetition is what `generate_ids` does, timed: a prefill forward of the prompt, argmax (the first new token,
 so its end is the time to first token), then `new_tokens - 1` decode forwards, greedy, not stopping at eos.
@@ -9,6 +10,8 @@ the median over the repetitions, after one short untimed run that loads (or comp
 
 from __future__ import annotations
 
+import functools
+import os
 import resource
 import statistics
 import time
@@ -21,7 +24,7 @@ import numpy as np
 
 from refllama.errors import InputError
 from refllama.generation.decode import forward_steps, greedy
-from refllama.model.weights import MoEWeights
+from refllama.model.weights import Linear, MoEWeights, map_arrays
 
 # An English paragraph for prompts, tokenized and cut (or repeated) to the prompt length.
 PROMPT_TEXT = (
@@ -115,6 +118,89 @@ def _status_kb(key: str) -> int:
         if line.startswith(key):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+# --- the memory bound of decode ------------------------------------------------------------------------------
+
+def streamed_weight_bytes(engine: Any) -> int:
+    """Bytes of weights one decode step reads: every Linear's stored arrays (codes, scales, blocks) and the lm_head
+    (the embedding table when tied). The embedding rows a step looks up (hidden x 4 bytes a token) and the norm
+    vectors are left out: under 0.2% of SmolLM2-135M's bytes in any of its formats. An MoE layer counts its
+    router, its shared expert and top_k / num_experts of its experts (the expected share of a step)."""
+    model = engine.model
+    total = _linear_bytes(model.lm_head)
+    for layer in model.weights.layers:
+        if layer is None:
+            continue
+        total += sum(_linear_bytes(lin) for lin in vars(layer.self_attention).values())
+        mlp = layer.mlp
+        if isinstance(mlp, MoEWeights):
+            experts = sum(_linear_bytes(lin) for expert in mlp.experts for lin in vars(expert).values())
+            total += _linear_bytes(mlp.router) + experts * engine.config.moe.top_k // len(mlp.experts)
+            if mlp.shared_expert is not None:
+                total += sum(_linear_bytes(lin) for lin in vars(mlp.shared_expert).values())
+        else:
+            total += sum(_linear_bytes(lin) for lin in vars(mlp).values())
+    return total
+
+
+def _linear_bytes(linear: Linear) -> int:
+    sizes: list[int] = []
+    map_arrays(linear, lambda array: sizes.append(int(array.nbytes)) or array)
+    return sum(sizes)
+
+
+def bound_tokens_per_s(bandwidth_gb_s: float, bytes_per_token: int) -> float:
+    """The decode tokens/s a step could reach if it did nothing but stream its weights at `bandwidth_gb_s`."""
+    return bandwidth_gb_s * 1e9 / bytes_per_token
+
+
+def read_bandwidth(threads: int, passes: int = 5, buffer_mib: int | None = None) -> dict[str, Any]:
+    """The best read bandwidth (GB/s, 1e9 bytes) of `passes` parallel float32 sums with `threads` Numba threads
+    over a buffer several times the last-level cache (8x it, at least 256 MiB), so every pass comes from memory:
+    the pace a decode matvec streams its weights at, with the same threads."""
+    import numba  # the bench's backend; refllama itself does not need it
+
+    if buffer_mib is None:
+        llc = os.sysconf("SC_LEVEL3_CACHE_SIZE") if "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names else 0
+        buffer_mib = max(256, 8 * max(llc, 0) // 2**20)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    data = np.ones(buffer_mib * 2**20 // 4, np.float32)  # written once, so its pages are resident
+    kernel = _parallel_sum()
+    kernel(data[: 1 << 16], 4 * threads)  # compile outside the timing
+    chunks = max(16 * threads, -(-data.size // 2**22))  # each float32 sum of ones stays exact (< 2**24)
+    seconds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        total = kernel(data, chunks).sum()
+        seconds.append(time.perf_counter() - start)
+        if total != data.size:  # ones sum exactly: a pass that skipped data would show here
+            raise RuntimeError(f"the bandwidth kernel summed {total}, not {data.size}")
+    return {"gb_per_s": data.nbytes / min(seconds) / 1e9, "buffer_mib": buffer_mib, "threads": numba.get_num_threads(),
+            "passes": passes, "gb_per_s_each": [data.nbytes / s / 1e9 for s in seconds]}
+
+
+@functools.cache
+def _parallel_sum() -> Any:
+    """A Numba kernel: the float32 sum of each of `chunks` contiguous slices of `data`, in parallel."""
+    import numba
+
+    @numba.njit(fastmath={"reassoc", "contract"})
+    def chunk_sum(view: np.ndarray) -> float:  # serial: an array expression in a parallel loop is a region of its own
+        acc = np.float32(0.0)  # float32 lanes, as the f32 matvecs read; reassoc lets LLVM vectorise the sum
+        for k in range(view.shape[0]):
+            acc += view[k]
+        return acc
+
+    @numba.njit(parallel=True)
+    def parallel_sum(data: np.ndarray, chunks: int) -> np.ndarray:
+        size = -(-data.size // chunks)
+        sums = np.empty(chunks, np.float64)  # (chunks,)
+        for c in numba.prange(chunks):
+            sums[c] = chunk_sum(data[c * size:(c + 1) * size])
+        return sums
+
+    return parallel_sum
 
 
 # --- where a decode step goes ----------------------------------------------------------------------------------
