@@ -4,15 +4,18 @@
                           [--out bench-results] [--work ~/.cache/refllama/bench] [--rows NAME,...]
 
 Rows (each in a fresh process, with every thread pool set to --threads): refllama numpy f32, numba f32, numba
-W8A8 (compressed-tensors), numba Q8_0 and Q4_1 (GGUF); llama.cpp (llama-cpp-python) f32, q8_0 and Q4_1 on the same
-GGUF files; HF transformers torch f32. A peer that is not installed is skipped with a message (`pip install -e
-".[bench]"` in the checkout installs them). Every engine gets the same prompt token ids and decodes greedily without
-stopping at eos. Figures are medians over --reps repetitions (refllama/diagnostics/benchmark.py says what one is).
+W8A8 (compressed-tensors, int8 and float32 lm_head), numba Q8_0 and Q4_1 (GGUF); llama.cpp (llama-cpp-python) f32,
+q8_0 and Q4_1 on the same GGUF files; HF transformers torch f32. A peer that is not installed is skipped with a
+message (`pip install -e ".[bench]"` in the checkout installs them). Every engine gets the same prompt token ids and
+decodes greedily without stopping at eos. Figures are medians over --reps repetitions
+(refllama/diagnostics/benchmark.py says what one is).
 
 The model files are made once in --work from the Q4_1 GGUF (the installed default model): an F32 GGUF (its
 weights dequantized, exactly) and a Q8_0 GGUF of those (gguf-py's quantizer, as llama.cpp's), both with the gguf
-package; and a compressed-tensors W8A8 folder (tools/make_quant_golden.py: int8 per-channel weights, dynamic
-per-token int8 activations, lm_head float32). So every row runs the same network.
+package; and two compressed-tensors W8A8 folders (tools/make_quant_golden.py: int8 per-channel weights, dynamic
+per-token int8 activations): the "W8A8" row's with lm_head int8 too (`ignore: []`, an int8 copy of the tied
+table), like llama.cpp q8_0's output matrix, and the "W8A8 (float lm_head)" row's with lm_head float32
+(compressed-tensors' default). So every row runs the same network.
 
 Also measured: the numba kernels' JIT time cold (empty cache directory) and warm (loaded from it), and where one
 decode step spends its time (refllama.diagnostics.benchmark.decode_profile). Output: a markdown table on stdout and in
@@ -40,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS: dict[str, tuple[str, str, str, str | None]] = {
     "refllama numpy f32": ("refllama", "f32", "f32", "numpy"),
     "refllama numba f32": ("refllama", "f32", "f32", "numba"),
-    "refllama numba W8A8": ("refllama", "q8", "w8a8", "numba"),
+    "refllama numba W8A8": ("refllama", "q8", "w8a8", "numba"),  # int8 lm_head, as llama.cpp q8_0's output
+    "refllama numba W8A8 (float lm_head)": ("refllama", "q8", "w8a8_float_head", "numba"),
     "refllama numba Q8_0": ("refllama", "q8", "q8_0", "numba"),
     "refllama numba Q4_1": ("refllama", "q4", "q4_1", "numba"),
     # MLX on Linux is the mlx[cpu] wheel (reference BLAS, one thread): a correctness backend here, Metal on a Mac
@@ -68,20 +72,22 @@ TARGETS = [
 # --- model files ---------------------------------------------------------------------------------------------------
 
 def make_models(q4_1: Path, work: Path) -> dict[str, Path]:
-    """The Q4_1 GGUF plus F32 and Q8_0 GGUFs of the same weights and a W8A8 folder, made once in `work`."""
+    """The Q4_1 GGUF plus F32 and Q8_0 GGUFs of the same weights and the W8A8 folders (int8 and float32 lm_head),
+    made once in `work`."""
     work.mkdir(parents=True, exist_ok=True)
     files = {"q4_1": q4_1, "f32": work / f"{q4_1.stem}.F32.gguf", "q8_0": work / f"{q4_1.stem}.Q8_0.gguf",
-             "w8a8": work / f"{q4_1.stem}.W8A8"}
+             "w8a8": work / f"{q4_1.stem}.W8A8-int8-head", "w8a8_float_head": work / f"{q4_1.stem}.W8A8"}
     for kind in ("f32", "q8_0"):
         if not files[kind].exists():
             print(f"making {files[kind]} ...", file=sys.stderr)
             _requantize_gguf(q4_1, files[kind], kind)
-    if not (files["w8a8"] / "config.json").exists():
-        print(f"making {files['w8a8']} ...", file=sys.stderr)
-        sys.path.insert(0, str(ROOT / "tools"))
-        import make_quant_golden
+    for kind in ("w8a8", "w8a8_float_head"):
+        if not (files[kind] / "config.json").exists():
+            print(f"making {files[kind]} ...", file=sys.stderr)
+            sys.path.insert(0, str(ROOT / "tools"))
+            import make_quant_golden
 
-        make_quant_golden.write_refllama(files["w8a8"])
+            make_quant_golden.write_refllama(files[kind], int8_head=kind == "w8a8")
     return files
 
 
@@ -405,7 +411,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "refllama" / "bench",
-                        help="where the F32/Q8_0 GGUFs and the W8A8 folder are made once")
+                        help="where the F32/Q8_0 GGUFs and the W8A8 folders are made once")
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--profile", default="refllama numba Q4_1,refllama numba W8A8,refllama numba f32",
                         help="rows whose decode step is profiled by operation")
