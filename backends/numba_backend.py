@@ -12,11 +12,12 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels. Other
   gated activations (GELU, ReLU) are the numpy backend's.
 
-Threads: REFLLAMA_NUM_THREADS (default 2). The backend calls no BLAS: OpenBLAS's worker threads spin for a
-while after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores
-made prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user
-directory (numba_kernels.cache_dir()): the first process compiles them (about 10 s on two cores), later ones
-load them in a fraction of a second.
+Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
+or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS. The backend calls no BLAS:
+OpenBLAS's worker threads spin for a while after each call, and so do OpenMP's (Numba's threading layer), so
+interleaving the two pools on two cores made prefill 10x slower; one pool of Numba threads does everything.
+Compiled kernels are cached in a user directory (numba_kernels.cache_dir()): the first process compiles them
+(about 10 s on two cores), later ones load them in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -42,12 +43,22 @@ from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SMALL_BATCH = 8  # up to this many tokens: fused matvec for Q4_0/Q4_1/Q8_0 blocks, the int8 kernel for W8A8
-DEFAULT_THREADS = 2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), or the machine's count where there is no mask."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def thread_count() -> int:
-    """REFLLAMA_NUM_THREADS (default 2), capped at the threads Numba started with (NUMBA_NUM_THREADS, the cores)."""
-    text = os.environ.get("REFLLAMA_NUM_THREADS", str(DEFAULT_THREADS))
+    """REFLLAMA_NUM_THREADS (default: usable_cpus()), capped at the threads Numba started with (NUMBA_NUM_THREADS,
+    the cores); only an explicit setting above that cap warns."""
+    text = os.environ.get("REFLLAMA_NUM_THREADS")
+    if text is None:
+        return min(usable_cpus(), kernels.numba.config.NUMBA_NUM_THREADS)
     try:
         wanted = int(text)
     except ValueError:

@@ -9,6 +9,7 @@ float32: 2e-4 (tests/test_smollm2.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,10 @@ def test_thread_count_from_the_environment(monkeypatch):
     monkeypatch.setenv("REFLLAMA_NUM_THREADS", "1")
     assert numba_backend.thread_count() == 1
     monkeypatch.delenv("REFLLAMA_NUM_THREADS")
-    assert numba_backend.thread_count() == min(2, numba_kernels.numba.config.NUMBA_NUM_THREADS)
+    cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
+    assert numba_backend.thread_count() == min(len(os.sched_getaffinity(0)), cap)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # e.g. `taskset -c 0`: one CPU to run on
+    assert numba_backend.thread_count() == 1
     for bad in ("0", "two"):
         monkeypatch.setenv("REFLLAMA_NUM_THREADS", bad)
         with pytest.raises(BackendError, match="REFLLAMA_NUM_THREADS"):
