@@ -212,10 +212,15 @@ def _spinner(args: argparse.Namespace, message: str) -> Iterator[Callable[[], No
 
     live = Live(Spinner("dots", text=message), console=Console(stderr=True), transient=True, refresh_per_second=8)
     live.start(refresh=True)  # drawn now, before the work it describes
+    progress = sys.modules.get("refllama.backends.numba_progress")  # loaded with the numba backend
+    previous = progress.set_reporter(lambda done, name: live.update(Spinner(
+        "dots", text=f"{message} [{progress.MESSAGE}: {done} done, now {name}]"))) if progress else None
     try:
         yield live.stop
     finally:
         live.stop()
+        if progress:
+            progress.set_reporter(previous)
 
 
 def _load(args: argparse.Namespace):

@@ -117,6 +117,39 @@ def test_compiled_kernels_are_cached_outside_the_sources():
     assert sources != cache and sources not in cache.parents
 
 
+def test_compiling_shows_a_status_and_the_cached_run_does_not(tmp_path):
+    """A compile (empty cache) says so on stderr, once, in plain text when stderr is not a terminal; a second
+    process that loads the kernel from the cache says nothing. (~5 s: one small kernel compiled.)"""
+    script = ("import numpy as np\n"
+              "from refllama.backends import numba_kernels as k, numba_progress\n"
+              "x = np.ones((2, 8), np.float32)\n"
+              "k.silu_mul(x, x, np.empty_like(x))\n"
+              "print(numba_progress.compiled_count())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "REFLLAMA_QUIET")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+            for _ in range(2)]
+    assert runs[0].stdout.split() == ["1"] and runs[0].stderr.count("compiling kernels (first run only)") == 1
+    assert runs[1].stdout.split() == ["0"] and "compiling" not in runs[1].stderr
+
+
+def test_compile_reports_go_to_a_front_ends_reporter():
+    from numba.core import event
+
+    from refllama.backends import numba_progress
+
+    reports = []
+    previous = numba_progress.set_reporter(lambda done, name: reports.append((done, name)))
+    try:
+        before = numba_progress.compiled_count()
+        data = {"dispatcher": numba_kernels.rms_norm}
+        for status in (event.EventStatus.START, event.EventStatus.END):
+            event.broadcast(event.Event("numba:compile", status, data=data))
+    finally:
+        numba_progress.set_reporter(previous)
+    assert reports == [(before, "rms_norm")] and numba_progress.compiled_count() == before + 1
+
+
 # ---------------------------------------------------------------- SmolLM2 from its Q4_1 GGUF, read as blocks
 
 
