@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from refllama.errors import InputError, TokenizerError, brief
 from refllama.formats import spm_proto
 from refllama.formats.files import ModelFolder, open_regular, parse_json, read_bytes
-from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf import GGUFFile, GGUFStrings
 from refllama.formats.spm_proto import PieceType
 
 
@@ -669,6 +669,8 @@ _GGUF_PRE: dict[str, _PreTokenizer] = {
 
 def _gguf_vocab(metadata: Mapping[str, Any], source: str | Path | None) -> tuple[list[str], np.ndarray]:
     tokens = metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, GGUFStrings):  # decoded once here, for the library (which keeps its own copy)
+        tokens = list(tokens)
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError("tokenizer.ggml.tokens is missing or not a list of strings", source)
     types = metadata.get("tokenizer.ggml.token_type")
@@ -774,7 +776,7 @@ def hf_tokenizer_from_gguf(metadata: Mapping[str, Any], source: str | Path | Non
     if len(vocab) != len(tokens):
         raise TokenizerError("tokenizer.ggml.tokens has duplicate entries", source)
     merges = metadata.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    if not (isinstance(merges, GGUFStrings) or (isinstance(merges, list) and all(isinstance(m, str) for m in merges))):
         raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings (a 'gpt2' vocabulary "
                              "needs it)", source)
     pairs = []
