@@ -53,6 +53,17 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def threads_for_load(configured: int, current: int, load: float, cpus: int) -> int:
+    """The threads a forward pass runs on when REFLLAMA_NUM_THREADS is not set: `configured`, or 1 while other work
+    keeps the CPUs busy (1-minute load average >= cpus + 1). Every parallel kernel ends in a barrier, so on an
+    oversubscribed machine each of a decode step's ~200 kernels waits for a descheduled thread: measured on 2 CPUs
+    at load 9-11, SmolLM2 Q4_1 decoded at 0.7-4.3 tok/s on 2 threads and 13.5-41.7 on 1 (docs/numba.md). Our own
+    busy threads count in the load, so the way back to `configured` waits until it falls to cpus - 0.5."""
+    if configured == 1 or load >= cpus + 1:
+        return 1
+    return 1 if current == 1 and load > cpus - 0.5 else configured
+
+
 def thread_count() -> int:
     """REFLLAMA_NUM_THREADS (default: usable_cpus()), capped at the threads Numba started with (NUMBA_NUM_THREADS,
     the cores); only an explicit setting above that cap warns."""
@@ -111,8 +122,21 @@ class NumbaBackend(NumpyBackend):
                                "(the numpy backend computes in float64)")
         super().__init__(dtype)
         self.threads = thread_count()
+        self.adaptive = "REFLLAMA_NUM_THREADS" not in os.environ  # an explicit count is used as it is
+        self._threads_now = self.threads
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def forward_threads(self) -> int:
+        """The threads of the forward pass starting now (`threads_for_load`, unless set explicitly)."""
+        if self.adaptive:
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):  # no load average (Windows)
+                return self.threads
+            self._threads_now = threads_for_load(self.threads, self._threads_now, load, usable_cpus())
+            return self._threads_now
+        return self.threads
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         """As the numpy backend, except that bfloat16 matrices (Linear weights, the embedding table, 2-D scales)
@@ -127,7 +151,7 @@ class NumbaBackend(NumpyBackend):
 
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
         # Every forward pass starts here: Numba's thread count is per calling thread, so set it for this one.
-        kernels.numba.set_num_threads(self.threads)
+        kernels.numba.set_num_threads(self.forward_threads())
         if isinstance(table, GGUFBlockWeight):  # dequantize just the rows asked for (exact)
             blocks = self._blocks(table)
             rows = np.ascontiguousarray(ids, dtype=np.intp).reshape(-1)

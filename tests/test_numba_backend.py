@@ -110,6 +110,23 @@ def test_thread_count_from_the_environment(monkeypatch):
             numba_backend.thread_count()
 
 
+def test_fewer_threads_while_other_work_keeps_the_cpus_busy(monkeypatch):
+    from refllama.backends.numba_backend import threads_for_load
+
+    assert threads_for_load(2, 2, 1.9, cpus=2) == 2  # our own two busy threads: a quiet machine
+    assert threads_for_load(2, 2, 3.0, cpus=2) == 1  # one more busy process than CPUs
+    assert threads_for_load(2, 1, 2.0, cpus=2) == 1  # still busy: stay on one thread
+    assert threads_for_load(2, 1, 1.4, cpus=2) == 2  # quiet again
+    assert threads_for_load(1, 1, 0.0, cpus=2) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.delenv("REFLLAMA_NUM_THREADS", raising=False)
+    backend = get_backend("numba")
+    assert backend.forward_threads() == 1
+    monkeypatch.setenv("REFLLAMA_NUM_THREADS", "2")
+    cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
+    assert get_backend("numba").forward_threads() == min(2, cap)  # an explicit count is kept whatever the load
+
+
 def test_compiled_kernels_are_cached_outside_the_sources():
     cache = Path(numba_kernels.numba.config.CACHE_DIR).resolve()
     sources = Path(numba_kernels.__file__).resolve().parent
