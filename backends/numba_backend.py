@@ -12,11 +12,12 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels. Other
   gated activations (GELU, ReLU) are the numpy backend's.
 
-Threads: REFLLAMA_NUM_THREADS (default 2). The backend calls no BLAS: OpenBLAS's worker threads spin for a
-while after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores
-made prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user
-directory (numba_kernels.cache_dir()): the first process compiles them (about 10 s on two cores), later ones
-load them in a fraction of a second.
+Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
+or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS. The backend calls no BLAS:
+OpenBLAS's worker threads spin for a while after each call, and so do OpenMP's (Numba's threading layer), so
+interleaving the two pools on two cores made prefill 10x slower; one pool of Numba threads does everything.
+Compiled kernels are cached in a user directory (numba_kernels.cache_dir()): the first process compiles them
+(about 10 s on two cores), later ones load them in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -42,12 +43,33 @@ from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SMALL_BATCH = 8  # up to this many tokens: fused matvec for Q4_0/Q4_1/Q8_0 blocks, the int8 kernel for W8A8
-DEFAULT_THREADS = 2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), or the machine's count where there is no mask."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def threads_for_load(configured: int, current: int, load: float, cpus: int) -> int:
+    """The threads a forward pass runs on when REFLLAMA_NUM_THREADS is not set: `configured`, or 1 while other work
+    keeps the CPUs busy (1-minute load average >= cpus + 1). Every parallel kernel ends in a barrier, so on an
+    oversubscribed machine each of a decode step's ~200 kernels waits for a descheduled thread: measured on 2 CPUs
+    at load 9-11, SmolLM2 Q4_1 decoded at 0.7-4.3 tok/s on 2 threads and 13.5-41.7 on 1 (docs/numba.md). Our own
+    busy threads count in the load, so the way back to `configured` waits until it falls to cpus - 0.5."""
+    if configured == 1 or load >= cpus + 1:
+        return 1
+    return 1 if current == 1 and load > cpus - 0.5 else configured
 
 
 def thread_count() -> int:
-    """REFLLAMA_NUM_THREADS (default 2), capped at the threads Numba started with (NUMBA_NUM_THREADS, the cores)."""
-    text = os.environ.get("REFLLAMA_NUM_THREADS", str(DEFAULT_THREADS))
+    """REFLLAMA_NUM_THREADS (default: usable_cpus()), capped at the threads Numba started with (NUMBA_NUM_THREADS,
+    the cores); only an explicit setting above that cap warns."""
+    text = os.environ.get("REFLLAMA_NUM_THREADS")
+    if text is None:
+        return min(usable_cpus(), kernels.numba.config.NUMBA_NUM_THREADS)
     try:
         wanted = int(text)
     except ValueError:
@@ -100,8 +122,21 @@ class NumbaBackend(NumpyBackend):
                                "(the numpy backend computes in float64)")
         super().__init__(dtype)
         self.threads = thread_count()
+        self.adaptive = "REFLLAMA_NUM_THREADS" not in os.environ  # an explicit count is used as it is
+        self._threads_now = self.threads
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def forward_threads(self) -> int:
+        """The threads of the forward pass starting now (`threads_for_load`, unless set explicitly)."""
+        if self.adaptive:
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):  # no load average (Windows)
+                return self.threads
+            self._threads_now = threads_for_load(self.threads, self._threads_now, load, usable_cpus())
+            return self._threads_now
+        return self.threads
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         """As the numpy backend, except that bfloat16 matrices (Linear weights, the embedding table, 2-D scales)
@@ -116,7 +151,7 @@ class NumbaBackend(NumpyBackend):
 
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
         # Every forward pass starts here: Numba's thread count is per calling thread, so set it for this one.
-        kernels.numba.set_num_threads(self.threads)
+        kernels.numba.set_num_threads(self.forward_threads())
         if isinstance(table, GGUFBlockWeight):  # dequantize just the rows asked for (exact)
             blocks = self._blocks(table)
             rows = np.ascontiguousarray(ids, dtype=np.intp).reshape(-1)

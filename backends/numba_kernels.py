@@ -50,6 +50,8 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from refllama.backends import numba_progress  # noqa: E402, F401  (a status on stderr while kernels compile)
+
 if not numba.config.CACHE_DIR:  # numba was imported before this module: point it at the same directory
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 

@@ -43,6 +43,8 @@ def _add_model_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--quant-semantics", choices=("hf", "vllm"), default="hf",
                    help="W8A8 activation quantization: compressed-tensors/HF or vLLM")
     p.add_argument("--dequantize", action="store_true", help="dequantize weight-only quantized weights at load")
+    p.add_argument("--lm-head-dtype", choices=("int8",), default=None,
+                   help="quantize a float lm_head at load: int8 = per-channel int8 with per-token int8 inputs (W8A8)")
     p.add_argument("--shards", type=_shards, default=None,
                    help="split the layers into N pipeline stages, or at split points 0,10,20,32 (docs/sharding.md)")
     p.add_argument("--cluster", choices=("ray",), default=None,
@@ -213,10 +215,15 @@ def _spinner(args: argparse.Namespace, message: str) -> Iterator[Callable[[], No
 
     live = Live(Spinner("dots", text=message), console=Console(stderr=True), transient=True, refresh_per_second=8)
     live.start(refresh=True)  # drawn now, before the work it describes
+    progress = sys.modules.get("refllama.backends.numba_progress")  # loaded with the numba backend
+    previous = progress.set_reporter(lambda done, name: live.update(Spinner(
+        "dots", text=f"{message} [{progress.MESSAGE}: {done} done, now {name}]"))) if progress else None
     try:
         yield live.stop
     finally:
         live.stop()
+        if progress:
+            progress.set_reporter(previous)
 
 
 def _load(args: argparse.Namespace):
@@ -228,9 +235,14 @@ def _load(args: argparse.Namespace):
     sharded = args.shards is not None or args.cluster is not None
     options = {"shards": args.shards, "cluster": args.cluster} if sharded else {}
     name = Path(args.model).name if args.model else default_model_path().name
+    if args.lm_head_dtype is not None:
+        options["lm_head_dtype"] = args.lm_head_dtype
     with _spinner(args, f"loading {name} on {args.backend} {args.dtype}"):
-        return load(args.model, backend=args.backend, dtype=args.dtype, dequantize=args.dequantize,
-                    quant_semantics=args.quant_semantics, **options)
+        engine = load(args.model, backend=args.backend, dtype=args.dtype, dequantize=args.dequantize,
+                      quant_semantics=args.quant_semantics, **options)
+    if args.lm_head_dtype is not None and not args.quiet:
+        print(f"[{engine.describe()}]", file=sys.stderr)  # a changed head is stated, never silent
+    return engine
 
 
 def _first_run_note(engine, doing: str = "generating") -> str:

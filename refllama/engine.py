@@ -16,6 +16,7 @@ from refllama.diagnostics.diagnostic import ModelDiagnostic
 from refllama.diagnostics.memory import AllocationError, BackendConfig, MemoryManager, kv_cache_bytes
 from refllama.dtypes import DataType, LayerDataTypeConfig
 from refllama.errors import InputError, brief
+from refllama.formats.checkpoint import layer_linear_weights
 from refllama.formats.default_model import default_model_path
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.generation import GenerationRequest, GenerationResponse, decode
@@ -24,7 +25,7 @@ from refllama.loading import admit, admit_stages, read_model, take_weights
 from refllama.model.kv_cache import KVCache
 from refllama.model.llama import LlamaModel
 from refllama.model.weights import StageSpan, WeightMap
-from refllama.quant.quantize import apply_layer_dtypes
+from refllama.quant.quantize import LM_HEAD_DTYPES, apply_layer_dtypes
 from refllama.sharding.stages import Pipeline, PipelineCache, plan_model
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class GenericLlamaEngine:
         self.pipeline = pipeline
         self.source_weights = weights  # memory-mapped views: set_precision re-derives from these
         self.model: LlamaModel | None = None
+        self.lm_head_dtype: str | None = None  # set by `load` when the head was quantized at load
         if pipeline is not None:
             return
         if weights is None or backend is None:
@@ -71,14 +73,16 @@ class GenericLlamaEngine:
              devices: Sequence[str] | None = None, cluster: str | None = None,
              ray_address: str | None = None, ray_num_cpus: int | None = None,
              ray_actor_options: dict[str, Any] | None = None, stage_timeout: float = DEFAULT_STAGE_TIMEOUT,
-             verify: bool = True, allow_symlinks: bool = False) -> GenericLlamaEngine:
+             verify: bool = True, allow_symlinks: bool = False,
+             lm_head_dtype: str | None = None) -> GenericLlamaEngine:
         """A Hugging Face model folder or a GGUF file, on `backend`, computing in `dtype`.
 
         Quantized checkpoints stay quantized unless `dequantize` (weight-only formats and GGUF blocks, to float32
         at load); `quant_semantics` ("hf" or "vllm") is how W8A8 Linears quantize their inputs; `layer_dtypes`
         applies per-layer data types to a float checkpoint (docs/quantization.md). `verify=False` skips the check
         that every weight is finite; `allow_symlinks` trusts symlinks in the folder that lead out of it
-        (docs/security.md).
+        (docs/security.md). `lm_head_dtype="int8"` quantizes a float head at load like a W8A8 checkpoint's Linears
+        (per-channel symmetric int8, per-token int8 inputs); `describe()` says so.
 
         Pipeline sharding (docs/sharding.md): `shards` splits the layers into that many stages balanced by bytes,
         or at explicit split points [0, ..., layers]; `devices` ("cuda:0", ...) places one stage on each (cupy);
@@ -86,17 +90,22 @@ class GenericLlamaEngine:
         with `ray_num_cpus`; `ray_actor_options` such as {"num_cpus": 16} size the actors); a stage that dies or
         takes over `stage_timeout` seconds raises StageError."""
         _check_load_options(path, dequantize=dequantize, quant_semantics=quant_semantics, batch_size=batch_size,
-                            verify=verify, allow_symlinks=allow_symlinks)
+                            verify=verify, allow_symlinks=allow_symlinks, lm_head_dtype=lm_head_dtype)
         if shards is not None or devices is not None or cluster is not None:
+            if lm_head_dtype is not None:
+                raise InputError("lm_head_dtype cannot be combined with shards yet")
             return cls._load_sharded(path, backend, dtype, shards, devices, cluster, batch_size=batch_size,
                                      dequantize=dequantize, quant_semantics=quant_semantics,
                                      layer_dtypes=layer_dtypes, ray_address=ray_address, ray_num_cpus=ray_num_cpus,
                                      ray_actor_options=ray_actor_options, stage_timeout=stage_timeout)
         ops = get_backend(backend, dtype)  # fail on a bad backend or dtype before touching the weights
         files = read_model(path, ops, dequantize=dequantize, quant_semantics=quant_semantics,
-                           layer_dtypes=layer_dtypes, allow_symlinks=allow_symlinks, verify=verify)
-        return cls(files.config, files.weights, ops, files.tokenizer, progress, quant_semantics=quant_semantics,
-                   batch_size=batch_size)
+                           layer_dtypes=layer_dtypes, allow_symlinks=allow_symlinks, verify=verify,
+                           lm_head_dtype=lm_head_dtype)
+        engine = cls(files.config, files.weights, ops, files.tokenizer, progress, quant_semantics=quant_semantics,
+                     batch_size=batch_size)
+        engine.lm_head_dtype = lm_head_dtype
+        return engine
 
     @classmethod
     def _load_sharded(cls, path: str | Path, backend: str, dtype: str | DataType, shards: int | Sequence[int] | None,
@@ -125,6 +134,27 @@ class GenericLlamaEngine:
         else:
             pipeline = Pipeline.load(path, files.config, plan, backend, dtype, devices, **options)
         return cls(files.config, None, None, files.tokenizer, batch_size=batch_size, pipeline=pipeline)
+
+    def describe(self) -> str:
+        """What runs, in one line: backend, compute dtype, the Linears' storage and the head's (and whether the
+        head was quantized at load), so no precision change is silent."""
+        c = self.config
+        if self.pipeline is not None:
+            return f"{c.model_type}, {c.num_hidden_layers} layers, sharded in {self.pipeline.plan.num_stages} stages"
+        from refllama.quant.quantize import describe_weight
+
+        linears = sorted({describe_weight(lin.weight) for layer in self.model.weights.layers
+                          for lin in layer_linear_weights(layer)})
+        head = describe_weight(self.model.lm_head.weight)
+        if self.lm_head_dtype is not None:
+            head += f" (quantized at load: lm_head_dtype={self.lm_head_dtype!r})"
+        elif self.model.weights.lm_head is None:
+            head += " (tied to the embeddings)"
+        return (f"{c.model_type}, {c.num_hidden_layers} layers on {self.backend.name} {self.backend.dtype.value}; "
+                f"Linears: {', '.join(linears)}; lm_head: {head}")
+
+    def __repr__(self) -> str:
+        return f"GenericLlamaEngine({self.describe()})"
 
     def close(self) -> None:
         """Release the stages (a Ray pipeline's actors are killed); an unsharded engine holds nothing to close."""
@@ -286,7 +316,7 @@ class GenericLlamaEngine:
 
 
 def _check_load_options(path: Any, *, dequantize: Any, quant_semantics: Any, batch_size: Any, verify: Any,
-                        allow_symlinks: Any) -> None:
+                        allow_symlinks: Any, lm_head_dtype: Any = None) -> None:
     """InputError naming the first load argument of the wrong type or out of range."""
     if not isinstance(path, (str, Path)):
         raise InputError(f"path must be a str or a Path, got {type(path).__name__}")
@@ -297,6 +327,8 @@ def _check_load_options(path: Any, *, dequantize: Any, quant_semantics: Any, bat
         raise InputError(f"quant_semantics must be 'hf' or 'vllm', got {brief(quant_semantics)}")
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise InputError(f"batch_size must be a positive integer or None, got {brief(batch_size)}")
+    if lm_head_dtype is not None and lm_head_dtype not in LM_HEAD_DTYPES:
+        raise InputError(f"lm_head_dtype must be one of {LM_HEAD_DTYPES} or None, got {brief(lm_head_dtype)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -307,8 +339,8 @@ def load(path: str | Path | None = None, backend: str = "numpy", dtype: str | Da
          progress: Callable[[int, int], None] | None = None, **options: Any) -> GenericLlamaEngine:
     """Load a Hugging Face Llama folder or GGUF file (None: the embedded default model) onto a backend;
     `progress(done, total)` is called as each weight tensor is taken in. `options`: dequantize,
-    quant_semantics, layer_dtypes, batch_size, verify, allow_symlinks, and for pipeline sharding shards, devices,
-    cluster, ray_address, ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load;
+    quant_semantics, layer_dtypes, lm_head_dtype, batch_size, verify, allow_symlinks, and for pipeline sharding
+    shards, devices, cluster, ray_address, ray_num_cpus, ray_actor_options, stage_timeout (GenericLlamaEngine.load;
     docs/sharding.md)."""
     path = default_model_path() if path is None else path
     return GenericLlamaEngine.load(path, backend=backend, dtype=dtype, progress=progress, **options)

@@ -29,6 +29,7 @@ from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.model.weights import StageSpan, WeightMap
+from refllama.quant.quantize import quantize_lm_head
 from refllama.sharding.plan import StagePlan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -45,7 +46,8 @@ class ModelFiles:
 
 def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = False, quant_semantics: str = "hf",
                layer_dtypes: LayerDataTypeConfig | None = None, span: StageSpan | None = None,
-               tokenizer: bool = True, allow_symlinks: bool = False, verify: bool = True) -> ModelFiles:
+               tokenizer: bool = True, allow_symlinks: bool = False, verify: bool = True,
+               lm_head_dtype: str | None = None) -> ModelFiles:
     """A Hugging Face model folder or a GGUF file, checked against its config, its weights left as stored.
 
     GGUF blocks of the types `backend.reads_as_stored` names stay in their blocks (unless `dequantize`, or
@@ -56,7 +58,8 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
     of a sharded folder only the shard files that hold them; a stage needs no `tokenizer` either. `backend` None
     (a driver that computes nothing) keeps no GGUF blocks. A folder's files must lie inside it; `allow_symlinks`
     trusts its symlinks wherever they point (refllama/formats/files.py). `verify` checks that every float weight
-    is finite (NumericalError naming the first that is not; refllama/formats/finite.py).
+    is finite (NumericalError naming the first that is not; refllama/formats/finite.py). `lm_head_dtype` ("int8")
+    quantizes a float head at load (refllama/quant/quantize.py, `quantize_lm_head`).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -86,6 +89,8 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
                               span=span)
     if verify:
         check_weights(weights, path)
+    if lm_head_dtype is not None:
+        weights = quantize_lm_head(weights, lm_head_dtype, quant_semantics)
     return ModelFiles(config, weights, tok)
 
 

@@ -9,6 +9,7 @@ float32: 2e-4 (tests/test_smollm2.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,11 +100,31 @@ def test_thread_count_from_the_environment(monkeypatch):
     monkeypatch.setenv("REFLLAMA_NUM_THREADS", "1")
     assert numba_backend.thread_count() == 1
     monkeypatch.delenv("REFLLAMA_NUM_THREADS")
-    assert numba_backend.thread_count() == min(2, numba_kernels.numba.config.NUMBA_NUM_THREADS)
+    cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
+    assert numba_backend.thread_count() == min(len(os.sched_getaffinity(0)), cap)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # e.g. `taskset -c 0`: one CPU to run on
+    assert numba_backend.thread_count() == 1
     for bad in ("0", "two"):
         monkeypatch.setenv("REFLLAMA_NUM_THREADS", bad)
         with pytest.raises(BackendError, match="REFLLAMA_NUM_THREADS"):
             numba_backend.thread_count()
+
+
+def test_fewer_threads_while_other_work_keeps_the_cpus_busy(monkeypatch):
+    from refllama.backends.numba_backend import threads_for_load
+
+    assert threads_for_load(2, 2, 1.9, cpus=2) == 2  # our own two busy threads: a quiet machine
+    assert threads_for_load(2, 2, 3.0, cpus=2) == 1  # one more busy process than CPUs
+    assert threads_for_load(2, 1, 2.0, cpus=2) == 1  # still busy: stay on one thread
+    assert threads_for_load(2, 1, 1.4, cpus=2) == 2  # quiet again
+    assert threads_for_load(1, 1, 0.0, cpus=2) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.delenv("REFLLAMA_NUM_THREADS", raising=False)
+    backend = get_backend("numba")
+    assert backend.forward_threads() == 1
+    monkeypatch.setenv("REFLLAMA_NUM_THREADS", "2")
+    cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
+    assert get_backend("numba").forward_threads() == min(2, cap)  # an explicit count is kept whatever the load
 
 
 def test_compiled_kernels_are_cached_outside_the_sources():
@@ -111,6 +132,39 @@ def test_compiled_kernels_are_cached_outside_the_sources():
     sources = Path(numba_kernels.__file__).resolve().parent
     assert cache == Path(numba_kernels.cache_dir()).resolve()
     assert sources != cache and sources not in cache.parents
+
+
+def test_compiling_shows_a_status_and_the_cached_run_does_not(tmp_path):
+    """A compile (empty cache) says so on stderr, once, in plain text when stderr is not a terminal; a second
+    process that loads the kernel from the cache says nothing. (~5 s: one small kernel compiled.)"""
+    script = ("import numpy as np\n"
+              "from refllama.backends import numba_kernels as k, numba_progress\n"
+              "x = np.ones((2, 8), np.float32)\n"
+              "k.silu_mul(x, x, np.empty_like(x))\n"
+              "print(numba_progress.compiled_count())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "REFLLAMA_QUIET")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+            for _ in range(2)]
+    assert runs[0].stdout.split() == ["1"] and runs[0].stderr.count("compiling kernels (first run only)") == 1
+    assert runs[1].stdout.split() == ["0"] and "compiling" not in runs[1].stderr
+
+
+def test_compile_reports_go_to_a_front_ends_reporter():
+    from numba.core import event
+
+    from refllama.backends import numba_progress
+
+    reports = []
+    previous = numba_progress.set_reporter(lambda done, name: reports.append((done, name)))
+    try:
+        before = numba_progress.compiled_count()
+        data = {"dispatcher": numba_kernels.rms_norm}
+        for status in (event.EventStatus.START, event.EventStatus.END):
+            event.broadcast(event.Event("numba:compile", status, data=data))
+    finally:
+        numba_progress.set_reporter(previous)
+    assert reports == [(before, "rms_norm")] and numba_progress.compiled_count() == before + 1
 
 
 # ---------------------------------------------------------------- SmolLM2 from its Q4_1 GGUF, read as blocks

@@ -64,22 +64,26 @@ def w8a8_scheme():
     return QuantizationSpec(8, True, strategy="channel")
 
 
-def quantization_block() -> dict:
+def quantization_block(int8_head: bool = False) -> dict:
     from refllama.quant.quantize import compressed_tensors_block
 
-    return compressed_tensors_block(w8a8_scheme(), activations=True, fmt="int-quantized")
+    return compressed_tensors_block(w8a8_scheme(), activations=True, fmt="int-quantized",
+                                    ignore=[] if int8_head else None)
 
 
 # --- the refllama route (numpy) ------------------------------------------------------------------------------------
 
-def write_refllama(out_dir: str | Path) -> Path:
-    """SmolLM2 W8A8 written by refllama.quant from the GGUF: model.safetensors, config.json, tokenizer files."""
+def write_refllama(out_dir: str | Path, int8_head: bool = False) -> Path:
+    """SmolLM2 W8A8 written by refllama.quant from the GGUF: model.safetensors, config.json, tokenizer files.
+
+    `int8_head`: the variant with lm_head quantized like the other Linears (`ignore: []`): the tied float32
+    embedding table stays for the lookup and the checkpoint stores the head's int8 copy as lm_head."""
     from refllama.dtypes import AttentionComponent, DataType, LayerDataTypeConfig, MLPComponent
     from refllama.formats.checkpoint import load_weight_map
     from refllama.formats.convert import write_tokenizer_json
     from refllama.formats.gguf import GGUFFile
     from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
-    from refllama.quant.quantize import apply_layer_dtypes, save_compressed_tensors
+    from refllama.quant.quantize import apply_layer_dtypes, quantize_lm_head, save_compressed_tensors
 
     gguf = GGUFFile(smollm2_gguf())
     config = config_from_gguf(gguf)
@@ -89,8 +93,10 @@ def write_refllama(out_dir: str | Path) -> Path:
         attention_weights={c: DataType.W8A8 for c in AttentionComponent if c is not AttentionComponent.RotaryEmbedding},
         mlp_weights={c: DataType.W8A8 for c in MLPComponent})
     quantized = apply_layer_dtypes(weights, layout)
+    if int8_head:
+        quantized = quantize_lm_head(quantized, "int8")
     hf_config = {**config.to_hf_dict(), "torch_dtype": "float32"}
-    out = save_compressed_tensors(out_dir, hf_config, quantized, quantization_block())
+    out = save_compressed_tensors(out_dir, hf_config, quantized, quantization_block(int8_head))
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_tokenizer_json(gguf.metadata, out)

@@ -151,20 +151,28 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
     """
     ActivationQuant(activation_semantics)  # validates the name before anything is read
     source = text_model(source)
-    stacked = stored_stacked(config, set(source.names()))
+    stored = set(source.names())
+    stacked = stored_stacked(config, stored)
     plans = _quantization_plans(source, config, stacked)
     shapes = expected_shapes(config, stacked)
+    tied = config.tie_word_embeddings
+    head_plan = plans.pop("lm_head", None) if tied else None
+    if head_plan is not None:  # a quantized copy of the tied table, where the checkpoint stores one
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+        head_specs = tensor_specs(head_plan, "lm_head", *shapes["lm_head.weight"])
+        if all(n in stored for n, spec in head_specs.items() if not spec.optional):
+            plans["lm_head"], tied = head_plan, False
+        else:
+            del shapes["lm_head.weight"]
     specs = {name: TensorSpec(shape, FLOAT_DTYPES) for name, shape in shapes.items()}
     for module, plan in plans.items():
         if plan is not None:
             out_features, in_features = specs.pop(module + ".weight").shape
             specs.update(tensor_specs(plan, module, out_features, in_features))
-    stored = set(source.names())
     present = set(stored)
-    if config.tie_word_embeddings:
-        # HF ties regardless of a stored lm_head.weight; accept one but never use it.
-        present.discard("lm_head.weight")
-    tied = config.tie_word_embeddings
+    if tied:
+        # HF ties regardless of a stored lm_head.weight; accept one (or a partial quantized one) but never use it.
+        present -= {n for n in present if n.startswith("lm_head.")}
     missing = sorted(n for n, spec in specs.items() if n not in present and not spec.optional
                      and (span is None or span.holds(n, tied)))
     unexpected = sorted(n for n in present - set(specs) if not n.endswith(IGNORED_SUFFIXES))
@@ -245,10 +253,11 @@ def load_weight_map(source: TensorSource | GGUFTensorSource, config: LlamaConfig
 
 
 def linear_modules(config: LlamaConfig, stacked: bool = False) -> list[str]:
-    """Every Linear of the model by HF module name (lm_head only when it has its own weight)."""
+    """Every Linear of the model by HF module name, lm_head last (with tied embeddings too: a quantized checkpoint
+    may store a quantized copy of the tied table as lm_head)."""
     names = [f"model.layers.{i}.{module}" for i in range(config.num_hidden_layers)
              for module in layer_linears(config, i, stacked)]
-    return names if config.tie_word_embeddings else [*names, "lm_head"]
+    return [*names, "lm_head"]
 
 
 def _quantization_plans(source: TensorSource | GGUFTensorSource, config: LlamaConfig,

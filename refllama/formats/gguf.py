@@ -17,11 +17,13 @@ keys must have the types the GGUF specification gives them (`KEY_TYPES`), so rea
 
 from __future__ import annotations
 
+import array
 import itertools
 import math
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,18 @@ class _Cursor:
         # Vocabulary entries are meant to be UTF-8; keep any stray bytes rather than fail on them.
         return raw.decode("utf-8", errors="surrogateescape")
 
+    def strings(self, count: int) -> GGUFStrings:
+        """An array of `count` strings (count * 8 <= the bytes left: checked by the caller), located, not decoded."""
+        starts, lengths = array.array("q"), array.array("q")
+        for _ in range(count):
+            n = self.take("Q")
+            if self.pos + n > self.size:
+                raise CheckpointError(f"truncated GGUF file (string of {n} bytes at offset {self.pos})", self.path)
+            starts.append(self.pos)
+            lengths.append(n)
+            self.pos += n
+        return GGUFStrings(self.buf, np.frombuffer(starts, np.int64), np.frombuffer(lengths, np.int64))
+
     def value(self, vtype: int, key: str, in_array: bool = False) -> Any:
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
@@ -124,10 +138,48 @@ class _Cursor:
                 array = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
                 self.pos += count * dtype.itemsize
                 return array
-            if etype in (STRING, ARRAY):
+            if etype == STRING:
+                return self.strings(count)
+            if etype == ARRAY:
                 return [self.value(etype, key, in_array=True) for _ in range(count)]
             raise CheckpointError(f"metadata {brief(key)} is an array of unknown value type {etype}", self.path)
         raise CheckpointError(f"metadata {brief(key)} has unknown value type {vtype}", self.path)
+
+
+class GGUFStrings(Sequence[str]):
+    """A metadata array of strings (a vocabulary, its merges) read in place: each entry is decoded from the mapped
+    file when asked for. Held as Python strings, SmolLM2's 49152 tokens and 48900 merges took ~10 MB that
+    outlived the tokenizer built from them (their memory pages pinned by later objects); here they take 16 bytes
+    an entry, and a reader decodes what it needs, when it needs it."""
+
+    def __init__(self, buf: mmap.mmap, starts: np.ndarray, lengths: np.ndarray):
+        self._buf, self._starts, self._lengths = buf, starts, lengths
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _decode(self, i: int) -> str:
+        start = int(self._starts[i])
+        # Vocabulary entries are meant to be UTF-8; keep any stray bytes rather than fail on them.
+        return bytes(self._buf[start:start + int(self._lengths[i])]).decode("utf-8", errors="surrogateescape")
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._decode(j) for j in range(*i.indices(len(self)))]
+        return self._decode(range(len(self))[i])  # IndexError outside, negative from the end, as a list
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._decode(i) for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (GGUFStrings, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # mutable-sequence semantics, as the list it replaces
+
+    def __repr__(self) -> str:
+        return f"GGUFStrings({len(self)} strings)"
 
 
 def _short(name: str) -> str:
@@ -143,7 +195,7 @@ def _check_type(key: str, value: Any, expected: str, path: Path) -> None:
         "number": is_int or isinstance(value, float),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
-        "str[]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "str[]": isinstance(value, GGUFStrings) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
         "int[]": isinstance(value, np.ndarray) and value.dtype.kind in "iu",
         "float[]": isinstance(value, np.ndarray) and value.dtype.kind in "fiu",
     }[expected]
@@ -154,6 +206,8 @@ def _check_type(key: str, value: Any, expected: str, path: Path) -> None:
 def _type_name(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"an array of {value.dtype}"
+    if isinstance(value, GGUFStrings):
+        return "an array of str"
     if isinstance(value, list):
         return "an array of " + (type(value[0]).__name__ if value else "nothing")
     return type(value).__name__

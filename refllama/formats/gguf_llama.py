@@ -33,7 +33,7 @@ from refllama.errors import CheckpointError, ConfigError, brief
 from refllama.formats import ggml_quants
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
-from refllama.formats.safetensors import TensorInfo
+from refllama.formats.safetensors import TensorInfo, release_pages
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 
 # HF config field <- GGUF key (prefixed by the architecture name)
@@ -220,12 +220,20 @@ class GGUFTensorSource:
         return ggml_quants.dequantize(raw, info.ggml_type, shape)
 
     def _hf_rows(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
-        """Q/K rows (of a float weight, a bias or rows of blocks) back in HF order; other tensors as they are."""
+        """Q/K rows (of a float weight, a bias or rows of blocks) back in HF order; other tensors as they are.
+
+        The reordered rows are a copy: the mapped pages of the stored order are let go once it is made, or they
+        would stay resident beside it (Q and K are ~9% of a Llama's weights)."""
         if ".attn_q." in gguf_name:
-            return _unpermute(array, self.config.num_attention_heads)
-        if ".attn_k." in gguf_name:
-            return _unpermute(array, self.config.num_key_value_heads)
-        return array
+            heads = self.config.num_attention_heads
+        elif ".attn_k." in gguf_name:
+            heads = self.config.num_key_value_heads
+        else:
+            return array
+        rows = _unpermute(array, heads)
+        if not np.may_share_memory(rows, array):
+            release_pages(array)
+        return rows
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from refllama.errors import InputError, TokenizerError, brief
 from refllama.formats import spm_proto
 from refllama.formats.files import ModelFolder, open_regular, parse_json, read_bytes
-from refllama.formats.gguf import GGUFFile
+from refllama.formats.gguf import GGUFFile, GGUFStrings
 from refllama.formats.spm_proto import PieceType
 
 
@@ -174,7 +174,7 @@ class LlamaTokenizer:
         self.type = type
         self.source = source
         self.path = str(path) if path is not None else None
-        self._pieces = list(pieces)
+        self._pieces = pieces if isinstance(pieces, _TokenizerPieces) else list(pieces)
         self.vocab_size = len(self._pieces)
         self._piece_ids: dict[str, int] | None = None
         # Decoded as their own text, never through the library: control, unknown and user-defined tokens
@@ -428,13 +428,30 @@ def _added_token_ids(tokenizer: tokenizers.Tokenizer) -> tuple[list[int], list[i
 MAX_VOCAB = 1 << 22  # as LlamaConfig's limit on vocab_size
 
 
-def _pieces_of(tokenizer: tokenizers.Tokenizer, path: str | Path | None) -> list[str]:
+class _TokenizerPieces(Sequence[str]):
+    """A `tokenizers.Tokenizer`'s vocabulary by id, read from the library on access: the library holds the strings
+    already, and a Python copy of a 50k-150k vocabulary costs 8-25 MB of resident memory."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, size: int):
+        self._tokenizer, self._size = tokenizer, size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._size))]
+        i = range(self._size)[i]  # IndexError outside, negative ids from the end, as a list
+        return self._tokenizer.id_to_token(i) or ""
+
+
+def _pieces_of(tokenizer: tokenizers.Tokenizer, path: str | Path | None) -> _TokenizerPieces:
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     size = max(vocab.values(), default=-1) + 1
     if size > MAX_VOCAB or size > 4 * len(vocab) + 1024:  # ids are (nearly) dense in every real vocabulary
         raise TokenizerError(f"token ids run up to {size - 1} for {len(vocab)} tokens (at most {MAX_VOCAB}, and "
                              "nearly dense)", path)
-    return [tokenizer.id_to_token(i) or "" for i in range(size)]
+    return _TokenizerPieces(tokenizer, size)
 
 
 def _from_tokenizer_json(path: Path, config: Mapping[str, Any]) -> LlamaTokenizer:
@@ -652,6 +669,8 @@ _GGUF_PRE: dict[str, _PreTokenizer] = {
 
 def _gguf_vocab(metadata: Mapping[str, Any], source: str | Path | None) -> tuple[list[str], np.ndarray]:
     tokens = metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, GGUFStrings):  # decoded once here, for the library (which keeps its own copy)
+        tokens = list(tokens)
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError("tokenizer.ggml.tokens is missing or not a list of strings", source)
     types = metadata.get("tokenizer.ggml.token_type")
@@ -757,7 +776,7 @@ def hf_tokenizer_from_gguf(metadata: Mapping[str, Any], source: str | Path | Non
     if len(vocab) != len(tokens):
         raise TokenizerError("tokenizer.ggml.tokens has duplicate entries", source)
     merges = metadata.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    if not (isinstance(merges, GGUFStrings) or (isinstance(merges, list) and all(isinstance(m, str) for m in merges))):
         raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings (a 'gpt2' vocabulary "
                              "needs it)", source)
     pairs = []

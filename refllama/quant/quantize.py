@@ -219,6 +219,47 @@ def apply_layer_dtypes(weights: Any, layer_dtypes: LayerDataTypeConfig, *, group
                    lm_head=lm_head)
 
 
+# --- the output projection -----------------------------------------------------------------------------------------
+
+LM_HEAD_DTYPES = ("int8",)
+
+
+def quantize_lm_head(weights: Any, lm_head_dtype: str, semantics: str = "hf") -> Any:
+    """The WeightMap with its head quantized at load: "int8" is compressed-tensors' W8A8 preset (symmetric int8
+    per output channel, dynamic per-token int8 inputs: how a W8A8 checkpoint's other Linears run), so a checkpoint
+    that keeps its head float runs it like a llama.cpp q8_0 file does. A tied head becomes a separate quantized
+    copy of the embedding table (the lookup keeps the float table). A head already int8 W8A8 is kept; one stored
+    in another quantized form is refused rather than quantized twice."""
+    from refllama.errors import InputError
+
+    if lm_head_dtype not in LM_HEAD_DTYPES:
+        raise InputError(f"lm_head_dtype must be one of {LM_HEAD_DTYPES} or None, got {lm_head_dtype!r}")
+    head = weights.embeddings if weights.lm_head is None else weights.lm_head
+    if isinstance(head, Int8Weight) and head.activation is not None and head.group_size is None:
+        return weights
+    if not isinstance(head, np.ndarray):
+        raise InputError(f"lm_head_dtype={lm_head_dtype!r}: the head is already stored as {describe_weight(head)}; "
+                         "only a float head is quantized at load")
+    spec, activations = weight_presets()[DataType.W8A8]
+    quantized = quantize_weight(head, spec, ActivationQuant(semantics) if activations else None, "lm_head")
+    return replace(weights, lm_head=quantized)
+
+
+def describe_weight(w: Any) -> str:
+    """A weight's storage in a few words ("int8 W8A8 per-channel", "float32", "Q4_1 blocks")."""
+    if isinstance(w, Int8Weight):
+        what = "int8 " + ("W8A8" if w.activation is not None else "W8A16")
+        what += f" group {w.group_size}" if w.group_size else (" per-tensor" if w.scale.size == 1
+                                                                else " per-channel")
+        return what + ("" if w.zero_point is None else " asymmetric")
+    if isinstance(w, PackedIntWeight):
+        return f"int{w.bits} packed " + (f"group {w.group_size}" if w.group_size else "per-channel")
+    ggml_type = getattr(w, "ggml_type", None)
+    if ggml_type is not None:
+        return f"{ggml_type.name} blocks"
+    return str(getattr(w, "dtype", type(w).__name__))
+
+
 def map_linear_weights(weights: Any, fn: Callable[[Any], Any]) -> Any:
     """A new WeightMap with `fn` applied to every Linear's weight (and to lm_head), everything else shared."""
     def attn_or_mlp(block: Any) -> Any:
