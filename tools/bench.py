@@ -212,6 +212,13 @@ def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps
     from refllama.diagnostics import benchmark
 
     get_backend(spec["backend"])  # import the backend's libraries before the memory baseline
+    before_runtime = benchmark.rss_mb()
+    if spec["backend"] == "numba":
+        # Start Numba's runtime too (LLVM, the cached kernels' code): a fixed cost of the engine, like the code pages
+        # of llama.cpp's library or torch's, not of the model; it is reported apart as runtime_rss_mb.
+        from refllama.backends import numba_kernels
+
+        numba_kernels.warm_up()
     base = benchmark.rss_mb()
     benchmark.reset_peak_rss()
     start = time.perf_counter()
@@ -222,6 +229,7 @@ def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps
     first_call_s = time.perf_counter() - start
     result = benchmark.measure(engine, prompt, new, reps).to_dict()
     result.update(load_s=load_s, first_call_s=first_call_s, rss_base_mb=base, rss_loaded_mb=loaded,
+                  runtime_rss_mb=base - before_runtime,
                   rss_peak_mb=benchmark.peak_rss_mb(), weight_bytes_per_token=benchmark.streamed_weight_bytes(engine))
     if spec.get("profile"):
         result["decode_profile"] = benchmark.decode_profile(engine, prompt)
@@ -619,8 +627,9 @@ def markdown(report: dict[str, Any]) -> str:
     if rss:
         lines += ["", f"Q4_1 GGUF, numba: peak RSS minus the pre-load baseline {rss['peak_minus_base_mb']:.0f} MiB "
                   f"against 1.3 x file ({rss['file_mb']:.1f} MiB) + KV cache ({rss['kv_mb']:.1f} MiB) = "
-                  f"{rss['bound_mb']:.0f} MiB: {'met' if rss['met'] else 'not met'} (the difference includes the "
-                  "tokenizer's Python objects)."]
+                  f"{rss['bound_mb']:.0f} MiB: {'met' if rss['met'] else 'not met'} (the baseline is taken after "
+                  f"Numba's runtime has started and loaded the cached kernels, which took {rss['runtime_mb']:.0f} MiB; "
+                  "the peak includes the tokenizer)."]
     lines += _busy_lines(report)
     jit = report.get("jit")
     if jit:
@@ -804,6 +813,7 @@ def main() -> int:
         file_mb = q4_1.stat().st_size / 2**20
         grown = q4["rss_peak_mb"] - q4["rss_base_mb"]
         report["q4_1_rss"] = {"peak_minus_base_mb": grown, "file_mb": file_mb, "kv_mb": kv_mb,
+                              "runtime_mb": q4.get("runtime_rss_mb", 0.0),
                               "bound_mb": 1.3 * file_mb + kv_mb, "met": grown <= 1.3 * file_mb + kv_mb}
     report["bounds"] = bounds(report["rows"], report["bandwidth"].get("gb_per_s"))
     report["ratios"] = ratios(report["rows"], report.get("scoring"))
