@@ -628,7 +628,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Q4_1 GGUF, numba: peak RSS minus the pre-load baseline {rss['peak_minus_base_mb']:.0f} MiB "
                   f"against 1.3 x file ({rss['file_mb']:.1f} MiB) + KV cache ({rss['kv_mb']:.1f} MiB) = "
                   f"{rss['bound_mb']:.0f} MiB: {'met' if rss['met'] else 'not met'} (the baseline is taken after "
-                  f"Numba's runtime has started and loaded the cached kernels, which took {rss['runtime_mb']:.0f} MiB; "
+                  f"Numba's runtime has started and loaded the cached kernels, which took {rss.get('runtime_mb', 0.0):.0f} MiB; "
                   "the peak includes the tokenizer)."]
     lines += _busy_lines(report)
     jit = report.get("jit")
