@@ -442,17 +442,21 @@ def child_jit(cache_dir: str) -> dict[str, Any]:
 
 # --- the parent: run the children, tabulate ----------------------------------------------------------------------
 
-def thread_env(threads: int) -> dict[str, str]:
+def thread_env(threads: int, adaptive: bool = False) -> dict[str, str]:
+    """Every thread pool set to `threads`; with `adaptive`, REFLLAMA_NUM_THREADS is left unset, so the numba backend
+    chooses as it does by default (all usable CPUs, one thread while the load average says they are busy)."""
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "REFLLAMA_NUM_THREADS"):
         env[key] = str(threads)
+    if adaptive:
+        del env["REFLLAMA_NUM_THREADS"]
     return env
 
 
-def run_child(payload: dict[str, Any], threads: int, timeout: float = 3600) -> dict[str, Any]:
+def run_child(payload: dict[str, Any], threads: int, timeout: float = 3600, adaptive: bool = False) -> dict[str, Any]:
     """Run this script as a child with the payload; its last stdout line is the JSON result."""
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(payload)], capture_output=True, text=True,
-                         env=thread_env(threads), timeout=timeout)
+                         env=thread_env(threads, adaptive), timeout=timeout)
     if out.returncode < 0:  # a signal; SIGILL: the library was built for instructions this CPU lacks
         raise RuntimeError(f"killed by {signal.Signals(-out.returncode).name}")
     if out.returncode != 0:
@@ -628,7 +632,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Q4_1 GGUF, numba: peak RSS minus the pre-load baseline {rss['peak_minus_base_mb']:.0f} MiB "
                   f"against 1.3 x file ({rss['file_mb']:.1f} MiB) + KV cache ({rss['kv_mb']:.1f} MiB) = "
                   f"{rss['bound_mb']:.0f} MiB: {'met' if rss['met'] else 'not met'} (the baseline is taken after "
-                  f"Numba's runtime has started and loaded the cached kernels, which took {rss.get('runtime_mb', 0.0):.0f} MiB; "
+                  f"Numba's runtime has started and loaded the cached kernels, which took "
+                  f"{rss.get('runtime_mb', 0.0):.0f} MiB; "
                   "the peak includes the tokenizer)."]
     lines += _busy_lines(report)
     jit = report.get("jit")
@@ -844,7 +849,7 @@ def measure_bandwidth(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_row(name: str, files: dict[str, Path], ids: list[int], args: argparse.Namespace, profile: bool,
-            report: dict[str, Any] | None = None) -> dict[str, Any]:
+            report: dict[str, Any] | None = None, adaptive: bool = False) -> dict[str, Any]:
     """One row's generation figures from a fresh process, or {"error": why}; its decode profile goes to report."""
     engine, _, kind, backend = ROWS[name]
     why_not = available(engine, backend) or (None if kind in files else f"no {kind} file was made")
@@ -855,7 +860,7 @@ def run_row(name: str, files: dict[str, Path], ids: list[int], args: argparse.Na
     payload = {"engine": engine, "backend": backend, "path": str(files[kind]), "ids": ids, "reps": args.reps,
                "new_tokens": args.new_tokens, "threads": args.threads, "profile": profile}
     try:
-        result = run_child(payload, args.threads)
+        result = run_child(payload, args.threads, adaptive=adaptive)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"  {name} failed: {e}", file=sys.stderr)
         return {"error": f"failed: {e}"}
@@ -898,19 +903,26 @@ def run_scoring(prompts: list[list[int]], files: dict[str, Path], args: argparse
     return results, check
 
 
+BUSY_SETTLE_S = 60
+
+
 def run_busy(selected: list[str], files: dict[str, Path], ids: list[int], args: argparse.Namespace,
              quiet: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The decode rows again while a spinning process holds one of this process's CPUs: busy / quiet decode."""
+    """The decode rows again while a spinning process holds one of this process's CPUs: busy / quiet decode. The
+    spinner runs BUSY_SETTLE_S first (a machine that is busy stays busy; the 1-minute load average the numba
+    backend reads needs that long to show it), and refllama runs with its default thread choice (no
+    REFLLAMA_NUM_THREADS)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     out: dict[str, dict[str, Any]] = {}
     try:
         if cpus:
             os.sched_setaffinity(spinner.pid, {cpus[-1]})  # one core, the last this bench may use
+        time.sleep(BUSY_SETTLE_S)
         for name in selected:
             if "decode_tokens_per_s" not in quiet.get(name, {}):
                 continue
-            result = run_row(name, files, ids, args, profile=False)
+            result = run_row(name, files, ids, args, profile=False, adaptive=True)
             if "error" in result:
                 out[name] = {"error": result["error"]}
                 continue
