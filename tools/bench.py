@@ -20,12 +20,12 @@ row's with lm_head int8 too (`ignore: []`, an int8 copy of the tied table), like
 and the "W8A8 (float lm_head)" row's with lm_head float32 (compressed-tensors' default). So every row runs the same
 network.
 
-The memory bound: the machine's read bandwidth is measured in the same run with the same threads (a Numba parallel
-float32 sum over a buffer 8x the last-level cache, best pass of 5, before and after the rows; the higher figure
-counts). A decode step streams every Linear's stored bytes and the lm_head (the embedding rows it looks up are
-under 0.1%, left out); bound tok/s = bandwidth / those bytes, "% of bound" = decode tok/s / bound. refllama counts
-the bytes of the weights it loaded (a type it stores dequantized counts as float32), llama.cpp those of its file's
-matrices, HF those of its nn.Linear weights.
+The memory bound: the machine's read bandwidth is measured in the same run, with 1 up to --threads threads and two
+readers (a Numba parallel float32 sum, NumPy's sum on one thread per share) over a buffer 8x the last-level cache,
+best of 5 passes each, before and after the rows; the highest figure counts. A decode step streams every Linear's
+stored bytes and the lm_head (the embedding rows it looks up are under 0.1%, left out); bound tok/s = bandwidth /
+those bytes, "% of bound" = decode tok/s / bound. refllama counts the bytes of the weights it loaded (a type it
+stores dequantized counts as float32), llama.cpp those of its file's matrices, HF those of its nn.Linear weights.
 
 Scoring (the oracle's main job): logits of every position for --scoring-prompts prompts of --scoring-tokens
 deterministic token ids, tokens/s, in a fresh process per engine: refllama numba and numpy f32 (`engine.logits`
@@ -596,7 +596,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.2f}' for x in report.get('load_average_after') or [])}; the whole bench took "
              f"{report.get('wall_s', 0):.0f} s", ""]
     if bw.get("gb_per_s"):
-        lines += [f"Read bandwidth, {s['threads']} threads (best pass over a {bw['buffer_mib']} MiB buffer): "
+        lines += [f"Read bandwidth, up to {s['threads']} threads (best pass over a {bw['buffer_mib']} MiB buffer): "
                   + ", ".join(f"{when} {bw[when]['gb_per_s']:.1f} GB/s" for when in ("before", "after") if when in bw)
                   + f"; the bound uses {bw['gb_per_s']:.1f} GB/s. Bound tok/s = bandwidth / weight bytes a decode "
                   "step streams (MB/token: every Linear as loaded, and the lm_head).", ""]
