@@ -28,12 +28,13 @@ from refllama.formats.gguf_llama import config_from_gguf
 from refllama.formats.safetensors import TensorSource
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
+from refllama.quant.types import ActivationQuant, Int8Weight
 
 from conftest import GOLDEN, QUANT, SMOLLM2_ATOL, assert_smollm2_logits, decode_rows, load_npz, smollm2_path
 
 pytest.importorskip("numba")
 
-from refllama.backends import numba_kernels
+from refllama.backends import numba_gemm, numba_kernels
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -59,6 +60,66 @@ def test_bfloat16_weights_are_read_as_stored_with_the_float32_products(xp, M, N,
     got = xp.embedding(w, ids)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, w.astype(np.float32)[ids])
+
+
+# ---------------------------------------------------------------- W8A8 prompts through AVX-512 VNNI
+
+needs_vnni = pytest.mark.skipif(not numba_gemm.VNNI, reason="this CPU (or NUMBA_CPU_NAME) has no AVX-512 VNNI")
+
+
+def _w8a8_accumulators(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return codes.astype(np.int64) @ q.T.astype(np.int64)
+
+
+@needs_vnni
+@pytest.mark.parametrize("M,N,K", [(9, 1, 4), (9, 7, 577), (16, 6, 1), (17, 49, 64), (33, 101, 1538),
+                                   (48, 48, 576), (130, 13, 100)])
+def test_vnni_int8_gemm_is_int8_matmul_bit_for_bit(M, N, K):
+    """Tokens just past SMALL_BATCH and odd groups of 16, rows not a multiple of ROWS or CHUNK, K not a multiple
+    of 4 (zero-padded): the accumulators and epilogue of numba_kernels.int8_matmul, both semantics, exactly."""
+    rng = np.random.default_rng(M * 1000 + N + K)
+    codes = rng.integers(-128, 128, (M, K), dtype=np.int8)
+    codes[0] = -128  # a + 128 = 0: the whole unsigned range
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    q4 = np.pad(q, ((0, 0), (0, -K % 4)))
+    w_scale, a_scale = rng.uniform(1e-3, 1, N).astype(np.float32), rng.uniform(1e-3, 1, M).astype(np.float32)
+    a4 = np.empty((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8)
+    numba_gemm.pack_codes(codes, a4)
+    for vllm in (False, True):
+        got, expected = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+        numba_gemm.int8_vnni_gemm(a4, M, q4, q.sum(axis=1, dtype=np.int32), w_scale, a_scale, vllm, got, 2)
+        numba_kernels.int8_matmul(codes, q, w_scale, a_scale, vllm, expected)
+        np.testing.assert_array_equal(got, expected)
+
+
+@needs_vnni
+def test_vnni_accumulators_exact_where_the_unsigned_sum_wraps():
+    """K = 70000 codes 127 x 127: sum (a + 128) w = 255 * 127 * K passes 2**31 and wraps; after the correction the
+    accumulators are the true 127 * 127 * K (< 2**31), as int8_matmul's."""
+    M, N, K = 9, 2, 70000
+    codes = np.full((M, K), 127, np.int8)
+    q = np.full((N, K), 127, np.int8)
+    q[1, ::2] = -128
+    a4 = np.empty((K // 4, 4 * numba_gemm.padded_tokens(M)), np.uint8)
+    numba_gemm.pack_codes(codes, a4)
+    ones_n, ones_m = np.ones(N, np.float32), np.ones(M, np.float32)
+    got = np.empty((M, N), np.float32)
+    numba_gemm.int8_vnni_gemm(a4, M, q, q.sum(axis=1, dtype=np.int32), ones_n, ones_m, False, got, 2)
+    np.testing.assert_array_equal(got, _w8a8_accumulators(codes, q).astype(np.float32))
+
+
+@needs_vnni
+def test_w8a8_prompt_linear_takes_the_vnni_path_and_equals_decode_rows(xp):
+    """Through the backend: a 12-token W8A8 Linear (the VNNI GEMM) equals the same tokens one at a time (the
+    decode kernel) bit for bit."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(-128, 128, (37, 201), dtype=np.int8)
+    weight = Int8Weight(q, rng.uniform(1e-3, 1, (37, 1)).astype(np.float32), activation=ActivationQuant("hf"))
+    x = rng.standard_normal((1, 12, 201)).astype(np.float32)
+    together = xp.linear(x, Linear(weight))
+    assert xp._prepared[weight].q4 is not None
+    one_by_one = np.concatenate([xp.linear(x[:, i:i + 1], Linear(weight)) for i in range(12)], axis=1)
+    np.testing.assert_array_equal(together, one_by_one)
 
 
 def test_bfloat16_checkpoint_stays_memory_mapped(xp):

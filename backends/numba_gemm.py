@@ -1,0 +1,209 @@
+"""W8A8 prompts (more than a few tokens) for the numba backend: an int8 GEMM on AVX-512 VNNI, bit for bit.
+
+The reference's int8 x int8 -> int32 accumulators are exact whatever the order, so any exact integer instruction
+may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64 multiply-adds
+where a float32 FMA does 16. It multiplies unsigned by signed bytes, so the activation codes a (int8) go in as
+a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed per weight row.
+
+Layouts
+* a4 (ceil(K / 4), Mp * 4) uint8 (`pack_codes`): for each 4 consecutive k, token m's 4 bytes at [4m, 4m + 4);
+  tokens zero-padded to Mp (`padded_tokens`, a multiple of 16), k past K zero.
+* w (N, K) int8, the weight rows as stored, K a multiple of 4 (else padded with zeros once by the caller): each
+  row's 4 bytes at k = 4g are broadcast to every lane as one int32.
+* The microkernel keeps ROWS x 2 accumulators (ROWS weight rows x 32 tokens) in registers over all of K.
+
+Work split: `prange` over runs of CHUNK-row chunks, one run per thread; within a chunk, for each 32-token group,
+every block of ROWS rows, so the chunk's rows stay in L2 across token groups. Without VNNI (`VNNI` False) the
+backend keeps numba_kernels.int8_matmul_float. docs/numba.md has the measurements.
+"""
+
+from __future__ import annotations
+
+from refllama.backends.numba_kernels import _w8a8_epilogue  # first: it sets NUMBA_CACHE_DIR, then imports numba
+
+# isort: split
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16  # int32 lanes of one 512-bit vector
+ROWS = 6  # weight rows per microkernel: ROWS x 2 accumulators, ROWS broadcasts and 2 vector loads per 4 k
+TOKENS = 2 * LANES  # tokens per microkernel call (a 16-token call covers an odd last group)
+CHUNK = 8 * ROWS  # weight rows per chunk: they stay in L2 while every token group passes
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def padded_tokens(m: int) -> int:
+    """Tokens of a packed activation block for m tokens: a multiple of LANES (the padding is zero)."""
+    return -(-m // LANES) * LANES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W8A8 through AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane, exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+def _has_vnni() -> bool:
+    """Whether the CPU numba compiles for has AVX-512 VNNI (numba targets the host unless NUMBA_CPU_NAME is set)."""
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME:  # a portable target (e.g. "generic"): no VNNI instructions
+        return False
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+VNNI = _has_vnni()
+
+
+def _vnni_microkernel(rows: int, vectors: int):
+    """An intrinsic kernel(w, r0, a4, m0, g0, g1, tile): int32 tile[i * 16 * vectors + t] = sum over k in
+    [4 g0, 4 g1) of a_u8[m0 + t, k] * w[r0 + i, k], exactly (int32 lanes; wrapping, but the caller's result fits).
+
+    w (R, K) int8 rows as stored, K a multiple of 4: each row's 4 bytes at k = 4g are broadcast as one int32.
+    a4 (K / 4, Mp * 4) uint8: token m's bytes k = 4g .. 4g + 3 at a4[g, 4m:4m + 4] (`pack_codes`), so one
+    <16 x i32> load holds 16 tokens' four bytes each, the layout vpdpbusd multiplies lane by lane."""
+    vec = ir.VectorType(_I32, LANES)
+    width = LANES * vectors
+
+    @intrinsic
+    def kernel(typingctx, w, r0, a4, m0, g0, g1, tile):
+        if not (isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype == types.int8
+                and isinstance(a4, types.Array) and a4.ndim == 2 and a4.layout == "C" and a4.dtype == types.uint8
+                and isinstance(tile, types.Array) and tile.ndim == 1 and tile.layout == "C"
+                and tile.dtype == types.int32 and all(isinstance(i, types.Integer) for i in (r0, m0, g0, g1))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            w_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            a_arr = context.make_array(signature.args[2])(context, builder, args[2])
+            t_arr = context.make_array(signature.args[6])(context, builder, args[6])
+            start_row, first_token, start, stop = (context.cast(builder, args[i], signature.args[i], types.int64)
+                                                   for i in (1, 3, 4, 5))
+            K = builder.extract_value(w_arr.shape, 1)
+            row_bytes = builder.extract_value(a_arr.shape, 1)
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 "llvm.x86.avx512.vpdpbusd.512")
+            row_ptrs = [builder.gep(w_arr.data, [builder.mul(builder.add(start_row, ir.Constant(_I64, i)), K)])
+                        for i in range(rows)]
+            a_base = builder.gep(a_arr.data, [builder.mul(first_token, ir.Constant(_I64, 4))])
+            zero = ir.Constant(vec, [0] * LANES)
+            broadcast = ir.Constant(vec, [0] * LANES)
+            entry = builder.block
+            loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
+            builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+
+            builder.position_at_end(loop)  # for g in range(g0, g1): k = 4g .. 4g + 3
+            g = builder.phi(_I64)
+            accs = [builder.phi(vec) for _ in range(rows * vectors)]
+            a_row = builder.gep(a_base, [builder.mul(g, row_bytes)])
+            xs = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(_I64, 4 * LANES * v)]),
+                                               vec.as_pointer()), align=1) for v in range(vectors)]
+            k = builder.mul(g, ir.Constant(_I64, 4))
+            updated = []
+            for i in range(rows):
+                word = builder.load(builder.bitcast(builder.gep(row_ptrs[i], [k]), _I32.as_pointer()), align=1)
+                ws = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), word,
+                                                                   ir.Constant(_I32, 0)),
+                                            ir.Constant(vec, ir.Undefined), broadcast)
+                for v in range(vectors):
+                    updated.append(builder.call(dot, [accs[i * vectors + v], xs[v], ws]))
+            next_g = builder.add(g, ir.Constant(_I64, 1))
+            g.add_incoming(start, entry)
+            g.add_incoming(next_g, loop)
+            for phi, value in zip(accs, updated, strict=True):
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(value, loop)
+            builder.cbranch(builder.icmp_signed("<", next_g, stop), loop, done)
+
+            builder.position_at_end(done)
+            finals = [builder.phi(vec) for _ in updated]
+            for j, (final, value) in enumerate(zip(finals, updated, strict=True)):
+                final.add_incoming(zero, entry)
+                final.add_incoming(value, loop)
+                i, v = divmod(j, vectors)
+                where = builder.gep(t_arr.data, [ir.Constant(_I64, i * width + v * LANES)])
+                builder.store(final, builder.bitcast(where, vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(w, r0, a4, m0, g0, g1, tile), codegen
+
+    return kernel
+
+
+_int8_rows_by_32 = _vnni_microkernel(ROWS, 2)
+_int8_rows_by_16 = _vnni_microkernel(ROWS, 1)
+
+
+@njit(cache=True)
+def pack_codes(codes, a4):
+    """a4 (ceil(K / 4), Mp * 4) uint8 from int8 codes (M, K): a4[g, 4m + j] = codes[m, 4g + j] + 128 (as unsigned
+    bytes for vpdpbusd), and 0 past K and past M, so padding adds nothing."""
+    M, K = codes.shape
+    a4[:] = 0
+    for m in range(M):
+        for k in range(K):
+            a4[k >> 2, 4 * m + (k & 3)] = np.uint8(np.int32(codes[m, k]) + 128)
+
+
+@njit(cache=True)
+def _int8_tile(w, r0, a4, m0, groups, tile):
+    if 4 * (m0 + TOKENS) <= a4.shape[1]:
+        _int8_rows_by_32(w, r0, a4, m0, 0, groups, tile)
+        return TOKENS
+    _int8_rows_by_16(w, r0, a4, m0, 0, groups, tile)
+    return LANES
+
+
+@njit(cache=True, parallel=True)
+def int8_vnni_gemm(a4, M, w, w_sums, w_scale, a_scale, vllm, out, threads):
+    """W8A8 for many tokens: numba_kernels.int8_matmul's accumulators and epilogue, bit for bit, with vpdpbusd.
+
+    a4: the activation codes + 128 as unsigned bytes (`pack_codes`); w (N, K) int8 with K a multiple of 4 (the
+    stored rows, read in place); w_sums (N,) int32: sum_k w[n, k]. sum_k (a + 128) w - 128 sum_k w = sum_k a w,
+    every step exact in int32 (or wrapping, when only the final sum is known to fit: the same result mod 2**32).
+    """
+    N, K = w.shape
+    groups = K // 4
+    chunks = (N + CHUNK - 1) // CHUNK
+    parts = max(1, min(chunks, threads))
+    for p in prange(parts):
+        tile = np.empty(ROWS * TOKENS, np.int32)
+        last = np.zeros((ROWS, K), np.int8)  # the last rows, when fewer than ROWS remain
+        for c in range(p * chunks // parts, (p + 1) * chunks // parts):
+            n0 = c * CHUNK
+            count = min(CHUNK, N - n0)
+            for m0 in range(0, a4.shape[1] // 4, TOKENS):
+                for r0 in range(0, count, ROWS):
+                    n = n0 + r0
+                    if n + ROWS <= N:
+                        width = _int8_tile(w, n, a4, m0, groups, tile)
+                    else:
+                        for i in range(N - n):
+                            last[i] = w[n + i]
+                        width = _int8_tile(last, 0, a4, m0, groups, tile)
+                    for i in range(min(ROWS, N - n)):
+                        correction = np.int32(128) * w_sums[n + i]
+                        for t in range(min(width, M - m0)):
+                            acc = np.int32(tile[i * width + t] - correction)
+                            out[m0 + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m0 + t], vllm)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) this module's kernels for the argument types the backend passes; without
+    VNNI there is nothing to compile (the backend does not call them)."""
+    if not VNNI:
+        return
+    codes, a4 = np.ones((9, 8), np.int8), np.empty((2, 4 * padded_tokens(9)), np.uint8)
+    pack_codes(codes, a4)
+    w, f32 = np.ones((7, 8), np.int8), np.float32
+    for vllm in (False, True):
+        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), np.ones(9, f32), vllm,
+                       np.empty((9, 7), f32), 1)
+
+
+__all__ = ["CHUNK", "LANES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "pack_codes", "padded_tokens", "warm_up"]
