@@ -146,7 +146,8 @@ class NumbaBackend(NumpyBackend):
         B, H, T, D = q.shape
         queries = np.ascontiguousarray(q.transpose(0, 2, 1, 3))  # (B, T, H, D): no copy for apply_rope's output
         out = np.empty((B, T, H, D), np.float32)
-        kernels.attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
+        attention = numba_gemm.prompt_attention if T >= numba_gemm.QUERIES else kernels.attention
+        attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
         return out.transpose(0, 2, 1, 3)  # (B, H, T, D) view, as apply_rope
 
     def gated_activation(self, gate: np.ndarray, up: np.ndarray, act: ActivationType) -> np.ndarray:

@@ -1,25 +1,34 @@
-"""W8A8 prompts (more than a few tokens) for the numba backend: an int8 GEMM on AVX-512 VNNI, bit for bit.
+"""Prompt-sized kernels for the numba backend (more than a few tokens): a W8A8 int8 GEMM on AVX-512 VNNI, bit for
+bit, and attention as two blocked matrix products.
 
-The reference's int8 x int8 -> int32 accumulators are exact whatever the order, so any exact integer instruction
-may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64 multiply-adds
-where a float32 FMA does 16. It multiplies unsigned by signed bytes, so the activation codes a (int8) go in as
-a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed per weight row.
-
-Layouts
+W8A8. The reference's int8 x int8 -> int32 accumulators are exact whatever the order, so any exact integer
+instruction may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64
+multiply-adds where a float32 FMA does 16. It multiplies unsigned by signed bytes, so the activation codes a (int8)
+go in as a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed per weight row.
 * a4 (ceil(K / 4), Mp * 4) uint8 (`pack_codes`): for each 4 consecutive k, token m's 4 bytes at [4m, 4m + 4);
   tokens zero-padded to Mp (`padded_tokens`, a multiple of 16), k past K zero.
 * w (N, K) int8, the weight rows as stored, K a multiple of 4 (else padded with zeros once by the caller): each
   row's 4 bytes at k = 4g are broadcast to every lane as one int32.
 * The microkernel keeps ROWS x 2 accumulators (ROWS weight rows x 32 tokens) in registers over all of K.
+* Work split: `prange` over runs of CHUNK-row chunks, one run per thread; within a chunk, for each 32-token group,
+  every block of ROWS rows, so the chunk's rows stay in L2 across token groups.
+Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul_float.
 
-Work split: `prange` over runs of CHUNK-row chunks, one run per thread; within a chunk, for each 32-token group,
-every block of ROWS rows, so the chunk's rows stay in L2 across token groups. Without VNNI (`VNNI` False) the
-backend keeps numba_kernels.int8_matmul_float. docs/numba.md has the measurements.
+Attention. numba_kernels.attention (decode) dots one query with one key at a time. For a prompt, a block of
+QUERIES positions of one head goes through numba_kernels' 4x4 microkernel twice: scores = Q K^T over the keys up
+to the block's last allowed one, then (unnormalised softmax weights) V, divided by the row sums as there.
+
+docs/numba.md has the measurements.
 """
 
 from __future__ import annotations
 
-from refllama.backends.numba_kernels import _w8a8_epilogue  # first: it sets NUMBA_CACHE_DIR, then imports numba
+from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR, then imports numba
+    LOWEST,
+    REASSOC,
+    _tokens_times_rows,
+    _w8a8_epilogue,
+)
 
 # isort: split
 import numpy as np
@@ -193,9 +202,83 @@ def int8_vnni_gemm(a4, M, w, w_sums, w_scale, a_scale, vllm, out, threads):
                             out[m0 + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m0 + t], vllm)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Attention for prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+QUERIES = 32  # query positions per parallel item (the backend uses this kernel from this many positions on)
+
+
+@njit(cache=True, parallel=True)
+def prompt_attention(q, k, v, length, mask, out):
+    """numba_kernels.attention's result (same arguments, same masking rules) for many query positions: a parallel
+    item per (batch, head, block of QUERIES positions)."""
+    B, T, H = q.shape[:3]
+    blocks = (T + QUERIES - 1) // QUERIES
+    for r in prange(B * H * blocks):
+        _attention_block(q, k, v, length, mask, out, r // (H * blocks), (r // blocks) % H, r % blocks)
+
+
+@njit(cache=True, fastmath=REASSOC)
+def _attention_block(q, k, v, length, mask, out, b, h, blk):
+    """One item of prompt_attention: a serial function, since writes through views made inside a parallel
+    kernel are dropped (numba_kernels' docstring)."""
+    T, H, D = q.shape[1:]
+    group = H // k.shape[1]
+    scale = np.float32(D**-0.5)
+    keys, values = k[b, h // group], v[b, h // group]
+    t0 = blk * QUERIES
+    n = min(T, t0 + QUERIES) - t0
+    hi = 0  # keys [0, hi) hold every allowed key of the block's queries
+    for t in range(n):
+        last = -1
+        for s in range(length - 1, -1, -1):
+            if mask[b, t0 + t, s]:
+                last = s
+                break
+        hi = max(hi, last + 1) if last >= 0 else length  # a padding query averages all of V uniformly
+    queries = np.empty((n, D), np.float32)  # the block's query rows, contiguous for the microkernel
+    for t in range(n):
+        queries[t] = q[b, t0 + t, h]
+    scores = np.empty((n, hi), np.float32)  # q . k, then in place the unnormalised softmax weights
+    for s in range(0, hi, 4):
+        _tokens_times_rows(queries, keys[s:s + 4], min(4, hi - s), scores, s)
+    for t in range(n):
+        row, allowed = scores[t], mask[b, t0 + t]
+        highest = LOWEST
+        count = 0
+        for s in range(hi):
+            if allowed[s]:
+                row[s] *= scale
+                highest = max(highest, row[s])
+                count += 1
+        for s in range(hi):
+            if count == 0:  # hi == length here
+                row[s] = np.float32(1.0)
+            elif allowed[s]:
+                row[s] = np.exp(row[s] - highest)
+            else:
+                row[s] = np.float32(0.0)
+    values_t = np.empty((D, hi), np.float32)  # V transposed: its columns are the microkernel's "weight rows"
+    for s in range(hi):
+        for d in range(D):
+            values_t[d, s] = values[s, d]
+    result = np.empty((n, D), np.float32)  # sum_s w_s v_s, divided by sum_s w_s below (numba_kernels.attention)
+    for d in range(0, D, 4):
+        _tokens_times_rows(scores, values_t[d:d + 4], min(4, D - d), result, d)
+    for t in range(n):
+        total = np.float32(0.0)
+        for s in range(hi):
+            total += scores[t, s]
+        for d in range(D):
+            out[b, t0 + t, h, d] = result[t, d] / total
+
+
 def warm_up() -> None:
-    """Compile (or load from the cache) this module's kernels for the argument types the backend passes; without
-    VNNI there is nothing to compile (the backend does not call them)."""
+    """Compile (or load from the cache) this module's kernels for the argument types the backend passes (the VNNI
+    ones only where the CPU has VNNI: the backend calls them nowhere else)."""
+    q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
+    prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
     if not VNNI:
         return
     codes, a4 = np.ones((9, 8), np.int8), np.empty((2, 4 * padded_tokens(9)), np.uint8)
@@ -206,4 +289,5 @@ def warm_up() -> None:
                        np.empty((9, 7), f32), 1)
 
 
-__all__ = ["CHUNK", "LANES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "pack_codes", "padded_tokens", "warm_up"]
+__all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "pack_codes", "padded_tokens",
+           "prompt_attention", "warm_up"]

@@ -122,6 +122,33 @@ def test_w8a8_prompt_linear_takes_the_vnni_path_and_equals_decode_rows(xp):
     np.testing.assert_array_equal(together, one_by_one)
 
 
+# ---------------------------------------------------------------- attention for prompts (numba_gemm.prompt_attention)
+
+
+@pytest.mark.parametrize("heads", [(6, 3), (8, 1), (4, 4)], ids=["GQA3", "MQA", "MHA"])
+@pytest.mark.parametrize("T,past,D", [(32, 0, 64), (33, 0, 24), (70, 37, 64), (129, 3, 16)])
+def test_prompt_attention_within_the_attention_bound(xp, heads, T, past, D):
+    """From QUERIES positions on, the backend's attention is the blocked kernel: causal masks after `past` cached
+    tokens, a left-padded batch row whose first queries see nothing (the reference's uniform average of V), the
+    cache's buffer layout, and the same slots in reverse order (allowed keys not a prefix). Bound: the conformance
+    suite's attention bound, 4 eps32 max|v| against the float64 reference."""
+    assert T >= numba_gemm.QUERIES
+    H, KV = heads
+    B, S = 2, past + T
+    rng = np.random.default_rng(H * 1000 + T * 10 + past)
+    ref = get_backend("numpy", "float64")
+    mask = np.broadcast_to(np.arange(S)[None, :] <= (past + np.arange(T))[:, None], (B, T, S)).copy()
+    mask[1, :, : S // 2 + 1] = False
+    mask[1, :3] = False  # padding queries
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((B, H, T, D), (B, KV, S, D), (B, KV, S, D)))
+    buffers = [xp.cache_write(xp.zeros((B, KV, S + 5, D)), a, 0)[:, :, :S] for a in (k, v)]
+    bound = 4 * np.finfo(np.float32).eps * np.abs(v).max()
+    for keys, values, m in ((k, v, mask), (*buffers, mask), (k[:, :, ::-1], v[:, :, ::-1], mask[:, :, ::-1])):
+        expected = ref.attention(q.astype(np.float64), keys.astype(np.float64), values.astype(np.float64), m)
+        got = xp.attention(q, keys, values, np.ascontiguousarray(m))
+        assert np.abs(got - expected).max() <= bound
+
+
 def test_bfloat16_checkpoint_stays_memory_mapped(xp):
     """Loading a bfloat16 folder keeps its matrices as the file's mapped bytes (vectors become float32), and the
     logits are bit for bit those of the same backend on the weights converted to float32 first."""
