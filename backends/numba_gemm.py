@@ -176,30 +176,37 @@ def int8_vnni_gemm(a4, M, w, w_sums, w_scale, a_scale, vllm, out, threads):
     stored rows, read in place); w_sums (N,) int32: sum_k w[n, k]. sum_k (a + 128) w - 128 sum_k w = sum_k a w,
     every step exact in int32 (or wrapping, when only the final sum is known to fit: the same result mod 2**32).
     """
-    N, K = w.shape
-    groups = K // 4
-    chunks = (N + CHUNK - 1) // CHUNK
+    chunks = (w.shape[0] + CHUNK - 1) // CHUNK
     parts = max(1, min(chunks, threads))
     for p in prange(parts):
-        tile = np.empty(ROWS * TOKENS, np.int32)
-        last = np.zeros((ROWS, K), np.int8)  # the last rows, when fewer than ROWS remain
-        for c in range(p * chunks // parts, (p + 1) * chunks // parts):
-            n0 = c * CHUNK
-            count = min(CHUNK, N - n0)
-            for m0 in range(0, a4.shape[1] // 4, TOKENS):
-                for r0 in range(0, count, ROWS):
-                    n = n0 + r0
-                    if n + ROWS <= N:
-                        width = _int8_tile(w, n, a4, m0, groups, tile)
-                    else:
-                        for i in range(N - n):
-                            last[i] = w[n + i]
-                        width = _int8_tile(last, 0, a4, m0, groups, tile)
-                    for i in range(min(ROWS, N - n)):
-                        correction = np.int32(128) * w_sums[n + i]
-                        for t in range(min(width, M - m0)):
-                            acc = np.int32(tile[i * width + t] - correction)
-                            out[m0 + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m0 + t], vllm)
+        _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, p * chunks // parts, (p + 1) * chunks // parts)
+
+
+@njit(cache=True)
+def _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, first, stop):
+    """Chunks [first, stop) of int8_vnni_gemm: one thread's share, a serial function (numba_kernels' docstring:
+    writes through views made inside a parallel kernel are dropped)."""
+    N, K = w.shape
+    groups = K // 4
+    Mp = a4.shape[1] // 4
+    tile = np.empty(ROWS * TOKENS, np.int32)
+    last = np.zeros((ROWS, K), np.int8)  # the last rows, when fewer than ROWS remain
+    for c in range(first, stop):
+        n0 = c * CHUNK
+        count = min(CHUNK, N - n0)
+        for m0 in range(0, Mp, TOKENS):
+            for r0 in range(0, count, ROWS):
+                n = n0 + r0
+                if n + ROWS <= N:
+                    width = _int8_tile(w, n, a4, m0, groups, tile)
+                else:
+                    last[:N - n] = w[n:]
+                    width = _int8_tile(last, 0, a4, m0, groups, tile)
+                for i in range(min(ROWS, N - n)):
+                    correction = np.int32(128) * w_sums[n + i]
+                    for t in range(min(width, M - m0)):
+                        acc = np.int32(tile[i * width + t] - correction)
+                        out[m0 + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m0 + t], vllm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
