@@ -155,7 +155,8 @@ class NumbaBackend(NumpyBackend):
             return super().gated_activation(gate, up, act)
         out = np.empty(gate.shape, np.float32)
         width = gate.shape[-1]
-        kernels.silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
+        silu_mul = numba_gemm.silu_mul if gate.size >= numba_gemm.QUERIES * width else kernels.silu_mul
+        silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
                          out.reshape(-1, width))
         return out
 

@@ -210,6 +210,52 @@ def _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, first, stop):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# exp in float32 vector lanes (numba's np.exp calls libm's scalar expf: without SVML no loop around it vectorises)
+# ---------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def _float_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def exp32(x):
+    """exp(x) for float32 x within 1.5 ulp of the exact value (measured: 1.004 over [-87, 88]; libm's expf: 0.5), in
+    plain arithmetic that LLVM vectorises: 0.23 ns an element against 2.3 for np.exp here. Cephes' expf:
+    x = n ln2 + r (ln2 in two parts), exp(r) by a degree-7 polynomial, 2**n put into the exponent bits. x is
+    clamped to [-87.34, 88.38]: below, exp(x) < 1.2e-38 comes out as 1.2e-38; above, as 2.4e38 instead of
+    more or inf (softmax arguments are <= 0; SiLU divides by 1 + exp(-g), so ~ -0 either way)."""
+    x = min(max(x, np.float32(-87.33654)), np.float32(88.37626))  # 2**n stays a normal float32
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * (r * r) + r + np.float32(1.0)) * _float_bits(np.int32((np.int32(n) + 127) << 23))
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up = gate / (1 + exp(-gate)) * up for (tokens, I) rows, with `exp32`: numba_kernels.silu_mul
+    for prompts, where its scalar exp took 5% of a prefill."""
+    M, width = gate.shape
+    for m in prange(M):
+        for i in range(width):
+            g = gate[m, i]
+            out[m, i] = g / (np.float32(1.0) + exp32(-g)) * up[m, i]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Attention for prompts
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -262,10 +308,8 @@ def _attention_block(q, k, v, length, mask, out, b, h, blk):
         for s in range(hi):
             if count == 0:  # hi == length here
                 row[s] = np.float32(1.0)
-            elif allowed[s]:
-                row[s] = np.exp(row[s] - highest)
-            else:
-                row[s] = np.float32(0.0)
+            else:  # masked keys: q . k is finite, so exp32(...) * 0 = 0; branch-free, the loop vectorises
+                row[s] = exp32(row[s] - highest) * np.float32(allowed[s])
     values_t = np.empty((D, hi), np.float32)  # V transposed: its columns are the microkernel's "weight rows"
     for s in range(hi):
         for d in range(D):
@@ -286,6 +330,8 @@ def warm_up() -> None:
     ones only where the CPU has VNNI: the backend calls them nowhere else)."""
     q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
     prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
+    x = np.ones((QUERIES, 8), np.float32)
+    silu_mul(x, x, np.empty_like(x))
     if not VNNI:
         return
     codes, a4 = np.ones((9, 8), np.int8), np.empty((2, 4 * padded_tokens(9)), np.uint8)
@@ -297,4 +343,4 @@ def warm_up() -> None:
 
 
 __all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "pack_codes", "padded_tokens",
-           "prompt_attention", "warm_up"]
+           "prompt_attention", "silu_mul", "warm_up"]

@@ -149,6 +149,46 @@ def test_prompt_attention_within_the_attention_bound(xp, heads, T, past, D):
         assert np.abs(got - expected).max() <= bound
 
 
+# ---------------------------------------------------------------- exp in vector lanes (numba_gemm.exp32, silu_mul)
+
+
+def test_exp32_within_one_and_a_half_ulp():
+    """exp32 against float64 exp on a dense grid over its whole normal range and random softmax-like arguments
+    (measured max 1.004 ulp); clamped past the ends, never inf or 0."""
+    import numba
+
+    @numba.njit
+    def exp_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = numba_gemm.exp32(x[i])
+
+    x = np.concatenate([np.linspace(-87, 88, 1_000_001, dtype=np.float32),
+                        np.random.default_rng(0).uniform(-30, 0, 100_000).astype(np.float32)])
+    got = np.empty_like(x)
+    exp_all(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / np.spacing(exact.astype(np.float32))).max() <= 1.5
+    ends = np.empty(2, np.float32)
+    exp_all(np.array([-1000, 1000], np.float32), ends)
+    assert 0 < ends[0] < 1.2e-38 and np.isfinite(ends[1])
+
+
+@pytest.mark.parametrize("shape", [(32, 1536), (33, 7), (40, 1)])
+def test_prompt_silu_mul_within_the_activation_bound(xp, shape):
+    """From QUERIES rows on the backend's SiLU-mul uses exp32: within the conformance bound, 8 eps32 max|ref|,
+    of the float64 reference, with large, tiny and zero gates."""
+    rng = np.random.default_rng(shape[1])
+    gate = (rng.standard_normal(shape) * 4).astype(np.float32)
+    gate.flat[:4] = [0, 100, -100, 1e-30]
+    up = rng.standard_normal(shape).astype(np.float32)
+    from refllama.config import ActivationType
+
+    got = xp.gated_activation(gate, up, ActivationType.Silu)
+    g = gate.astype(np.float64)
+    expected = g / (1 + np.exp(-g)) * up
+    assert np.abs(got - expected).max() <= 8 * np.finfo(np.float32).eps * np.abs(expected).max()
+
+
 def test_bfloat16_checkpoint_stays_memory_mapped(xp):
     """Loading a bfloat16 folder keeps its matrices as the file's mapped bytes (vectors become float32), and the
     logits are bit for bit those of the same backend on the weights converted to float32 first."""
