@@ -4,13 +4,14 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
-    the reference (refllama/quant/int8.py);
+    the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
     (GGUFBlockWeight: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, kept memory-mapped as stored): four rows at a time are
     dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of
     a weight ever exists; for decode, Q4_0/Q4_1/Q8_0 blocks are read by a fused matvec without dequantizing.
-* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels. Other
-  gated activations (GELU, ReLU) are the numpy backend's.
+* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
+  more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
+  (GELU, ReLU) are the numpy backend's.
 
 Threads: REFLLAMA_NUM_THREADS (default 2). The backend calls no BLAS: OpenBLAS's worker threads spin for a
 while after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores
@@ -208,16 +209,17 @@ class NumbaBackend(NumpyBackend):
             p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm", q4,
                                           sums)
         M, K = x.shape
-        codes, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
-        kernels.quantize_tokens(x, p.vllm, codes, scales)
         out = np.empty((M, p.q.shape[0]), np.float32)
+        scales = np.empty(M, np.float32)
+        if M > SMALL_BATCH and p.q4 is not None:  # AVX-512 VNNI: exact int8 products, 3x to 4x the float path
+            a4 = np.zeros((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8)
+            numba_gemm.quantize_pack(x, p.vllm, a4, scales, self.threads)
+            numba_gemm.int8_vnni_gemm(a4, M, p.q4, p.sums, p.scale, scales, p.vllm, out, self.threads)
+            return out
+        codes = np.empty((M, K), np.int8)
+        kernels.quantize_tokens(x, p.vllm, codes, scales)
         if M <= SMALL_BATCH:
             kernels.int8_matmul(codes, p.q, p.scale, scales, p.vllm, out)
-            return out
-        if p.q4 is not None:  # AVX-512 VNNI: exact int8 products, 4x the float32 microkernel's rate
-            a4 = np.empty((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8)
-            numba_gemm.pack_codes(codes, a4)
-            numba_gemm.int8_vnni_gemm(a4, M, p.q4, p.sums, p.scale, scales, p.vllm, out, self.threads)
             return out
         # Prefill: the same accumulators from float32 sums of at most EXACT_FLOAT_TERMS products (exact).
         chunks = -(-K // kernels.EXACT_FLOAT_TERMS)

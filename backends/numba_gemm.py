@@ -5,7 +5,7 @@ W8A8. The reference's int8 x int8 -> int32 accumulators are exact whatever the o
 instruction may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64
 multiply-adds where a float32 FMA does 16. It multiplies unsigned by signed bytes, so the activation codes a (int8)
 go in as a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed per weight row.
-* a4 (ceil(K / 4), Mp * 4) uint8 (`pack_codes`): for each 4 consecutive k, token m's 4 bytes at [4m, 4m + 4);
+* a4 (ceil(K / 4), Mp * 4) uint8 (`quantize_pack`): for each 4 consecutive k, token m's 4 bytes at [4m, 4m + 4);
   tokens zero-padded to Mp (`padded_tokens`, a multiple of 16), k past K zero.
 * w (N, K) int8, the weight rows as stored, K a multiple of 4 (else padded with zeros once by the caller): each
   row's 4 bytes at k = 4g are broadcast to every lane as one int32.
@@ -28,6 +28,7 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     REASSOC,
     _tokens_times_rows,
     _w8a8_epilogue,
+    quantize_tokens,
 )
 
 # isort: split
@@ -74,7 +75,7 @@ def _vnni_microkernel(rows: int, vectors: int):
     [4 g0, 4 g1) of a_u8[m0 + t, k] * w[r0 + i, k], exactly (int32 lanes; wrapping, but the caller's result fits).
 
     w (R, K) int8 rows as stored, K a multiple of 4: each row's 4 bytes at k = 4g are broadcast as one int32.
-    a4 (K / 4, Mp * 4) uint8: token m's bytes k = 4g .. 4g + 3 at a4[g, 4m:4m + 4] (`pack_codes`), so one
+    a4 (K / 4, Mp * 4) uint8: token m's bytes k = 4g .. 4g + 3 at a4[g, 4m:4m + 4] (`quantize_pack`), so one
     <16 x i32> load holds 16 tokens' four bytes each, the layout vpdpbusd multiplies lane by lane."""
     vec = ir.VectorType(_I32, LANES)
     width = LANES * vectors
@@ -148,15 +149,26 @@ _int8_rows_by_32 = _vnni_microkernel(ROWS, 2)
 _int8_rows_by_16 = _vnni_microkernel(ROWS, 1)
 
 
+@njit(cache=True, parallel=True)
+def quantize_pack(x, vllm, a4, scales, threads):
+    """numba_kernels.quantize_tokens of x (M, K) float32, bit for bit, with the codes written as vpdpbusd reads
+    them: a4[g, 4m + j] = code[m, 4g + j] + 128 (unsigned), scales (M,). a4 (ceil(K / 4), Mp * 4) must arrive
+    zeroed: its entries past K and past M stay 0 and add nothing. The tokens are split across the threads (a
+    serial pass was a tenth of a 2-thread W8A8 prefill)."""
+    M = x.shape[0]
+    parts = max(1, min(M, threads))
+    for p in prange(parts):
+        _quantize_pack_rows(x, vllm, a4, scales, p * M // parts, (p + 1) * M // parts)
+
+
 @njit(cache=True)
-def pack_codes(codes, a4):
-    """a4 (ceil(K / 4), Mp * 4) uint8 from int8 codes (M, K): a4[g, 4m + j] = codes[m, 4g + j] + 128 (as unsigned
-    bytes for vpdpbusd), and 0 past K and past M, so padding adds nothing."""
-    M, K = codes.shape
-    a4[:] = 0
-    for m in range(M):
+def _quantize_pack_rows(x, vllm, a4, scales, lo, hi):
+    K = x.shape[1]
+    codes = np.empty((hi - lo, K), np.int8)
+    quantize_tokens(x[lo:hi], vllm, codes, scales[lo:hi])
+    for m in range(hi - lo):
         for k in range(K):
-            a4[k >> 2, 4 * m + (k & 3)] = np.uint8(np.int32(codes[m, k]) + 128)
+            a4[k >> 2, 4 * (lo + m) + (k & 3)] = np.uint8(np.int32(codes[m, k]) + 128)
 
 
 @njit(cache=True)
@@ -172,7 +184,7 @@ def _int8_tile(w, r0, a4, m0, groups, tile):
 def int8_vnni_gemm(a4, M, w, w_sums, w_scale, a_scale, vllm, out, threads):
     """W8A8 for many tokens: numba_kernels.int8_matmul's accumulators and epilogue, bit for bit, with vpdpbusd.
 
-    a4: the activation codes + 128 as unsigned bytes (`pack_codes`); w (N, K) int8 with K a multiple of 4 (the
+    a4: the activation codes + 128 as unsigned bytes (`quantize_pack`); w (N, K) int8 with K a multiple of 4 (the
     stored rows, read in place); w_sums (N,) int32: sum_k w[n, k]. sum_k (a + 128) w - 128 sum_k w = sum_k a w,
     every step exact in int32 (or wrapping, when only the final sum is known to fit: the same result mod 2**32).
     """
@@ -334,13 +346,12 @@ def warm_up() -> None:
     silu_mul(x, x, np.empty_like(x))
     if not VNNI:
         return
-    codes, a4 = np.ones((9, 8), np.int8), np.empty((2, 4 * padded_tokens(9)), np.uint8)
-    pack_codes(codes, a4)
     w, f32 = np.ones((7, 8), np.int8), np.float32
     for vllm in (False, True):
-        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), np.ones(9, f32), vllm,
-                       np.empty((9, 7), f32), 1)
+        a4, scales = np.zeros((2, 4 * padded_tokens(9)), np.uint8), np.empty(9, f32)
+        quantize_pack(np.ones((9, 8), f32), vllm, a4, scales, 1)
+        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), scales, vllm, np.empty((9, 7), f32), 1)
 
 
-__all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "pack_codes", "padded_tokens",
-           "prompt_attention", "silu_mul", "warm_up"]
+__all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "padded_tokens",
+           "prompt_attention", "quantize_pack", "silu_mul", "warm_up"]

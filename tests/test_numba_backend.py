@@ -67,8 +67,11 @@ def test_bfloat16_weights_are_read_as_stored_with_the_float32_products(xp, M, N,
 needs_vnni = pytest.mark.skipif(not numba_gemm.VNNI, reason="this CPU (or NUMBA_CPU_NAME) has no AVX-512 VNNI")
 
 
-def _w8a8_accumulators(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return codes.astype(np.int64) @ q.T.astype(np.int64)
+def _quantize_pack(x: np.ndarray, vllm: bool, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    M, K = x.shape
+    a4, scales = np.zeros((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8), np.empty(M, np.float32)
+    numba_gemm.quantize_pack(x, vllm, a4, scales, threads)
+    return a4, scales
 
 
 @needs_vnni
@@ -76,20 +79,26 @@ def _w8a8_accumulators(codes: np.ndarray, q: np.ndarray) -> np.ndarray:
                                    (48, 48, 576), (130, 13, 100)])
 def test_vnni_int8_gemm_is_int8_matmul_bit_for_bit(M, N, K):
     """Tokens just past SMALL_BATCH and odd groups of 16, rows not a multiple of ROWS or CHUNK, K not a multiple
-    of 4 (zero-padded): the accumulators and epilogue of numba_kernels.int8_matmul, both semantics, exactly."""
+    of 4 (zero-padded): quantize_tokens' codes and scales, and int8_matmul's accumulators and epilogue, both
+    semantics, exactly; the tokens split over 1, 2 and 3 threads' shares."""
     rng = np.random.default_rng(M * 1000 + N + K)
-    codes = rng.integers(-128, 128, (M, K), dtype=np.int8)
-    codes[0] = -128  # a + 128 = 0: the whole unsigned range
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+    x[0, 0] = -np.abs(x[0]).max() * 1.5  # the -127.5 tie: code -128, a + 128 = 0
+    x[1] = 0  # an all-zero token
     q = rng.integers(-128, 128, (N, K), dtype=np.int8)
     q4 = np.pad(q, ((0, 0), (0, -K % 4)))
-    w_scale, a_scale = rng.uniform(1e-3, 1, N).astype(np.float32), rng.uniform(1e-3, 1, M).astype(np.float32)
-    a4 = np.empty((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8)
-    numba_gemm.pack_codes(codes, a4)
+    w_scale = rng.uniform(1e-3, 1, N).astype(np.float32)
     for vllm in (False, True):
-        got, expected = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
-        numba_gemm.int8_vnni_gemm(a4, M, q4, q.sum(axis=1, dtype=np.int32), w_scale, a_scale, vllm, got, 2)
-        numba_kernels.int8_matmul(codes, q, w_scale, a_scale, vllm, expected)
-        np.testing.assert_array_equal(got, expected)
+        codes, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
+        numba_kernels.quantize_tokens(x, vllm, codes, scales)
+        expected = np.empty((M, N), np.float32)
+        numba_kernels.int8_matmul(codes, q, w_scale, scales, vllm, expected)
+        for threads in (1, 2, 3):
+            a4, a_scale = _quantize_pack(x, vllm, threads)
+            np.testing.assert_array_equal(a_scale, scales)
+            got = np.empty((M, N), np.float32)
+            numba_gemm.int8_vnni_gemm(a4, M, q4, q.sum(axis=1, dtype=np.int32), w_scale, a_scale, vllm, got, 2)
+            np.testing.assert_array_equal(got, expected)
 
 
 @needs_vnni
@@ -97,15 +106,15 @@ def test_vnni_accumulators_exact_where_the_unsigned_sum_wraps():
     """K = 70000 codes 127 x 127: sum (a + 128) w = 255 * 127 * K passes 2**31 and wraps; after the correction the
     accumulators are the true 127 * 127 * K (< 2**31), as int8_matmul's."""
     M, N, K = 9, 2, 70000
-    codes = np.full((M, K), 127, np.int8)
+    a4, _ = _quantize_pack(np.ones((M, K), np.float32), False)  # "hf": 1 / (1 / 127.5) -> code 127
     q = np.full((N, K), 127, np.int8)
     q[1, ::2] = -128
-    a4 = np.empty((K // 4, 4 * numba_gemm.padded_tokens(M)), np.uint8)
-    numba_gemm.pack_codes(codes, a4)
-    ones_n, ones_m = np.ones(N, np.float32), np.ones(M, np.float32)
+    ones = np.ones(N, np.float32)
     got = np.empty((M, N), np.float32)
-    numba_gemm.int8_vnni_gemm(a4, M, q, q.sum(axis=1, dtype=np.int32), ones_n, ones_m, False, got, 2)
-    np.testing.assert_array_equal(got, _w8a8_accumulators(codes, q).astype(np.float32))
+    numba_gemm.int8_vnni_gemm(a4, M, q, q.sum(axis=1, dtype=np.int32), ones, np.ones(M, np.float32), False, got, 2)
+    accumulators = np.full((M, K), 127, np.int64) @ q.T.astype(np.int64)
+    assert accumulators.max() == 127 * 127 * K
+    np.testing.assert_array_equal(got, accumulators.astype(np.float32))
 
 
 @needs_vnni
