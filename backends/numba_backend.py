@@ -158,7 +158,7 @@ class NumbaBackend(NumpyBackend):
         width = gate.shape[-1]
         silu_mul = numba_gemm.silu_mul if gate.size >= numba_gemm.QUERIES * width else kernels.silu_mul
         silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
-                         out.reshape(-1, width))
+                 out.reshape(-1, width))
         return out
 
     # --- Linear: float weights here, quantized ones through `linear_kernels` (below the class) ----------------
