@@ -4,13 +4,14 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
-    the reference (refllama/quant/int8.py);
+    the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
     (GGUFBlockWeight: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, kept memory-mapped as stored): four rows at a time are
     dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of
     a weight ever exists; for decode, Q4_0/Q4_1/Q8_0 blocks are read by a fused matvec without dequantizing.
-* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels. Other
-  gated activations (GELU, ReLU) are the numpy backend's.
+* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
+  more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
+  (GELU, ReLU) are the numpy backend's.
 
 Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
 or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS. The backend calls no BLAS:
@@ -31,6 +32,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from refllama.backends import numba_gemm
 from refllama.backends import numba_kernels as kernels  # first: it sets NUMBA_CACHE_DIR, then imports numba
 from refllama.backends.numpy_backend import NumpyBackend
 from refllama.config import ActivationType
@@ -88,6 +90,8 @@ class _W8A8:
     q: np.ndarray  # int8 (N, K), C-contiguous (the stored view)
     scale: np.ndarray  # float32 (N,)
     vllm: bool
+    q4: np.ndarray | None  # int8 (N, K rounded up to 4), zero-padded, for numba_gemm (None without VNNI)
+    sums: np.ndarray | None  # int32 (N,): sum_k q[n, k], numba_gemm's correction
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,8 @@ class NumbaBackend(NumpyBackend):
         B, H, T, D = q.shape
         queries = np.ascontiguousarray(q.transpose(0, 2, 1, 3))  # (B, T, H, D): no copy for apply_rope's output
         out = np.empty((B, T, H, D), np.float32)
-        kernels.attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
+        attention = numba_gemm.prompt_attention if T >= numba_gemm.QUERIES else kernels.attention
+        attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
         return out.transpose(0, 2, 1, 3)  # (B, H, T, D) view, as apply_rope
 
     def gated_activation(self, gate: np.ndarray, up: np.ndarray, act: ActivationType) -> np.ndarray:
@@ -186,8 +191,9 @@ class NumbaBackend(NumpyBackend):
             return super().gated_activation(gate, up, act)
         out = np.empty(gate.shape, np.float32)
         width = gate.shape[-1]
-        kernels.silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
-                         out.reshape(-1, width))
+        silu_mul = numba_gemm.silu_mul if gate.size >= numba_gemm.QUERIES * width else kernels.silu_mul
+        silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
+                 out.reshape(-1, width))
         return out
 
     # --- Linear: float weights here, quantized ones through `linear_kernels` (below the class) ----------------
@@ -231,11 +237,22 @@ class NumbaBackend(NumpyBackend):
             if K > INT8_MAX_K:
                 raise BackendError(f"an int32 accumulator overflows for K = {K} > {INT8_MAX_K}")
             scale = np.broadcast_to(np.asarray(w.scale, np.float32).reshape(-1), (N,))
-            p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm")
+            q4 = sums = None
+            if numba_gemm.VNNI:
+                q4 = q if K % 4 == 0 else np.pad(q, ((0, 0), (0, -K % 4)))
+                sums = q.sum(axis=1, dtype=np.int32)
+            p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm", q4,
+                                          sums)
         M, K = x.shape
-        codes, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
-        kernels.quantize_tokens(x, p.vllm, codes, scales)
         out = np.empty((M, p.q.shape[0]), np.float32)
+        scales = np.empty(M, np.float32)
+        if M > SMALL_BATCH and p.q4 is not None:  # AVX-512 VNNI: exact int8 products, 3x to 4x the float path
+            a4 = np.zeros((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8)
+            numba_gemm.quantize_pack(x, p.vllm, a4, scales, self.threads)
+            numba_gemm.int8_vnni_gemm(a4, M, p.q4, p.sums, p.scale, scales, p.vllm, out, self.threads)
+            return out
+        codes = np.empty((M, K), np.int8)
+        kernels.quantize_tokens(x, p.vllm, codes, scales)
         if M <= SMALL_BATCH:
             kernels.int8_matmul(codes, p.q, p.scale, scales, p.vllm, out)
             return out

@@ -29,12 +29,13 @@ from refllama.formats.gguf_llama import config_from_gguf
 from refllama.formats.safetensors import TensorSource
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
+from refllama.quant.types import ActivationQuant, Int8Weight
 
 from conftest import GOLDEN, QUANT, SMOLLM2_ATOL, assert_smollm2_logits, decode_rows, load_npz, smollm2_path
 
 pytest.importorskip("numba")
 
-from refllama.backends import numba_kernels
+from refllama.backends import numba_gemm, numba_kernels
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -60,6 +61,142 @@ def test_bfloat16_weights_are_read_as_stored_with_the_float32_products(xp, M, N,
     got = xp.embedding(w, ids)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, w.astype(np.float32)[ids])
+
+
+# ---------------------------------------------------------------- W8A8 prompts through AVX-512 VNNI
+
+needs_vnni = pytest.mark.skipif(not numba_gemm.VNNI, reason="this CPU (or NUMBA_CPU_NAME) has no AVX-512 VNNI")
+
+
+def _quantize_pack(x: np.ndarray, vllm: bool, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    M, K = x.shape
+    a4, scales = np.zeros((-(-K // 4), 4 * numba_gemm.padded_tokens(M)), np.uint8), np.empty(M, np.float32)
+    numba_gemm.quantize_pack(x, vllm, a4, scales, threads)
+    return a4, scales
+
+
+@needs_vnni
+@pytest.mark.parametrize("M,N,K", [(9, 1, 4), (9, 7, 577), (16, 6, 1), (17, 49, 64), (33, 101, 1538),
+                                   (48, 48, 576), (130, 13, 100)])
+def test_vnni_int8_gemm_is_int8_matmul_bit_for_bit(M, N, K):
+    """Tokens just past SMALL_BATCH and odd groups of 16, rows not a multiple of ROWS or CHUNK, K not a multiple
+    of 4 (zero-padded): quantize_tokens' codes and scales, and int8_matmul's accumulators and epilogue, both
+    semantics, exactly; the tokens split over 1, 2 and 3 threads' shares."""
+    rng = np.random.default_rng(M * 1000 + N + K)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+    x[0, 0] = -np.abs(x[0]).max() * 1.5  # the -127.5 tie: code -128, a + 128 = 0
+    x[1] = 0  # an all-zero token
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    q4 = np.pad(q, ((0, 0), (0, -K % 4)))
+    w_scale = rng.uniform(1e-3, 1, N).astype(np.float32)
+    for vllm in (False, True):
+        codes, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
+        numba_kernels.quantize_tokens(x, vllm, codes, scales)
+        expected = np.empty((M, N), np.float32)
+        numba_kernels.int8_matmul(codes, q, w_scale, scales, vllm, expected)
+        for threads in (1, 2, 3):
+            a4, a_scale = _quantize_pack(x, vllm, threads)
+            np.testing.assert_array_equal(a_scale, scales)
+            got = np.empty((M, N), np.float32)
+            numba_gemm.int8_vnni_gemm(a4, M, q4, q.sum(axis=1, dtype=np.int32), w_scale, a_scale, vllm, got, 2)
+            np.testing.assert_array_equal(got, expected)
+
+
+@needs_vnni
+def test_vnni_accumulators_exact_where_the_unsigned_sum_wraps():
+    """K = 70000 codes 127 x 127: sum (a + 128) w = 255 * 127 * K passes 2**31 and wraps; after the correction the
+    accumulators are the true 127 * 127 * K (< 2**31), as int8_matmul's."""
+    M, N, K = 9, 2, 70000
+    a4, _ = _quantize_pack(np.ones((M, K), np.float32), False)  # "hf": 1 / (1 / 127.5) -> code 127
+    q = np.full((N, K), 127, np.int8)
+    q[1, ::2] = -128
+    ones = np.ones(N, np.float32)
+    got = np.empty((M, N), np.float32)
+    numba_gemm.int8_vnni_gemm(a4, M, q, q.sum(axis=1, dtype=np.int32), ones, np.ones(M, np.float32), False, got, 2)
+    accumulators = np.full((M, K), 127, np.int64) @ q.T.astype(np.int64)
+    assert accumulators.max() == 127 * 127 * K
+    np.testing.assert_array_equal(got, accumulators.astype(np.float32))
+
+
+@needs_vnni
+def test_w8a8_prompt_linear_takes_the_vnni_path_and_equals_decode_rows(xp):
+    """Through the backend: a 12-token W8A8 Linear (the VNNI GEMM) equals the same tokens one at a time (the
+    decode kernel) bit for bit."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(-128, 128, (37, 201), dtype=np.int8)
+    weight = Int8Weight(q, rng.uniform(1e-3, 1, (37, 1)).astype(np.float32), activation=ActivationQuant("hf"))
+    x = rng.standard_normal((1, 12, 201)).astype(np.float32)
+    together = xp.linear(x, Linear(weight))
+    assert xp._prepared[weight].q4 is not None
+    one_by_one = np.concatenate([xp.linear(x[:, i:i + 1], Linear(weight)) for i in range(12)], axis=1)
+    np.testing.assert_array_equal(together, one_by_one)
+
+
+# ---------------------------------------------------------------- attention for prompts (numba_gemm.prompt_attention)
+
+
+@pytest.mark.parametrize("heads", [(6, 3), (8, 1), (4, 4)], ids=["GQA3", "MQA", "MHA"])
+@pytest.mark.parametrize("T,past,D", [(32, 0, 64), (33, 0, 24), (70, 37, 64), (129, 3, 16)])
+def test_prompt_attention_within_the_attention_bound(xp, heads, T, past, D):
+    """From QUERIES positions on, the backend's attention is the blocked kernel: causal masks after `past` cached
+    tokens, a left-padded batch row whose first queries see nothing (the reference's uniform average of V), the
+    cache's buffer layout, and the same slots in reverse order (allowed keys not a prefix). Bound: the conformance
+    suite's attention bound, 4 eps32 max|v| against the float64 reference."""
+    assert T >= numba_gemm.QUERIES
+    H, KV = heads
+    B, S = 2, past + T
+    rng = np.random.default_rng(H * 1000 + T * 10 + past)
+    ref = get_backend("numpy", "float64")
+    mask = np.broadcast_to(np.arange(S)[None, :] <= (past + np.arange(T))[:, None], (B, T, S)).copy()
+    mask[1, :, : S // 2 + 1] = False
+    mask[1, :3] = False  # padding queries
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((B, H, T, D), (B, KV, S, D), (B, KV, S, D)))
+    buffers = [xp.cache_write(xp.zeros((B, KV, S + 5, D)), a, 0)[:, :, :S] for a in (k, v)]
+    bound = 4 * np.finfo(np.float32).eps * np.abs(v).max()
+    for keys, values, m in ((k, v, mask), (*buffers, mask), (k[:, :, ::-1], v[:, :, ::-1], mask[:, :, ::-1])):
+        expected = ref.attention(q.astype(np.float64), keys.astype(np.float64), values.astype(np.float64), m)
+        got = xp.attention(q, keys, values, np.ascontiguousarray(m))
+        assert np.abs(got - expected).max() <= bound
+
+
+# ---------------------------------------------------------------- exp in vector lanes (numba_gemm.exp32, silu_mul)
+
+
+def test_exp32_within_one_and_a_half_ulp():
+    """exp32 against float64 exp on a dense grid over its whole normal range and random softmax-like arguments
+    (measured max 1.004 ulp); clamped past the ends, never inf or 0."""
+    import numba
+
+    @numba.njit
+    def exp_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = numba_gemm.exp32(x[i])
+
+    x = np.concatenate([np.linspace(-87, 88, 1_000_001, dtype=np.float32),
+                        np.random.default_rng(0).uniform(-30, 0, 100_000).astype(np.float32)])
+    got = np.empty_like(x)
+    exp_all(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / np.spacing(exact.astype(np.float32))).max() <= 1.5
+    ends = np.empty(2, np.float32)
+    exp_all(np.array([-1000, 1000], np.float32), ends)
+    assert 0 < ends[0] < 1.2e-38 and np.isfinite(ends[1])
+
+
+@pytest.mark.parametrize("shape", [(32, 1536), (33, 7), (40, 1)])
+def test_prompt_silu_mul_within_the_activation_bound(xp, shape):
+    """From QUERIES rows on the backend's SiLU-mul uses exp32: within the conformance bound, 8 eps32 max|ref|,
+    of the float64 reference, with large, tiny and zero gates."""
+    rng = np.random.default_rng(shape[1])
+    gate = (rng.standard_normal(shape) * 4).astype(np.float32)
+    gate.flat[:4] = [0, 100, -100, 1e-30]
+    up = rng.standard_normal(shape).astype(np.float32)
+    from refllama.config import ActivationType
+
+    got = xp.gated_activation(gate, up, ActivationType.Silu)
+    g = gate.astype(np.float64)
+    expected = g / (1 + np.exp(-g)) * up
+    assert np.abs(got - expected).max() <= 8 * np.finfo(np.float32).eps * np.abs(expected).max()
 
 
 def test_bfloat16_checkpoint_stays_memory_mapped(xp):

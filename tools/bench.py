@@ -433,10 +433,11 @@ def child_jit(cache_dir: str) -> dict[str, Any]:
     """Import the numba kernels and compile (or load) them all with NUMBA_CACHE_DIR = cache_dir."""
     os.environ["NUMBA_CACHE_DIR"] = cache_dir
     start = time.perf_counter()
-    from refllama.backends import numba_kernels
+    from refllama.backends import numba_gemm, numba_kernels
 
     imported = time.perf_counter()
     numba_kernels.warm_up()
+    numba_gemm.warm_up()
     return {"import_s": imported - start, "compile_or_load_s": time.perf_counter() - imported}
 
 

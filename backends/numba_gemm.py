@@ -1,0 +1,358 @@
+"""Prompt-sized kernels for the numba backend (more than a few tokens): a W8A8 int8 GEMM on AVX-512 VNNI, bit for
+bit; attention as two blocked matrix products; SiLU-mul and the softmax with a vectorised float32 exp (`exp32`).
+
+W8A8. The reference's int8 x int8 -> int32 accumulators are exact whatever the order, so any exact integer
+instruction may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64
+multiply-adds where a float32 FMA does 16. It multiplies unsigned by signed bytes, so the activation codes a (int8)
+go in as a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed per weight row.
+* a4 (ceil(K / 4), Mp * 4) uint8 (`quantize_pack`): for each 4 consecutive k, token m's 4 bytes at [4m, 4m + 4);
+  tokens zero-padded to Mp (`padded_tokens`, a multiple of 16), k past K zero.
+* w (N, K) int8, the weight rows as stored, K a multiple of 4 (else padded with zeros once by the caller): each
+  row's 4 bytes at k = 4g are broadcast to every lane as one int32.
+* The microkernel keeps ROWS x 2 accumulators (ROWS weight rows x 32 tokens) in registers over all of K.
+* Work split: `prange` over runs of CHUNK-row chunks, one run per thread; within a chunk, for each 32-token group,
+  every block of ROWS rows, so the chunk's rows stay in L2 across token groups.
+Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul_float.
+
+Attention. numba_kernels.attention (decode) dots one query with one key at a time. For a prompt, a block of
+QUERIES positions of one head goes through numba_kernels' 4x4 microkernel twice: scores = Q K^T over the keys up
+to the block's last allowed one, then (unnormalised softmax weights) V, divided by the row sums as there.
+
+exp. NumPy's exp in a Numba loop is a call to libm's scalar expf (no SVML here), which kept the softmax and SiLU
+scalar; `exp32` is plain float32 arithmetic that LLVM vectorises, within 1.5 ulp.
+
+docs/numba.md has the measurements.
+"""
+
+from __future__ import annotations
+
+from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR, then imports numba
+    LOWEST,
+    REASSOC,
+    _tokens_times_rows,
+    _w8a8_epilogue,
+    quantize_tokens,
+)
+
+# isort: split
+import numba
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16  # int32 lanes of one 512-bit vector
+ROWS = 6  # weight rows per microkernel: ROWS x 2 accumulators, ROWS broadcasts and 2 vector loads per 4 k
+TOKENS = 2 * LANES  # tokens per microkernel call (a 16-token call covers an odd last group)
+CHUNK = 8 * ROWS  # weight rows per chunk: they stay in L2 while every token group passes
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def padded_tokens(m: int) -> int:
+    """Tokens of a packed activation block for m tokens: a multiple of LANES (the padding is zero)."""
+    return -(-m // LANES) * LANES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W8A8 through AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane, exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+def _has_vnni() -> bool:
+    """Whether the CPU numba compiles for has AVX-512 VNNI (numba targets the host unless NUMBA_CPU_NAME is set)."""
+    if numba.config.CPU_NAME:  # a portable target (e.g. "generic"): no VNNI instructions
+        return False
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+VNNI = _has_vnni()
+
+
+def _vnni_microkernel(rows: int, vectors: int):
+    """An intrinsic kernel(w, r0, a4, m0, g0, g1, tile): int32 tile[i * 16 * vectors + t] = sum over k in
+    [4 g0, 4 g1) of a_u8[m0 + t, k] * w[r0 + i, k], exactly (int32 lanes; wrapping, but the caller's result fits).
+
+    w (R, K) int8 rows as stored, K a multiple of 4: each row's 4 bytes at k = 4g are broadcast as one int32.
+    a4 (K / 4, Mp * 4) uint8: token m's bytes k = 4g .. 4g + 3 at a4[g, 4m:4m + 4] (`quantize_pack`), so one
+    <16 x i32> load holds 16 tokens' four bytes each, the layout vpdpbusd multiplies lane by lane."""
+    vec = ir.VectorType(_I32, LANES)
+    width = LANES * vectors
+
+    @intrinsic
+    def kernel(typingctx, w, r0, a4, m0, g0, g1, tile):
+        if not (isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype == types.int8
+                and isinstance(a4, types.Array) and a4.ndim == 2 and a4.layout == "C" and a4.dtype == types.uint8
+                and isinstance(tile, types.Array) and tile.ndim == 1 and tile.layout == "C"
+                and tile.dtype == types.int32 and all(isinstance(i, types.Integer) for i in (r0, m0, g0, g1))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            w_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            a_arr = context.make_array(signature.args[2])(context, builder, args[2])
+            t_arr = context.make_array(signature.args[6])(context, builder, args[6])
+            start_row, first_token, start, stop = (context.cast(builder, args[i], signature.args[i], types.int64)
+                                                   for i in (1, 3, 4, 5))
+            K = builder.extract_value(w_arr.shape, 1)
+            row_bytes = builder.extract_value(a_arr.shape, 1)
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 "llvm.x86.avx512.vpdpbusd.512")
+            row_ptrs = [builder.gep(w_arr.data, [builder.mul(builder.add(start_row, ir.Constant(_I64, i)), K)])
+                        for i in range(rows)]
+            a_base = builder.gep(a_arr.data, [builder.mul(first_token, ir.Constant(_I64, 4))])
+            zero = ir.Constant(vec, [0] * LANES)
+            broadcast = ir.Constant(vec, [0] * LANES)
+            entry = builder.block
+            loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
+            builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+
+            builder.position_at_end(loop)  # for g in range(g0, g1): k = 4g .. 4g + 3
+            g = builder.phi(_I64)
+            accs = [builder.phi(vec) for _ in range(rows * vectors)]
+            a_row = builder.gep(a_base, [builder.mul(g, row_bytes)])
+            xs = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(_I64, 4 * LANES * v)]),
+                                               vec.as_pointer()), align=1) for v in range(vectors)]
+            k = builder.mul(g, ir.Constant(_I64, 4))
+            updated = []
+            for i in range(rows):
+                word = builder.load(builder.bitcast(builder.gep(row_ptrs[i], [k]), _I32.as_pointer()), align=1)
+                ws = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), word,
+                                                                   ir.Constant(_I32, 0)),
+                                            ir.Constant(vec, ir.Undefined), broadcast)
+                for v in range(vectors):
+                    updated.append(builder.call(dot, [accs[i * vectors + v], xs[v], ws]))
+            next_g = builder.add(g, ir.Constant(_I64, 1))
+            g.add_incoming(start, entry)
+            g.add_incoming(next_g, loop)
+            for phi, value in zip(accs, updated, strict=True):
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(value, loop)
+            builder.cbranch(builder.icmp_signed("<", next_g, stop), loop, done)
+
+            builder.position_at_end(done)
+            finals = [builder.phi(vec) for _ in updated]
+            for j, (final, value) in enumerate(zip(finals, updated, strict=True)):
+                final.add_incoming(zero, entry)
+                final.add_incoming(value, loop)
+                i, v = divmod(j, vectors)
+                where = builder.gep(t_arr.data, [ir.Constant(_I64, i * width + v * LANES)])
+                builder.store(final, builder.bitcast(where, vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(w, r0, a4, m0, g0, g1, tile), codegen
+
+    return kernel
+
+
+_int8_rows_by_32 = _vnni_microkernel(ROWS, 2)
+_int8_rows_by_16 = _vnni_microkernel(ROWS, 1)
+
+
+@njit(cache=True, parallel=True)
+def quantize_pack(x, vllm, a4, scales, threads):
+    """numba_kernels.quantize_tokens of x (M, K) float32, bit for bit, with the codes written as vpdpbusd reads
+    them: a4[g, 4m + j] = code[m, 4g + j] + 128 (unsigned), scales (M,). a4 (ceil(K / 4), Mp * 4) must arrive
+    zeroed: its entries past K and past M stay 0 and add nothing. The tokens are split across the threads (a
+    serial pass was a tenth of a 2-thread W8A8 prefill)."""
+    M = x.shape[0]
+    parts = max(1, min(M, threads))
+    for p in prange(parts):
+        _quantize_pack_rows(x, vllm, a4, scales, p * M // parts, (p + 1) * M // parts)
+
+
+@njit(cache=True)
+def _quantize_pack_rows(x, vllm, a4, scales, lo, hi):
+    K = x.shape[1]
+    codes = np.empty((hi - lo, K), np.int8)
+    quantize_tokens(x[lo:hi], vllm, codes, scales[lo:hi])
+    for m in range(hi - lo):
+        for k in range(K):
+            a4[k >> 2, 4 * (lo + m) + (k & 3)] = np.uint8(np.int32(codes[m, k]) + 128)
+
+
+@njit(cache=True)
+def _int8_tile(w, r0, a4, m0, groups, tile):
+    if 4 * (m0 + TOKENS) <= a4.shape[1]:
+        _int8_rows_by_32(w, r0, a4, m0, 0, groups, tile)
+        return TOKENS
+    _int8_rows_by_16(w, r0, a4, m0, 0, groups, tile)
+    return LANES
+
+
+@njit(cache=True, parallel=True)
+def int8_vnni_gemm(a4, M, w, w_sums, w_scale, a_scale, vllm, out, threads):
+    """W8A8 for many tokens: numba_kernels.int8_matmul's accumulators and epilogue, bit for bit, with vpdpbusd.
+
+    a4: the activation codes + 128 as unsigned bytes (`quantize_pack`); w (N, K) int8 with K a multiple of 4 (the
+    stored rows, read in place); w_sums (N,) int32: sum_k w[n, k]. sum_k (a + 128) w - 128 sum_k w = sum_k a w,
+    every step exact in int32 (or wrapping, when only the final sum is known to fit: the same result mod 2**32).
+    """
+    chunks = (w.shape[0] + CHUNK - 1) // CHUNK
+    parts = max(1, min(chunks, threads))
+    for p in prange(parts):
+        _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, p * chunks // parts, (p + 1) * chunks // parts)
+
+
+@njit(cache=True)
+def _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, first, stop):
+    """Chunks [first, stop) of int8_vnni_gemm: one thread's share, a serial function (numba_kernels' docstring:
+    writes through views made inside a parallel kernel are dropped)."""
+    N, K = w.shape
+    groups = K // 4
+    Mp = a4.shape[1] // 4
+    tile = np.empty(ROWS * TOKENS, np.int32)
+    last = np.zeros((ROWS, K), np.int8)  # the last rows, when fewer than ROWS remain
+    for c in range(first, stop):
+        n0 = c * CHUNK
+        count = min(CHUNK, N - n0)
+        for m0 in range(0, Mp, TOKENS):
+            for r0 in range(0, count, ROWS):
+                n = n0 + r0
+                if n + ROWS <= N:
+                    width = _int8_tile(w, n, a4, m0, groups, tile)
+                else:
+                    last[:N - n] = w[n:]
+                    width = _int8_tile(last, 0, a4, m0, groups, tile)
+                for i in range(min(ROWS, N - n)):
+                    correction = np.int32(128) * w_sums[n + i]
+                    for t in range(min(width, M - m0)):
+                        acc = np.int32(tile[i * width + t] - correction)
+                        out[m0 + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m0 + t], vllm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exp in float32 vector lanes (numba's np.exp calls libm's scalar expf: without SVML no loop around it vectorises)
+# ---------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def _float_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def exp32(x):
+    """exp(x) for float32 x within 1.5 ulp of the exact value (measured: 1.004 over [-87, 88]; libm's expf: 0.5), in
+    plain arithmetic that LLVM vectorises: 0.23 ns an element against 2.3 for np.exp here. Cephes' expf:
+    x = n ln2 + r (ln2 in two parts), exp(r) by a degree-7 polynomial, 2**n put into the exponent bits. x is
+    clamped to [-87.34, 88.38]: below, exp(x) < 1.2e-38 comes out as 1.2e-38; above, as 2.4e38 instead of
+    more or inf (softmax arguments are <= 0; SiLU divides by 1 + exp(-g), so ~ -0 either way)."""
+    x = min(max(x, np.float32(-87.33654)), np.float32(88.37626))  # 2**n stays a normal float32
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * (r * r) + r + np.float32(1.0)) * _float_bits(np.int32((np.int32(n) + 127) << 23))
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up = gate / (1 + exp(-gate)) * up for (tokens, I) rows, with `exp32`: numba_kernels.silu_mul
+    for prompts, where its scalar exp took 5% of a prefill."""
+    M, width = gate.shape
+    for m in prange(M):
+        for i in range(width):
+            g = gate[m, i]
+            out[m, i] = g / (np.float32(1.0) + exp32(-g)) * up[m, i]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention for prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+QUERIES = 32  # query positions per parallel item (the backend uses this kernel from this many positions on)
+
+
+@njit(cache=True, parallel=True)
+def prompt_attention(q, k, v, length, mask, out):
+    """numba_kernels.attention's result (same arguments, same masking rules) for many query positions: a parallel
+    item per (batch, head, block of QUERIES positions)."""
+    B, T, H = q.shape[:3]
+    blocks = (T + QUERIES - 1) // QUERIES
+    for r in prange(B * H * blocks):
+        _attention_block(q, k, v, length, mask, out, r // (H * blocks), (r // blocks) % H, r % blocks)
+
+
+@njit(cache=True, fastmath=REASSOC)
+def _attention_block(q, k, v, length, mask, out, b, h, blk):
+    """One item of prompt_attention: a serial function, since writes through views made inside a parallel
+    kernel are dropped (numba_kernels' docstring)."""
+    T, H, D = q.shape[1:]
+    group = H // k.shape[1]
+    scale = np.float32(D**-0.5)
+    keys, values = k[b, h // group], v[b, h // group]
+    t0 = blk * QUERIES
+    n = min(T, t0 + QUERIES) - t0
+    hi = 0  # keys [0, hi) hold every allowed key of the block's queries
+    for t in range(n):
+        last = -1
+        for s in range(length - 1, -1, -1):
+            if mask[b, t0 + t, s]:
+                last = s
+                break
+        hi = max(hi, last + 1) if last >= 0 else length  # a padding query averages all of V uniformly
+    queries = np.empty((n, D), np.float32)  # the block's query rows, contiguous for the microkernel
+    for t in range(n):
+        queries[t] = q[b, t0 + t, h]
+    scores = np.empty((n, hi), np.float32)  # q . k, then in place the unnormalised softmax weights
+    for s in range(0, hi, 4):
+        _tokens_times_rows(queries, keys[s:s + 4], min(4, hi - s), scores, s)
+    for t in range(n):
+        row, allowed = scores[t], mask[b, t0 + t]
+        highest = LOWEST
+        count = 0
+        for s in range(hi):
+            if allowed[s]:
+                row[s] *= scale
+                highest = max(highest, row[s])
+                count += 1
+        for s in range(hi):
+            if count == 0:  # hi == length here
+                row[s] = np.float32(1.0)
+            else:  # masked keys: q . k is finite, so exp32(...) * 0 = 0; branch-free, the loop vectorises
+                row[s] = exp32(row[s] - highest) * np.float32(allowed[s])
+    values_t = np.empty((D, hi), np.float32)  # V transposed: its columns are the microkernel's "weight rows"
+    for s in range(hi):
+        for d in range(D):
+            values_t[d, s] = values[s, d]
+    result = np.empty((n, D), np.float32)  # sum_s w_s v_s, divided by sum_s w_s below (numba_kernels.attention)
+    for d in range(0, D, 4):
+        _tokens_times_rows(scores, values_t[d:d + 4], min(4, D - d), result, d)
+    for t in range(n):
+        total = np.float32(0.0)
+        for s in range(hi):
+            total += scores[t, s]
+        for d in range(D):
+            out[b, t0 + t, h, d] = result[t, d] / total
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) this module's kernels for the argument types the backend passes (the VNNI
+    ones only where the CPU has VNNI: the backend calls them nowhere else)."""
+    q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
+    prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
+    x = np.ones((QUERIES, 8), np.float32)
+    silu_mul(x, x, np.empty_like(x))
+    if not VNNI:
+        return
+    w, f32 = np.ones((7, 8), np.int8), np.float32
+    for vllm in (False, True):
+        a4, scales = np.zeros((2, 4 * padded_tokens(9)), np.uint8), np.empty(9, f32)
+        quantize_pack(np.ones((9, 8), f32), vllm, a4, scales, 1)
+        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), scales, vllm, np.empty((9, 7), f32), 1)
+
+
+__all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "padded_tokens",
+           "prompt_attention", "quantize_pack", "silu_mul", "warm_up"]
