@@ -56,6 +56,7 @@ if not numba.config.CACHE_DIR:  # numba was imported before this module: point i
 REASSOC = {"reassoc", "contract"}
 LOWEST = np.float32(np.finfo(np.float32).min)  # the reference's masked score (finite: padded rows stay finite)
 PREFETCH_ROWS = 4  # matmul kernels prefetch the weight row this many rows ahead (measured best of 1..16)
+SHARES = 48  # decode matvecs split their rows into this many equal shares (`_share`): even for 1, 2, 3, 4, 6, 8 threads
 
 # ggml block formats with kernels here (refllama/formats/ggml_quants.py GGMLType values); others are dequantized at
 # load. Bytes per block and elements per block:
@@ -372,6 +373,15 @@ def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
         m += 1
 
 
+@njit(cache=True, inline="always")
+def _share(N, part):
+    """Rows [start, stop) of share `part` of SHARES contiguous, equal (within a row) shares of N rows. Decode
+    matvecs run prange over the shares, which numba hands to its threads in contiguous runs, so each thread
+    streams one contiguous, equal part of the weight (prange over 64-row chunks split 192 rows 128 : 64 between
+    two threads, and 576 rows 320 : 256)."""
+    return N * part // SHARES, N * (part + 1) // SHARES
+
+
 @njit(cache=True)
 def _tokens_times_rows(x, rows, count, out, n):
     """out[:, n:n + count] = x @ rows[:count].T for a block of up to four weight rows (count < 4: the last block)."""
@@ -489,15 +499,16 @@ def attention(q, k, v, length, mask, out):
 def float_matmul(x, w, out):
     """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
 
-    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, streams it at 21 GB/s
-    from memory here (NumPy's sgemv: 22; the 4x4 microkernel: 18). More tokens: four weight rows per iteration
-    through the microkernel.
+    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, each thread streaming
+    one contiguous, equal share of the rows (`_share`). More tokens: four weight rows per iteration through the
+    microkernel.
     """
     N = w.shape[0]
     if x.shape[0] == 1:
         token = x[0]
-        for c in prange((N + 63) // 64):
-            for n in range(c * 64, min(N, c * 64 + 64)):
+        for part in prange(SHARES):
+            start, stop = _share(N, part)
+            for n in range(start, stop):
                 _prefetch_row(w, n + PREFETCH_ROWS)
                 out[0, n] = dot(w[n], token)
         return
@@ -957,9 +968,10 @@ def gguf_matvec(kind, raw, x, out):
     N = raw.shape[0]
     block_sums = _block_sums(x)
     if kind == Q4_K or kind == Q5_K or kind == Q6_K:
-        for c in prange((N + 63) // 64):  # 64 rows per iteration: one scratch accumulator each
+        for part in prange(SHARES):  # one scratch accumulator per share of the rows
             acc = np.empty(32, np.float32)
-            for n in range(c * 64, min(N, c * 64 + 64)):
+            start, stop = _share(N, part)
+            for n in range(start, stop):
                 _prefetch_row(raw, n + PREFETCH_ROWS)
                 for m in range(x.shape[0]):
                     out[m, n] = _kquant_row_dot(kind, raw[n], x[m], block_sums[m], acc)
