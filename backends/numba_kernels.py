@@ -505,9 +505,10 @@ def attention(q, k, v, length, mask, out):
 def float_matmul(x, w, out):
     """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
 
-    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, each thread streaming
-    one contiguous, equal share of the rows (`_share`). More tokens: four weight rows per iteration through the
-    microkernel.
+    One token (decode) is bound by reading w: a vector dot per weight row, each thread streaming one contiguous,
+    equal share of the rows (`_share`). No software prefetch here: the hardware prefetcher follows these long
+    contiguous runs, and prefetching 4 rows ahead made one core's pass over SmolLM2's matrices 1.18x slower
+    (docs/numba.md). More tokens: four weight rows per iteration through the microkernel.
     """
     N = w.shape[0]
     if x.shape[0] == 1:
@@ -515,7 +516,6 @@ def float_matmul(x, w, out):
         for part in prange(SHARES):
             start, stop = _share(N, part)
             for n in range(start, stop):
-                _prefetch_row(w, n + PREFETCH_ROWS)
                 out[0, n] = dot(w[n], token)
         return
     for block in prange((N + 3) // 4):
