@@ -213,79 +213,121 @@ q5_0_row_dot = _row_dot(22, 6, "q5_0")
 q5_1_row_dot = _row_dot(24, 8, "q5_1")
 
 
-def _codes32_fma(high_bits: int, bias: int):
-    """An intrinsic f(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1): the K-quants' inner step.
+def _splat(builder, value, vector_type):
+    """A vector of vector_type with `value` in every lane."""
+    lanes = vector_type.count
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
-    acc[j] += f(j) * (q_j * x[x_at + j]) for j < 32, lane by lane as one LLVM vector (no horizontal sum: the row
-    sums acc once at its end), where q_j = ((row[at + j] >> shift) & 15) | (((row[high_at + j] >> high_shift) &
-    (2**high_bits - 1)) << 4), minus `bias`, and f(j) = f0 for j < 16, f1 for the rest (Q6_K's sub-blocks of 16).
-    Q4_K: high_bits 0; Q5_K: 1; Q6_K: 2 and bias 32. A numba loop over 32 codes runs scalar (module docstring).
+
+@intrinsic
+def q6_k_fma(typingctx, acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1):
+    """q6_k_fma(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1): Q6_K's inner step, 32 values.
+
+    acc[j] += f(j) * ((q_j - 32) * x[x_at + j]) for j < 32, lane by lane as one LLVM vector (no horizontal sum: the
+    row sums acc once at its end), where q_j = ((row[at + j] >> shift) & 15) | (((row[high_at + j] >> high_shift)
+    & 3) << 4), and f(j) = f0 for j < 16, f1 for the rest (two sub-blocks of 16). The codes are shifted, masked and
+    offset in 8-bit lanes: 1.2x faster than in 32-bit lanes (Q4_K's 8-bit lanes were 1.15x slower). A numba loop
+    over 32 codes runs scalar (module docstring).
+    """
+    for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
+        if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == dtype):
+            return None
+    fm = ("reassoc", "contract")
+    i8 = ir.IntType(8)
+    v32b, v32f, v16f = ir.VectorType(i8, 32), ir.VectorType(_F32, 32), ir.VectorType(_F32, 16)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+
+        def data(i):
+            return context.make_array(t[i])(context, builder, args[i]).data
+
+        def integer(i):
+            return context.cast(builder, args[i], t[i], types.int64)
+
+        def codes_at(where, shift_by, mask):
+            bytes32 = builder.load(builder.bitcast(builder.gep(data(1), [where]), v32b.as_pointer()), align=1)
+            return builder.and_(builder.lshr(bytes32, _splat(builder, builder.trunc(shift_by, i8), v32b)),
+                                ir.Constant(v32b, [mask] * 32))
+
+        q = codes_at(integer(2), integer(3), 15)
+        high = codes_at(integer(4), integer(5), 3)
+        q = builder.or_(q, builder.shl(high, ir.Constant(v32b, [4] * 32)))
+        codes = builder.sitofp(builder.sub(q, ir.Constant(v32b, [32] * 32)), v32f)  # 0..63 - 32 fits in 8 bits
+        xs = builder.load(builder.bitcast(builder.gep(data(6), [integer(7)]), v32f.as_pointer()), align=4)
+        factors = builder.shuffle_vector(_splat(builder, args[8], v16f), _splat(builder, args[9], v16f),
+                                         ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        where = builder.bitcast(data(0), v32f.as_pointer())
+        total = builder.fadd(builder.load(where, align=4),
+                             builder.fmul(factors, builder.fmul(codes, xs, flags=fm), flags=fm), flags=fm)
+        builder.store(total, where, align=4)
+        return context.get_dummy_value()
+
+    return types.none(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1), codegen
+
+
+def _k4_block(five: bool):
+    """An intrinsic f(acc, row, at, x, x_at): one Q4_K (five False) or Q5_K super-block's codes times x, into acc.
+
+    acc: float32 scratch of 40, acc[:32] the row's 32 lane accumulators, acc[32:40] the block's 8 sub-block
+    factors d * scale (the caller writes them). The block starts at row[at], its 256 activations at x[x_at].
+    acc[j] += sum over the 8 sub-blocks s of factor_s * q_s,j * x[x_at + 32 s + j], as LLVM vectors held in
+    registers for the whole block (one load and store of acc per block, constant shifts): 32 bytes of nibbles
+    hold sub-blocks 2c (low nibbles) and 2c + 1 (high); Q5_K's bit s of qh byte j is bit 4 of q_s,j.
     """
     fm = ("reassoc", "contract")
     i8, i64 = ir.IntType(8), ir.IntType(64)
-    # Q6_K's codes are shifted, masked and offset as 8-bit lanes (1.2x faster); Q4_K's as 32-bit lanes (8-bit ones
-    # were 1.15x slower: x86 has no byte shifts).
-    lane = i8 if bias else _I32
-    v32b, v32f, v16f = ir.VectorType(lane, 32), ir.VectorType(_F32, 32), ir.VectorType(_F32, 16)
+    v32b, v32i, v32f = ir.VectorType(i8, 32), ir.VectorType(_I32, 32), ir.VectorType(_F32, 32)
+    size = 176 if five else 144
 
-    def splat(builder, value, vector_type):
-        lanes = vector_type.count
-        one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
-                                      ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+    def const(value):
+        return ir.Constant(v32i, [value] * 32)
 
     @intrinsic
-    def codes32_fma(typingctx, acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1):
+    def k4_block(typingctx, acc, row, at, x, x_at):
         for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
             if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
                     and array.dtype == dtype):
                 return None
 
         def codegen(context, builder, signature, args):
-            acc_a, row_a, at_a, shift_a, high_at_a, high_shift_a, x_a, x_at_a, f0_a, f1_a = args
             t = signature.args
+            acc_data, row_data, x_data = (context.make_array(t[i])(context, builder, args[i]).data for i in (0, 1, 3))
+            block = builder.gep(row_data, [context.cast(builder, args[2], t[2], types.int64)])
+            x_block = builder.gep(x_data, [context.cast(builder, args[4], t[4], types.int64)])
 
-            def data(i, value):
-                return context.make_array(t[i])(context, builder, value).data
+            def load_bytes(offset):
+                where = builder.gep(block, [ir.Constant(i64, offset)])
+                return builder.zext(builder.load(builder.bitcast(where, v32b.as_pointer()), align=1), v32i)
 
-            def integer(i, value, to=_I32):
-                return builder.trunc(context.cast(builder, value, t[i], types.int64), to) if to != i64 else \
-                    context.cast(builder, value, t[i], types.int64)
+            def factor(s):
+                return _splat(builder, builder.load(builder.gep(acc_data, [ir.Constant(i64, 32 + s)])), v32f)
 
-            def codes_at(where, shift_by, mask):
-                bytes32 = builder.load(builder.bitcast(builder.gep(data(1, row_a), [where]),
-                                                       ir.VectorType(i8, 32).as_pointer()), align=1)
-                if lane is not i8:
-                    bytes32 = builder.zext(bytes32, v32b)
-                shift_by = builder.trunc(shift_by, i8) if lane is i8 else shift_by
-                return builder.and_(builder.lshr(bytes32, splat(builder, shift_by, v32b)),
-                                    ir.Constant(v32b, [mask] * 32))
-
-            q = codes_at(integer(2, at_a, i64), integer(3, shift_a), 15)
-            if high_bits:
-                high = codes_at(integer(4, high_at_a, i64), integer(5, high_shift_a), (1 << high_bits) - 1)
-                q = builder.or_(q, builder.shl(high, ir.Constant(v32b, [4] * 32)))
-            if bias:  # 0..63 - 32 fits in an 8-bit lane
-                q = builder.sub(q, ir.Constant(v32b, [bias] * 32))
-            codes = builder.sitofp(q, v32f)
-            xs = builder.load(builder.bitcast(builder.gep(data(6, x_a), [integer(7, x_at_a, i64)]),
-                                              v32f.as_pointer()), align=4)
-            factors = builder.shuffle_vector(splat(builder, f0_a, v16f), splat(builder, f1_a, v16f),
-                                             ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-            where = builder.bitcast(data(0, acc_a), v32f.as_pointer())
-            total = builder.fadd(builder.load(where, align=4),
-                                 builder.fmul(factors, builder.fmul(codes, xs, flags=fm), flags=fm), flags=fm)
+            where = builder.bitcast(acc_data, v32f.as_pointer())
+            total = builder.load(where, align=4)
+            qh = load_bytes(16) if five else None
+            for c in range(4):
+                nibbles = load_bytes(size - 128 + 32 * c)
+                for half, s in ((0, 2 * c), (1, 2 * c + 1)):
+                    q = builder.and_(builder.lshr(nibbles, const(4)) if half else nibbles, const(15))
+                    if five:
+                        q = builder.or_(q, builder.shl(builder.and_(builder.lshr(qh, const(s)), const(1)), const(4)))
+                    xs = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(i64, 32 * s)]),
+                                                      v32f.as_pointer()), align=4)
+                    product = builder.fmul(builder.uitofp(q, v32f), xs, flags=fm)
+                    total = builder.fadd(total, builder.fmul(factor(s), product, flags=fm), flags=fm)
             builder.store(total, where, align=4)
             return context.get_dummy_value()
 
-        return types.none(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1), codegen
+        return types.none(acc, row, at, x, x_at), codegen
 
-    return codes32_fma
+    return k4_block
 
 
-q4_k_fma = _codes32_fma(0, 0)
-q5_k_fma = _codes32_fma(1, 0)
-q6_k_fma = _codes32_fma(2, 32)
+q4_k_block = _k4_block(False)
+q5_k_block = _k4_block(True)
 
 
 @intrinsic
@@ -913,8 +955,9 @@ def _block_sums(x):
 @njit(cache=True, fastmath=REASSOC)
 def _kquant_row_dot(kind, row, x, sums, acc):
     """One row of Q4_K, Q5_K or Q6_K blocks dotted with x (K,), nothing dequantized; sums (K / 32,): the sums of
-    x's sub-blocks of 32; acc: 32 float32 of scratch. Per sub-block, (d * scale) * (q . x_sub), lane by lane into
-    acc (the *_fma intrinsics), minus (dmin * min) * sum(x_sub) for Q4_K/Q5_K; one sum of acc at the end."""
+    x's sub-blocks of 32; acc: 40 float32 of scratch. Per sub-block, (d * scale) * (q . x_sub), lane by lane into
+    acc[:32] (q6_k_fma, and the *_k_block intrinsics a super-block at a time), minus (dmin * min) * sum(x_sub) for
+    Q4_K/Q5_K; one sum of acc[:32] at the end."""
     for j in range(32):
         acc[j] = 0.0
     offset = np.float32(0.0)
@@ -934,15 +977,14 @@ def _kquant_row_dot(kind, row, x, sums, acc):
             at = b * size
             d, dmin = f16(row[at], row[at + 1]), f16(row[at + 2], row[at + 3])
             packed = row[at + 4:at + 16]
-            for sub in range(8):  # 32 bytes of nibbles hold sub-blocks 2c (low nibbles) and 2c + 1 (high)
+            for sub in range(8):
                 sc, mn = _scale_min_k4(packed, sub)
-                factor = d * np.float32(sc)
-                codes, x_at = at + size - 128 + 32 * (sub // 2), b * 256 + 32 * sub
-                if kind == Q5_K:
-                    q5_k_fma(acc, row, codes, 4 * (sub % 2), at + 16, sub, x, x_at, factor, factor)
-                else:
-                    q4_k_fma(acc, row, codes, 4 * (sub % 2), codes, 0, x, x_at, factor, factor)
+                acc[32 + sub] = d * np.float32(sc)
                 offset += (dmin * np.float32(mn)) * sums[8 * b + sub]
+            if kind == Q5_K:
+                q5_k_block(acc, row, at, x, b * 256)
+            else:
+                q4_k_block(acc, row, at, x, b * 256)
     total = np.float32(0.0)
     for j in range(32):
         total += acc[j]
@@ -976,7 +1018,7 @@ def gguf_matvec(kind, raw, x, out):
     block_sums = _block_sums(x)
     if kind == Q4_K or kind == Q5_K or kind == Q6_K:
         for part in prange(SHARES):  # one scratch accumulator per share of the rows
-            acc = np.empty(32, np.float32)
+            acc = np.empty(40, np.float32)
             start, stop = _share(N, part)
             for n in range(start, stop):
                 _prefetch_row(raw, n + PREFETCH_ROWS)
