@@ -98,7 +98,7 @@ def _sum(builder, vector):
 
 
 def _row_dot(block_bytes: int, codes_at: int, kind: str):
-    """An intrinsic row_dot(row, x, sums) -> float32: one weight row of Q4_0 / Q4_1 / Q8_0 blocks dotted with x.
+    """An intrinsic row_dot(row, x, sums) -> float32: a weight row of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks dotted with x.
 
     row: the row's blocks (uint8, C-contiguous); x: K activations (float32, C); sums: the sum of each block's 32
     activations (Q4 offsets; unused for Q8_0). Written as LLVM vector code: a loop over blocks that keeps a
@@ -234,6 +234,9 @@ def q6_k_fma(typingctx, acc, row, at, shift, high_at, high_shift, x, x_at, f0, f
     for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
         if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == dtype):
             return None
+    if not (all(isinstance(i, types.Integer) for i in (at, shift, high_at, high_shift, x_at))
+            and f0 == types.float32 and f1 == types.float32):
+        return None
     fm = ("reassoc", "contract")
     i8 = ir.IntType(8)
     v32b, v32f, v16f = ir.VectorType(i8, 32), ir.VectorType(_F32, 32), ir.VectorType(_F32, 16)
@@ -291,6 +294,8 @@ def _k4_block(five: bool):
             if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
                     and array.dtype == dtype):
                 return None
+        if not (isinstance(at, types.Integer) and isinstance(x_at, types.Integer)):
+            return None
 
         def codegen(context, builder, signature, args):
             t = signature.args
