@@ -22,8 +22,8 @@ Pitfalls measured while writing these (docs/numba.md has the numbers):
   of their own, even outside `prange`: 18 of them made a 4-row matvec cost 250 us. Such helpers live in separate
   serial functions (`_block_sums`).
 * From memory (not cache), a matvec waits on each row: prefetching a few rows ahead (`_prefetch_row`) made the
-  quantized decode matvecs 2.7x faster. Float32 rows are the exception: long contiguous runs that the hardware
-  prefetcher follows, 1.18x faster with no software prefetch.
+  quantized decode matvecs 2.7x faster, and the float32 one 1.1x with two threads (one thread alone: 1.18x
+  slower).
 * Inside `parallel=True`, writes through an array view created in the kernel are silently dropped
   (measured; docs/numba.md). Every output array, views included, is therefore created by the caller.
 
@@ -553,10 +553,10 @@ def attention(q, k, v, length, mask, out):
 def float_matmul(x, w, out):
     """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
 
-    One token (decode) is bound by reading w: a vector dot per weight row, each thread streaming one contiguous,
-    equal share of the rows (`_share`). No software prefetch here: the hardware prefetcher follows these long
-    contiguous runs, and prefetching 4 rows ahead made one core's pass over SmolLM2's matrices 1.18x slower
-    (docs/numba.md). More tokens: four weight rows per iteration through the microkernel.
+    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, each thread streaming
+    one contiguous, equal share of the rows (`_share`). The prefetch is worth 1.1x with two threads; one thread
+    alone ran 1.18x faster without it (docs/numba.md). More tokens: four weight rows per iteration through the
+    microkernel.
     """
     N = w.shape[0]
     if x.shape[0] == 1:
@@ -564,6 +564,7 @@ def float_matmul(x, w, out):
         for part in prange(SHARES):
             start, stop = _share(N, part)
             for n in range(start, stop):
+                _prefetch_row(w, n + PREFETCH_ROWS)
                 out[0, n] = dot(w[n], token)
         return
     for block in prange((N + 3) // 4):
