@@ -22,7 +22,8 @@ Pitfalls measured while writing these (docs/numba.md has the numbers):
   of their own, even outside `prange`: 18 of them made a 4-row matvec cost 250 us. Such helpers live in separate
   serial functions (`_block_sums`).
 * From memory (not cache), a matvec waits on each row: prefetching a few rows ahead (`_prefetch_row`) made the
-  decode matvecs 2.7x faster.
+  quantized decode matvecs 2.7x faster, and the float32 one 1.1x with two threads (one thread alone: 1.18x
+  slower).
 * Inside `parallel=True`, writes through an array view created in the kernel are silently dropped
   (measured; docs/numba.md). Every output array, views included, is therefore created by the caller.
 
@@ -58,11 +59,13 @@ if not numba.config.CACHE_DIR:  # numba was imported before this module: point i
 REASSOC = {"reassoc", "contract"}
 LOWEST = np.float32(np.finfo(np.float32).min)  # the reference's masked score (finite: padded rows stay finite)
 PREFETCH_ROWS = 4  # matmul kernels prefetch the weight row this many rows ahead (measured best of 1..16)
+SHARES = 48  # decode matvecs split their rows into this many equal shares (`_share`): even for 1, 2, 3, 4, 6, 8 threads
 
 # ggml block formats with kernels here (refllama/formats/ggml_quants.py GGMLType values); others are dequantized at
 # load. Bytes per block and elements per block:
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
-GGUF_BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q6_K: (210, 256)}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+GGUF_BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q5_0: (22, 32), Q5_1: (24, 32), Q8_0: (34, 32), Q4_K: (144, 256),
+               Q5_K: (176, 256), Q6_K: (210, 256)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,14 +100,16 @@ def _sum(builder, vector):
 
 
 def _row_dot(block_bytes: int, codes_at: int, kind: str):
-    """An intrinsic row_dot(row, x, sums) -> float32: one weight row of Q4_0 / Q4_1 / Q8_0 blocks dotted with x.
+    """An intrinsic row_dot(row, x, sums) -> float32: a weight row of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks dotted with x.
 
     row: the row's blocks (uint8, C-contiguous); x: K activations (float32, C); sums: the sum of each block's 32
     activations (Q4 offsets; unused for Q8_0). Written as LLVM vector code: a loop over blocks that keeps a
     16-lane accumulator, acc += d_b * (codes_b . x_b) lane by lane, so the row pays one horizontal sum at the end
     instead of one per block. Numba loops could not get there (module docstring): 1.7x faster than per-block dots.
-    Codes: Q4 byte j holds element j (low nibble) and element j + 16 (high nibble); Q8_0 has 32 int8 codes.
-    Offsets: Q4_1 adds m_b * sums[b]; Q4_0 codes are nibble - 8, so it subtracts 8 d_b * sums[b].
+    Codes: Q4 byte j holds element j (low nibble) and element j + 16 (high nibble); Q5 adds bit j of its
+    little-endian 32-bit qh (bytes 2..5 after the scales) as bit 4 of element j; Q8_0 has 32 int8 codes.
+    Offsets: Q4_1/Q5_1 add m_b * sums[b]; Q4_0 codes are nibble - 8, so it subtracts 8 d_b * sums[b]; Q5_0 dots
+    the signed codes q - 16 themselves (no offset).
     """
     fm = ("reassoc", "contract")
     i8, i64 = ir.IntType(8), ir.IntType(64)
@@ -125,8 +130,25 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
             return (builder.shuffle_vector(values, values, ir.Constant(v16i, list(range(16)))),
                     builder.shuffle_vector(values, values, ir.Constant(v16i, list(range(16, 32)))))
         nibbles = builder.zext(load(builder, codes, ir.VectorType(i8, 16)), v16i)
-        return (builder.uitofp(builder.and_(nibbles, ir.Constant(v16i, [15] * 16)), v16f),
-                builder.uitofp(builder.lshr(nibbles, ir.Constant(v16i, [4] * 16)), v16f))
+        low = builder.and_(nibbles, ir.Constant(v16i, [15] * 16))
+        high = builder.lshr(nibbles, ir.Constant(v16i, [4] * 16))
+        if kind in ("q5_0", "q5_1"):  # bit j of qh (the 4 bytes before the nibbles) is bit 4 of element j
+            qh = builder.load(builder.bitcast(builder.gep(block, [ir.Constant(i64, codes_at - 4)]),
+                                              _I32.as_pointer()), align=1)
+            qh16 = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, ir.Undefined), qh,
+                                                                 ir.Constant(_I32, 0)),
+                                          ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * 16))
+            one, four = ir.Constant(v16i, [1] * 16), ir.Constant(v16i, [4] * 16)
+            for shifts, which in ((list(range(16)), "low"), (list(range(16, 32)), "high")):
+                bit = builder.shl(builder.and_(builder.lshr(qh16, ir.Constant(v16i, shifts)), one), four)
+                if which == "low":
+                    low = builder.or_(low, bit)
+                else:
+                    high = builder.or_(high, bit)
+        if kind == "q5_0":  # signed codes q - 16 (exact): no offset term, whose cancellation cost 9 eps32 at K = 1536
+            sixteen = ir.Constant(v16i, [16] * 16)
+            return builder.sitofp(builder.sub(low, sixteen), v16f), builder.sitofp(builder.sub(high, sixteen), v16f)
+        return builder.uitofp(low, v16f), builder.uitofp(high, v16f)
 
     @intrinsic
     def row_dot(typingctx, row, x, sums):
@@ -160,8 +182,8 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
                                          ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
             next_acc = builder.fadd(acc, builder.fmul(d16, products, flags=fm), flags=fm)
             next_offset = offset
-            if kind != "q8_0":
-                factor = half(builder, builder.gep(block, [ir.Constant(i64, 2)])) if kind == "q4_1" else d
+            if kind not in ("q8_0", "q5_0"):
+                factor = half(builder, builder.gep(block, [ir.Constant(i64, 2)])) if kind in ("q4_1", "q5_1") else d
                 next_offset = builder.fadd(offset, builder.fmul(factor, builder.load(builder.gep(sums_data, [b])),
                                                                 flags=fm), flags=fm)
             next_b = builder.add(b, ir.Constant(i64, 1))
@@ -189,6 +211,130 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
 q4_0_row_dot = _row_dot(18, 2, "q4_0")
 q4_1_row_dot = _row_dot(20, 4, "q4_1")
 q8_0_row_dot = _row_dot(34, 2, "q8_0")
+q5_0_row_dot = _row_dot(22, 6, "q5_0")
+q5_1_row_dot = _row_dot(24, 8, "q5_1")
+
+
+def _splat(builder, value, vector_type):
+    """A vector of vector_type with `value` in every lane."""
+    lanes = vector_type.count
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+
+
+@intrinsic
+def q6_k_fma(typingctx, acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1):
+    """q6_k_fma(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1): Q6_K's inner step, 32 values.
+
+    acc[j] += f(j) * ((q_j - 32) * x[x_at + j]) for j < 32, lane by lane as one LLVM vector (no horizontal sum: the
+    row sums acc once at its end), where q_j = ((row[at + j] >> shift) & 15) | (((row[high_at + j] >> high_shift)
+    & 3) << 4), and f(j) = f0 for j < 16, f1 for the rest (two sub-blocks of 16). The codes are shifted, masked and
+    offset in 8-bit lanes: 1.2x faster than in 32-bit lanes (Q4_K's 8-bit lanes were 1.15x slower). A numba loop
+    over 32 codes runs scalar (module docstring).
+    """
+    for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
+        if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == dtype):
+            return None
+    if not (all(isinstance(i, types.Integer) for i in (at, shift, high_at, high_shift, x_at))
+            and f0 == types.float32 and f1 == types.float32):
+        return None
+    fm = ("reassoc", "contract")
+    i8 = ir.IntType(8)
+    v32b, v32f, v16f = ir.VectorType(i8, 32), ir.VectorType(_F32, 32), ir.VectorType(_F32, 16)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+
+        def data(i):
+            return context.make_array(t[i])(context, builder, args[i]).data
+
+        def integer(i):
+            return context.cast(builder, args[i], t[i], types.int64)
+
+        def codes_at(where, shift_by, mask):
+            bytes32 = builder.load(builder.bitcast(builder.gep(data(1), [where]), v32b.as_pointer()), align=1)
+            return builder.and_(builder.lshr(bytes32, _splat(builder, builder.trunc(shift_by, i8), v32b)),
+                                ir.Constant(v32b, [mask] * 32))
+
+        q = codes_at(integer(2), integer(3), 15)
+        high = codes_at(integer(4), integer(5), 3)
+        q = builder.or_(q, builder.shl(high, ir.Constant(v32b, [4] * 32)))
+        codes = builder.sitofp(builder.sub(q, ir.Constant(v32b, [32] * 32)), v32f)  # 0..63 - 32 fits in 8 bits
+        xs = builder.load(builder.bitcast(builder.gep(data(6), [integer(7)]), v32f.as_pointer()), align=4)
+        factors = builder.shuffle_vector(_splat(builder, args[8], v16f), _splat(builder, args[9], v16f),
+                                         ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        where = builder.bitcast(data(0), v32f.as_pointer())
+        total = builder.fadd(builder.load(where, align=4),
+                             builder.fmul(factors, builder.fmul(codes, xs, flags=fm), flags=fm), flags=fm)
+        builder.store(total, where, align=4)
+        return context.get_dummy_value()
+
+    return types.none(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1), codegen
+
+
+def _k4_block(five: bool):
+    """An intrinsic f(acc, row, at, x, x_at): one Q4_K (five False) or Q5_K super-block's codes times x, into acc.
+
+    acc: float32 scratch of 40, acc[:32] the row's 32 lane accumulators, acc[32:40] the block's 8 sub-block
+    factors d * scale (the caller writes them). The block starts at row[at], its 256 activations at x[x_at].
+    acc[j] += sum over the 8 sub-blocks s of factor_s * q_s,j * x[x_at + 32 s + j], as LLVM vectors held in
+    registers for the whole block (one load and store of acc per block, constant shifts): 32 bytes of nibbles
+    hold sub-blocks 2c (low nibbles) and 2c + 1 (high); Q5_K's bit s of qh byte j is bit 4 of q_s,j.
+    """
+    fm = ("reassoc", "contract")
+    i8, i64 = ir.IntType(8), ir.IntType(64)
+    v32b, v32i, v32f = ir.VectorType(i8, 32), ir.VectorType(_I32, 32), ir.VectorType(_F32, 32)
+    size = 176 if five else 144
+
+    def const(value):
+        return ir.Constant(v32i, [value] * 32)
+
+    @intrinsic
+    def k4_block(typingctx, acc, row, at, x, x_at):
+        for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
+            if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+                    and array.dtype == dtype):
+                return None
+        if not (isinstance(at, types.Integer) and isinstance(x_at, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            acc_data, row_data, x_data = (context.make_array(t[i])(context, builder, args[i]).data for i in (0, 1, 3))
+            block = builder.gep(row_data, [context.cast(builder, args[2], t[2], types.int64)])
+            x_block = builder.gep(x_data, [context.cast(builder, args[4], t[4], types.int64)])
+
+            def load_bytes(offset):
+                where = builder.gep(block, [ir.Constant(i64, offset)])
+                return builder.zext(builder.load(builder.bitcast(where, v32b.as_pointer()), align=1), v32i)
+
+            def factor(s):
+                return _splat(builder, builder.load(builder.gep(acc_data, [ir.Constant(i64, 32 + s)])), v32f)
+
+            where = builder.bitcast(acc_data, v32f.as_pointer())
+            total = builder.load(where, align=4)
+            qh = load_bytes(16) if five else None
+            for c in range(4):
+                nibbles = load_bytes(size - 128 + 32 * c)
+                for half, s in ((0, 2 * c), (1, 2 * c + 1)):
+                    q = builder.and_(builder.lshr(nibbles, const(4)) if half else nibbles, const(15))
+                    if five:
+                        q = builder.or_(q, builder.shl(builder.and_(builder.lshr(qh, const(s)), const(1)), const(4)))
+                    xs = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(i64, 32 * s)]),
+                                                      v32f.as_pointer()), align=4)
+                    product = builder.fmul(builder.uitofp(q, v32f), xs, flags=fm)
+                    total = builder.fadd(total, builder.fmul(factor(s), product, flags=fm), flags=fm)
+            builder.store(total, where, align=4)
+            return context.get_dummy_value()
+
+        return types.none(acc, row, at, x, x_at), codegen
+
+    return k4_block
+
+
+q4_k_block = _k4_block(False)
+q5_k_block = _k4_block(True)
 
 
 @intrinsic
@@ -281,6 +427,15 @@ def _tokens_times_rows4(x, w0, w1, w2, w3, out, n):
                               a3 + u * widen(w3[k]))
         out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a0, a1, a2, a3
         m += 1
+
+
+@njit(cache=True, inline="always")
+def _share(N, part):
+    """Rows [start, stop) of share `part` of SHARES contiguous, equal (within a row) shares of N rows. Decode
+    matvecs run prange over the shares, which numba hands to its threads in contiguous runs, so each thread
+    streams one contiguous, equal part of the weight (prange over 64-row chunks split 192 rows 128 : 64 between
+    two threads, and 576 rows 320 : 256)."""
+    return N * part // SHARES, N * (part + 1) // SHARES
 
 
 @njit(cache=True)
@@ -400,15 +555,17 @@ def attention(q, k, v, length, mask, out):
 def float_matmul(x, w, out):
     """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
 
-    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, streams it at 21 GB/s
-    from memory here (NumPy's sgemv: 22; the 4x4 microkernel: 18). More tokens: four weight rows per iteration
-    through the microkernel.
+    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, each thread streaming
+    one contiguous, equal share of the rows (`_share`). The prefetch is worth 1.1x with two threads; one thread
+    alone ran 1.18x faster without it (docs/numba.md). More tokens: four weight rows per iteration through the
+    microkernel.
     """
     N = w.shape[0]
     if x.shape[0] == 1:
         token = x[0]
-        for c in prange((N + 63) // 64):
-            for n in range(c * 64, min(N, c * 64 + 64)):
+        for part in prange(SHARES):
+            start, stop = _share(N, part)
+            for n in range(start, stop):
                 _prefetch_row(w, n + PREFETCH_ROWS)
                 out[0, n] = dot(w[n], token)
         return
@@ -663,21 +820,63 @@ def _dequantize_q4(row, has_min, out):
 
 
 @njit(cache=True)
+def _dequantize_q5(row, has_min, out):
+    # Q5_0 (22 bytes: fp16 d, 4 bytes qh, 16 bytes) w = d * (q - 16); Q5_1 (24 bytes: fp16 d, fp16 m, qh, 16 bytes)
+    # w = d * q + m. The nibbles as in Q4_0; bit j of the little-endian 32-bit qh is bit 4 of element j.
+    size = 24 if has_min else 22
+    for b in range(out.shape[0] // 32):
+        block = row[b * size:b * size + size]
+        d = f16(block[0], block[1])
+        qh = block[size - 20:size - 16]
+        codes = block[size - 16:]
+        for j in range(32):
+            nibble = (codes[j % 16] >> (4 * (j // 16))) & 15
+            q = np.int32(nibble) | (np.int32((qh[j // 8] >> (j % 8)) & 1) << 4)
+            if has_min:
+                out[b * 32 + j] = d * np.float32(q) + f16(block[2], block[3])
+            else:
+                out[b * 32 + j] = d * np.float32(q - 16)
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(packed, sub):
+    """Sub-block `sub` (0..7)'s 6-bit scale and min from Q4_K/Q5_K's 12 packed bytes (ggml's get_scale_min_k4)."""
+    if sub < 4:
+        return packed[sub] & 63, packed[sub + 4] & 63
+    return ((packed[sub + 4] & 15) | ((packed[sub - 4] >> 2) & 0x30),
+            (packed[sub + 4] >> 4) | ((packed[sub] >> 2) & 0x30))
+
+
+@njit(cache=True)
+def _dequantize_q5_k(row, out):
+    # 176 bytes per 256 values: fp16 d, fp16 dmin, 12 bytes of scales/mins (as Q4_K), 32 bytes qh, 128 bytes of
+    # nibbles (as Q4_K). Bit k of qh byte l is bit 4 of element 32k + l. w = (d * scale) * q - (dmin * min).
+    for b in range(out.shape[0] // 256):
+        block = row[b * 176:b * 176 + 176]
+        d, dmin = f16(block[0], block[1]), f16(block[2], block[3])
+        qh = block[16:48]
+        codes = block[48:]
+        for sub in range(8):
+            sc, mn = _scale_min_k4(block[4:16], sub)
+            factor, offset = d * np.float32(sc), dmin * np.float32(mn)
+            chunk = codes[(sub // 2) * 32:(sub // 2) * 32 + 32]
+            shift = 4 * (sub % 2)
+            for j in range(32):
+                q = np.int32((chunk[j] >> shift) & 15) | (np.int32((qh[j] >> sub) & 1) << 4)
+                out[b * 256 + sub * 32 + j] = factor * np.float32(q) - offset
+
+
+@njit(cache=True)
 def _dequantize_q4_k(row, out):
     # 144 bytes per 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes
     # of nibbles. Each 32 bytes hold 64 values: low nibbles sub-block 2c, high nibbles sub-block 2c + 1.
-    # w = (d * scale) * q - (dmin * min). Scales/mins: ggml's get_scale_min_k4.
+    # w = (d * scale) * q - (dmin * min). Scales/mins: _scale_min_k4.
     for b in range(out.shape[0] // 256):
         block = row[b * 144:b * 144 + 144]
         d, dmin = f16(block[0], block[1]), f16(block[2], block[3])
-        packed = block[4:16]
         codes = block[16:]
         for sub in range(8):
-            if sub < 4:
-                sc, mn = packed[sub] & 63, packed[sub + 4] & 63
-            else:
-                sc = (packed[sub + 4] & 15) | ((packed[sub - 4] >> 2) & 0x30)
-                mn = (packed[sub + 4] >> 4) | ((packed[sub] >> 2) & 0x30)
+            sc, mn = _scale_min_k4(block[4:16], sub)
             factor, offset = d * np.float32(sc), dmin * np.float32(mn)
             chunk = codes[(sub // 2) * 32:(sub // 2) * 32 + 32]
             shift = 4 * (sub % 2)
@@ -714,8 +913,12 @@ def dequantize_gguf_row(kind, row, out):
         _dequantize_q8_0(row, out)
     elif kind == Q4_0 or kind == Q4_1:
         _dequantize_q4(row, kind == Q4_1, out)
+    elif kind == Q5_0 or kind == Q5_1:
+        _dequantize_q5(row, kind == Q5_1, out)
     elif kind == Q4_K:
         _dequantize_q4_k(row, out)
+    elif kind == Q5_K:
+        _dequantize_q5_k(row, out)
     else:
         _dequantize_q6_k(row, out)
 
@@ -757,28 +960,87 @@ def _block_sums(x):
     return sums
 
 
+@njit(cache=True, fastmath=REASSOC)
+def _kquant_row_dot(kind, row, x, sums, acc):
+    """One row of Q4_K, Q5_K or Q6_K blocks dotted with x (K,), nothing dequantized; sums (K / 32,): the sums of
+    x's sub-blocks of 32; acc: 40 float32 of scratch. Per sub-block, (d * scale) * (q . x_sub), lane by lane into
+    acc[:32] (q6_k_fma, and the *_k_block intrinsics a super-block at a time), minus (dmin * min) * sum(x_sub) for
+    Q4_K/Q5_K; one sum of acc[:32] at the end."""
+    for j in range(32):
+        acc[j] = 0.0
+    offset = np.float32(0.0)
+    if kind == Q6_K:  # per 128 values: 64 bytes of low nibbles, 32 of 2-bit highs; 16 int8 scales, fp16 d last
+        for b in range(x.shape[0] // 256):
+            at = b * 210
+            d = f16(row[at + 208], row[at + 209])
+            for half in range(2):
+                for g in range(4):
+                    scale = at + 192 + 8 * half + 2 * g
+                    q6_k_fma(acc, row, at + 64 * half + 32 * (g % 2), 4 * (g // 2), at + 128 + 32 * half, 2 * g, x,
+                             b * 256 + 128 * half + 32 * g, d * np.float32(np.int8(row[scale])),
+                             d * np.float32(np.int8(row[scale + 1])))
+    else:  # Q4_K/Q5_K: fp16 d, dmin, 12 bytes of scales/mins, (Q5_K: 32 bytes qh), 128 bytes of nibbles
+        size = 176 if kind == Q5_K else 144
+        for b in range(x.shape[0] // 256):
+            at = b * size
+            d, dmin = f16(row[at], row[at + 1]), f16(row[at + 2], row[at + 3])
+            packed = row[at + 4:at + 16]
+            for sub in range(8):
+                sc, mn = _scale_min_k4(packed, sub)
+                acc[32 + sub] = d * np.float32(sc)
+                offset += (dmin * np.float32(mn)) * sums[8 * b + sub]
+            if kind == Q5_K:
+                q5_k_block(acc, row, at, x, b * 256)
+            else:
+                q4_k_block(acc, row, at, x, b * 256)
+    total = np.float32(0.0)
+    for j in range(32):
+        total += acc[j]
+    return total - offset
+
+
+@njit(cache=True)
+def _gguf_row_dot(kind, row, x, sums):
+    """One row of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks dotted with x (K,); sums (K / 32,): the sums of x's blocks."""
+    if kind == Q8_0:
+        return q8_0_row_dot(row, x, sums)
+    if kind == Q4_1:
+        return q4_1_row_dot(row, x, sums)
+    if kind == Q4_0:
+        return q4_0_row_dot(row, x, sums)
+    if kind == Q5_0:
+        return q5_0_row_dot(row, x, sums)
+    return q5_1_row_dot(row, x, sums)
+
+
 @njit(cache=True, parallel=True)
 def gguf_matvec(kind, raw, x, out):
-    """out (M, N) = x (M, K) @ W.T for a few tokens straight from Q4_0, Q4_1 or Q8_0 blocks (decode).
+    """out (M, N) = x (M, K) @ W.T for a few tokens straight from the blocks (decode), a weight row per iteration,
+    nothing dequantized.
 
-    y = sum_b d_b * (q_b . x_b), plus m_b * sum(x_b) for Q4_1, minus 8 d_b * sum(x_b) for Q4_0: the row_dot
-    intrinsics, a weight row per iteration, nothing dequantized.
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: y = sum_b d_b * (q_b . x_b), plus m_b * sum(x_b) (Q4_1, Q5_1), minus 8 d_b *
+    sum(x_b) (Q4_0): the row_dot intrinsics. K-quants: per sub-block, the scale times the codes' dot
+    with x, minus the min times the sub-block's sum of x (Q4_K, Q5_K).
     """
     N = raw.shape[0]
     block_sums = _block_sums(x)
+    if kind == Q4_K or kind == Q5_K or kind == Q6_K:
+        for part in prange(SHARES):  # one scratch accumulator per share of the rows
+            acc = np.empty(40, np.float32)
+            start, stop = _share(N, part)
+            for n in range(start, stop):
+                _prefetch_row(raw, n + PREFETCH_ROWS)
+                for m in range(x.shape[0]):
+                    out[m, n] = _kquant_row_dot(kind, raw[n], x[m], block_sums[m], acc)
+        return
     for n in prange(N):
         _prefetch_row(raw, n + PREFETCH_ROWS)
         row = raw[n]
         for m in range(x.shape[0]):
-            if kind == Q8_0:
-                out[m, n] = q8_0_row_dot(row, x[m], block_sums[m])
-            elif kind == Q4_1:
-                out[m, n] = q4_1_row_dot(row, x[m], block_sums[m])
-            else:
-                out[m, n] = q4_0_row_dot(row, x[m], block_sums[m])
+            out[m, n] = _gguf_row_dot(kind, row, x[m], block_sums[m])
 
 
-GGUF_MATVEC = (Q4_0, Q4_1, Q8_0)  # block types gguf_matvec reads; the K-quants always go through gguf_matmul
+GGUF_MATVEC = tuple(GGUF_BLOCKS)  # block types gguf_matvec reads (all of them)
 
 
 def warm_up() -> None:

@@ -4,7 +4,7 @@ The estimate counts what actually sits in memory while a model generates, as the
 
 * weights as they will be after loading: float tensors in the compute dtype (converted, or mapped pages that
   generation touches), GGUF blocks dequantized, integer (quantized) tensors as stored, and what a backend reads
-  in place (numba: bfloat16 matrices, GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks) as stored;
+  in place (numba: bfloat16 matrices, GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks) as stored;
 * the KV cache: 2 x layers x batch x kv_heads x context x head_dim in the compute dtype;
 * activations of the largest prefill step: the residual stream and the peak of a layer (attention scores with
   their softmax temporaries, or the MLP's gate/up temporaries, or the logits), whichever is largest;
