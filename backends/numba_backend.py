@@ -24,6 +24,7 @@ Compiled kernels are cached in a user directory (numba_kernels.cache_dir()): the
 from __future__ import annotations
 
 import os
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -55,15 +56,22 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def threads_for_load(configured: int, current: int, load: float, cpus: int) -> int:
-    """The threads a forward pass runs on when REFLLAMA_NUM_THREADS is not set: `configured`, or 1 while other work
-    keeps the CPUs busy (1-minute load average >= cpus + 1). Every parallel kernel ends in a barrier, so on an
-    oversubscribed machine each of a decode step's ~200 kernels waits for a descheduled thread: measured on 2 CPUs
-    at load 9-11, SmolLM2 Q4_1 decoded at 0.7-4.3 tok/s on 2 threads and 13.5-41.7 on 1 (docs/numba.md). Our own
-    busy threads count in the load, so the way back to `configured` waits until it falls to cpus - 0.5."""
-    if configured == 1 or load >= cpus + 1:
-        return 1
-    return 1 if current == 1 and load > cpus - 0.5 else configured
+SHARE_FLOOR = 0.85  # a forward pass whose threads got less of their CPUs than this ran on a busy machine
+PROBE_EVERY = 32  # forward passes on fewer threads between tries of all of them
+MAX_INTERVAL_S = 2.0  # a longer gap between forward passes (the caller idle) says nothing about the CPUs
+LOW_PASSES = 2  # consecutive low shares before fewer threads (the first pass after loading measured 0.64 once)
+
+
+def threads_for_share(current: int, share: float) -> int:
+    """The threads for the next forward passes after one ran on `current` threads and got `share` of their CPU time
+    (process CPU seconds / (wall seconds x threads)). Every parallel kernel ends in a barrier, and a decode step runs
+    ~200 of them, so when another process holds one of our CPUs each barrier waits for a descheduled thread.
+    Measured on 2 CPUs with one core kept busy (SmolLM2 Q4_1 decode): 2 threads got a share of 0.64 and 42 tok/s,
+    1 thread 79 tok/s; on the quiet machine the share was 0.99 (2 threads, 107 tok/s). So below SHARE_FLOOR run
+    on the threads the share paid for (at least one)."""
+    if share >= SHARE_FLOOR:
+        return current
+    return max(1, min(current - 1, int(share * current)))
 
 
 def thread_count() -> int:
@@ -128,19 +136,35 @@ class NumbaBackend(NumpyBackend):
         self.threads = thread_count()
         self.adaptive = "REFLLAMA_NUM_THREADS" not in os.environ  # an explicit count is used as it is
         self._threads_now = self.threads
+        self._last: tuple[float, float, int] | None = None  # (wall, process CPU seconds, threads) at the last start
+        self._reduced_for = 0  # forward passes run on fewer threads since the last try of all of them
+        self._low = 0  # consecutive passes on all threads with a low share
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def forward_threads(self) -> int:
-        """The threads of the forward pass starting now (`threads_for_load`, unless set explicitly)."""
-        if self.adaptive:
-            try:
-                load = os.getloadavg()[0]
-            except (AttributeError, OSError):  # no load average (Windows)
-                return self.threads
-            self._threads_now = threads_for_load(self.threads, self._threads_now, load, usable_cpus())
-            return self._threads_now
-        return self.threads
+        """The threads of the forward pass starting now: REFLLAMA_NUM_THREADS if set; otherwise all of
+        `self.threads` unless the last pass showed other work holding our CPUs (`threads_for_share`). On fewer
+        threads, every PROBE_EVERY passes one runs on all of them again, and its share decides whether they stay.
+        Which threads run changes no result: every kernel splits its work by output rows."""
+        if not self.adaptive or self.threads == 1:
+            return self.threads
+        wall, cpu = time.perf_counter(), time.process_time()
+        if self._last is not None:
+            last_wall, last_cpu, used = self._last
+            elapsed = wall - last_wall
+            if 0 < elapsed < MAX_INTERVAL_S and used == self.threads:  # a pass on all threads: judge it
+                wanted = threads_for_share(used, (cpu - last_cpu) / (elapsed * used))
+                self._low = self._low + 1 if wanted < used else 0
+                if self._low >= LOW_PASSES:  # busy: fewer threads; after a probe one more low share suffices
+                    self._threads_now, self._low = wanted, LOW_PASSES - 1
+                self._reduced_for = 0
+            elif used < self.threads:
+                self._reduced_for += 1
+                if self._reduced_for >= PROBE_EVERY:
+                    self._threads_now = self.threads  # try all of them for one pass
+        self._last = (wall, cpu, self._threads_now)
+        return self._threads_now
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         """As the numpy backend, except that bfloat16 matrices (Linear weights, the embedding table, 2-D scales)

@@ -274,21 +274,43 @@ def test_thread_count_from_the_environment(monkeypatch):
             numba_backend.thread_count()
 
 
-def test_fewer_threads_while_other_work_keeps_the_cpus_busy(monkeypatch):
-    from refllama.backends.numba_backend import threads_for_load
+def test_fewer_threads_while_other_work_holds_our_cpus(monkeypatch):
+    from refllama.backends import numba_backend
+    from refllama.backends.numba_backend import PROBE_EVERY, threads_for_share
 
-    assert threads_for_load(2, 2, 1.9, cpus=2) == 2  # our own two busy threads: a quiet machine
-    assert threads_for_load(2, 2, 3.0, cpus=2) == 1  # one more busy process than CPUs
-    assert threads_for_load(2, 1, 2.0, cpus=2) == 1  # still busy: stay on one thread
-    assert threads_for_load(2, 1, 1.4, cpus=2) == 2  # quiet again
-    assert threads_for_load(1, 1, 0.0, cpus=2) == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert threads_for_share(2, 0.99) == 2  # a quiet machine: every thread ran all the time
+    assert threads_for_share(2, 0.64) == 1  # one core busy elsewhere (measured: 0.64)
+    assert threads_for_share(16, 0.5) == 8
+    assert threads_for_share(16, 0.9) == 16
+    assert threads_for_share(2, 0.0) == 1
+
+    # The backend's state machine on a fake clock: process CPU time grows by `share` x wall x threads in use.
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(numba_backend.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(numba_backend.time, "process_time", lambda: clock["cpu"])
     monkeypatch.delenv("REFLLAMA_NUM_THREADS", raising=False)
     backend = get_backend("numba")
-    assert backend.forward_threads() == 1
+    if backend.threads < 2:
+        pytest.skip("one usable CPU: nothing to adapt")
+    full = backend.threads
+
+    def step(share_of_all: float) -> int:
+        used = backend.forward_threads()
+        clock["wall"] += 0.01
+        clock["cpu"] += 0.01 * used * (share_of_all if used == full else 1.0)
+        return used
+
+    assert [step(1.0) for _ in range(3)] == [full] * 3  # quiet
+    assert [step(0.6) for _ in range(3)] == [full, full, max(1, int(0.6 * full))]  # busy: two low passes
+    reduced = [step(0.6) for _ in range(PROBE_EVERY)]
+    assert reduced[:-1] == [max(1, int(0.6 * full))] * (PROBE_EVERY - 1) and reduced[-1] == full  # a probe
+    assert step(1.0) < full  # the probe (share 0.6) said busy still
+    for _ in range(PROBE_EVERY):
+        step(1.0)
+    assert step(1.0) == full and step(1.0) == full  # quiet again: the probe's share keeps all threads
     monkeypatch.setenv("REFLLAMA_NUM_THREADS", "2")
     cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
-    assert get_backend("numba").forward_threads() == min(2, cap)  # an explicit count is kept whatever the load
+    assert get_backend("numba").forward_threads() == min(2, cap)  # an explicit count is kept whatever happens
 
 
 def test_compiled_kernels_are_cached_outside_the_sources():
