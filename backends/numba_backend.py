@@ -241,7 +241,7 @@ class NumbaBackend(NumpyBackend):
         x2 = _rows(x)
         blocks = self._blocks(w)
         out = np.empty((x2.shape[0], blocks.raw.shape[0]), np.float32)
-        if x2.shape[0] <= SMALL_BATCH and blocks.kind in kernels.GGUF_MATVEC:
+        if x2.shape[0] <= SMALL_BATCH:  # gguf_matvec reads every block type the loader keeps
             kernels.gguf_matvec(blocks.kind, blocks.raw, x2, out)
         else:
             kernels.gguf_matmul(blocks.kind, blocks.raw, x2, out)

@@ -1054,9 +1054,6 @@ def _kquant_matvec(kind, raw, x, out):
                 out[m, n] = _kquant_row_dot(kind, raw[n], x[m], block_sums[m], acc)
 
 
-GGUF_MATVEC = tuple(GGUF_BLOCKS)  # block types gguf_matvec reads (all of them)
-
-
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the backend passes: decode (one token,
     whose transposed views NumPy still calls contiguous) and prefill (several tokens)."""
@@ -1083,10 +1080,9 @@ def warm_up() -> None:
             raw = np.zeros((6, size * 256 // block), np.uint8)
             dequantize_gguf(kind, raw, np.arange(T), np.empty((T, 256), f32))
             gguf_matmul(kind, raw, x, np.empty((T, 6), f32))
-            if kind in GGUF_MATVEC:
-                gguf_matvec(kind, raw, x, np.empty((T, 6), f32))
+            gguf_matvec(kind, raw, x, np.empty((T, 6), f32))
 
 
-__all__ = ["GGUF_BLOCKS", "GGUF_MATVEC", "attention", "cache_dir", "codes_matmul", "dequantize_gguf",
+__all__ = ["GGUF_BLOCKS", "attention", "cache_dir", "codes_matmul", "dequantize_gguf",
            "float_matmul", "gguf_matmul", "gguf_matvec", "int8_matmul", "int8_matmul_float", "quantize_tokens",
            "rms_norm", "rope", "silu_mul", "warm_up"]
