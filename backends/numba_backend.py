@@ -14,11 +14,12 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
   (GELU, ReLU) are the numpy backend's.
 
 Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
-or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS. The backend calls no BLAS:
-OpenBLAS's worker threads spin for a while after each call, and so do OpenMP's (Numba's threading layer), so
-interleaving the two pools on two cores made prefill 10x slower; one pool of Numba threads does everything.
-Compiled kernels are cached in a user directory (numba_kernels.cache_dir()): the first process compiles them
-(about 10 s on two cores), later ones load them in a fraction of a second.
+or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS; without the variable, fewer while other
+work holds our CPUs (`threads_for_share`). The backend calls no BLAS: OpenBLAS's worker threads spin for a while
+after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores made
+prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user directory
+(numba_kernels.cache_dir()): the first process compiles those it calls (all of them: 35 s on two cores), later
+ones load them in a fraction of a second.
 """
 
 from __future__ import annotations
