@@ -138,10 +138,11 @@ ST_BASE = (TINY / "model.safetensors").read_bytes()
 ST_HEAD = 8 + struct.unpack("<Q", ST_BASE[:8])[0]
 
 
-def _load_folder(folder: Path) -> None:
+def _read_model(path: Path) -> None:
+    """Read a model folder or GGUF file as `refllama.load` does (every fuzz target's loader)."""
     from refllama.loading import read_model
 
-    read_model(folder, get_backend("numpy", "float32"))
+    read_model(path, get_backend("numpy", "float32"))
 
 
 @FUZZ
@@ -151,7 +152,7 @@ def test_fuzz_safetensors(work, ops):
     if not folder.exists():
         shutil.copytree(TINY, folder)
     (folder / "model.safetensors").write_bytes(mutate(ST_BASE, ops, ST_HEAD))
-    must_refuse_or_accept(_load_folder, folder)
+    must_refuse_or_accept(_read_model, folder)
 
 
 # --- GGUF --------------------------------------------------------------------------------------------------------
@@ -162,18 +163,12 @@ GGUF_BASE = gguf_bytes([*_kvs, *spm_vocab_kvs()], _tensors)
 GGUF_HEAD = len(gguf_bytes([*_kvs, *spm_vocab_kvs()], [(n, d, t, b"") for n, d, t, _ in _tensors]))
 
 
-def _load_gguf(path: Path) -> None:
-    from refllama.loading import read_model
-
-    read_model(path, get_backend("numpy", "float32"))
-
-
 @FUZZ
 @given(ops=st.lists(mutation, min_size=1, max_size=6))
 def test_fuzz_gguf(work, ops):
     path = work / "model.gguf"
     path.write_bytes(mutate(GGUF_BASE, ops, GGUF_HEAD))
-    must_refuse_or_accept(_load_gguf, path)
+    must_refuse_or_accept(_read_model, path)
 
 
 # --- config.json, the index, tokenizer files (JSON values and bytes) ---------------------------------------------
