@@ -50,6 +50,7 @@ def _llama3_freq_factors(cfg: dict) -> np.ndarray:
 def hf_folder_to_gguf(folder, out, with_rope_freqs: bool = False, for_llamacpp: bool = False):
     """Write an HF fixture as a llama.cpp-style GGUF (same tensor dtypes, q/k permuted, ggml names). `for_llamacpp`
     adds what llama.cpp itself requires: a vocabulary (placeholder pieces) and the attention head widths."""
+    import ml_dtypes  # noqa: F401  (registers NumPy's "bfloat16" name, which safetensors.numpy reads by)
     from safetensors.numpy import load_file
 
     cfg = json.loads((folder / "config.json").read_text())
