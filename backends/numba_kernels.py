@@ -289,118 +289,140 @@ def _splat(builder, value, vector_type):
                                   ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
 
-@intrinsic
-def q6_k_fma(typingctx, acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1):
-    """q6_k_fma(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1): Q6_K's inner step, 32 values.
+def _kquant_row_dot(kind: str):
+    """An intrinsic row_dot(row, x, sums) -> float32: a weight row of Q4_K, Q5_K or Q6_K super-blocks dotted with x.
 
-    acc[j] += f(j) * ((q_j - 32) * x[x_at + j]) for j < 32, lane by lane as one LLVM vector (no horizontal sum: the
-    row sums acc once at its end), where q_j = ((row[at + j] >> shift) & 15) | (((row[high_at + j] >> high_shift)
-    & 3) << 4), and f(j) = f0 for j < 16, f1 for the rest (two sub-blocks of 16). The codes are shifted, masked and
-    offset in 8-bit lanes: 1.2x faster than in 32-bit lanes (Q4_K's 8-bit lanes were 1.15x slower). A numba loop
-    over 32 codes runs scalar (module docstring).
-    """
-    for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
-        if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == dtype):
-            return None
-    if not (all(isinstance(i, types.Integer) for i in (at, shift, high_at, high_shift, x_at))
-            and f0 == types.float32 and f1 == types.float32):
-        return None
-    fm = ("reassoc", "contract")
-    i8 = ir.IntType(8)
-    v32b, v32f, v16f = ir.VectorType(i8, 32), ir.VectorType(_F32, 32), ir.VectorType(_F32, 16)
-
-    def codegen(context, builder, signature, args):
-        t = signature.args
-
-        def data(i):
-            return context.make_array(t[i])(context, builder, args[i]).data
-
-        def integer(i):
-            return context.cast(builder, args[i], t[i], types.int64)
-
-        def codes_at(where, shift_by, mask):
-            bytes32 = builder.load(builder.bitcast(builder.gep(data(1), [where]), v32b.as_pointer()), align=1)
-            return builder.and_(builder.lshr(bytes32, _splat(builder, builder.trunc(shift_by, i8), v32b)),
-                                ir.Constant(v32b, [mask] * 32))
-
-        q = codes_at(integer(2), integer(3), 15)
-        high = codes_at(integer(4), integer(5), 3)
-        q = builder.or_(q, builder.shl(high, ir.Constant(v32b, [4] * 32)))
-        codes = builder.sitofp(builder.sub(q, ir.Constant(v32b, [32] * 32)), v32f)  # 0..63 - 32 fits in 8 bits
-        xs = builder.load(builder.bitcast(builder.gep(data(6), [integer(7)]), v32f.as_pointer()), align=4)
-        factors = builder.shuffle_vector(_splat(builder, args[8], v16f), _splat(builder, args[9], v16f),
-                                         ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-        where = builder.bitcast(data(0), v32f.as_pointer())
-        total = builder.fadd(builder.load(where, align=4),
-                             builder.fmul(factors, builder.fmul(codes, xs, flags=fm), flags=fm), flags=fm)
-        builder.store(total, where, align=4)
-        return context.get_dummy_value()
-
-    return types.none(acc, row, at, shift, high_at, high_shift, x, x_at, f0, f1), codegen
-
-
-def _k4_block(five: bool):
-    """An intrinsic f(acc, row, at, x, x_at): one Q4_K (five False) or Q5_K super-block's codes times x, into acc.
-
-    acc: float32 scratch of 40, acc[:32] the row's 32 lane accumulators, acc[32:40] the block's 8 sub-block
-    factors d * scale (the caller writes them). The block starts at row[at], its 256 activations at x[x_at].
-    acc[j] += sum over the 8 sub-blocks s of factor_s * q_s,j * x[x_at + 32 s + j], as LLVM vectors held in
-    registers for the whole block (one load and store of acc per block, constant shifts): 32 bytes of nibbles
-    hold sub-blocks 2c (low nibbles) and 2c + 1 (high); Q5_K's bit s of qh byte j is bit 4 of q_s,j.
+    row: the row's super-blocks (uint8, C); x: K activations (float32, C); sums: the sums of x's sub-blocks of 32
+    (Q4_K/Q5_K's min terms; unused for Q6_K). LLVM vector code over whole super-blocks: a 32-lane accumulator
+    acc[j] += f_s * (q_s,j * x[32 s + j]) for the 32-value groups s, kept in registers along the row, and the
+    per-super-block factors computed as vectors (Q4_K/Q5_K: the 6-bit scales and mins unpacked from their 12
+    bytes lane by lane; Q6_K: 16 int8 scales) instead of one scalar sub-block at a time (one core, 576 x 1536:
+    Q4_K 1.6x, Q6_K 1.5x the per-sub-block intrinsics this replaced). Q4_K/Q5_K subtract sum_s (dmin * min_s) *
+    sums[s], kept in 8 lanes; one horizontal sum each at the end.
+    Layouts (ggml): Q4_K/Q5_K: fp16 d, fp16 dmin, 12 bytes of scales/mins, (Q5_K: 32 bytes qh, bit s of byte j is
+    bit 4 of value 32 s + j), 128 bytes of nibbles, 32 bytes holding groups 2c (low nibbles) and 2c + 1 (high);
+    w = (d * scale_s) * q - dmin * min_s. Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales,
+    fp16 d; value 128 h + 32 g + j has low nibble ql[64 h + 32 (g % 2) + j] >> 4 (g // 2), high bits
+    qh[32 h + j] >> 2 g, scale 8 h + 2 g + (j >= 16); w = (d * scale) * (q - 32). Codes are shifted and masked in
+    8-bit lanes for Q6_K (1.2x), in 32-bit lanes for Q4_K/Q5_K (8-bit lanes were 1.15x slower).
     """
     fm = ("reassoc", "contract")
     i8, i64 = ir.IntType(8), ir.IntType(64)
+    v8f = ir.VectorType(_F32, 8)
+    v16f, v16i = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
     v32b, v32i, v32f = ir.VectorType(i8, 32), ir.VectorType(_I32, 32), ir.VectorType(_F32, 32)
-    size = 176 if five else 144
+    size = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
 
-    def const(value):
-        return ir.Constant(v32i, [value] * 32)
+    def lanes(values, width):
+        return ir.Constant(ir.VectorType(_I32, width), values)
+
+    def k4_factors(builder, block):
+        """(d * scale_s, dmin * min_s) for the 8 groups s, as 8-lane vectors (ggml's get_scale_min_k4)."""
+        packed = builder.zext(_load(builder, builder.gep(block, [ir.Constant(i64, 4)]), ir.VectorType(i8, 16)),
+                              v16i)  # bytes 4..19: the 12 scale bytes, then 4 unused
+
+        def pick(indices):
+            return builder.shuffle_vector(packed, packed, lanes(indices, 8))
+
+        upper = builder.and_(builder.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), lanes([2] * 8, 8)),
+                             lanes([0] * 4 + [0x30] * 4, 8))  # groups 4..7: bits 4-5 from p[s - 4] >> 2
+        upper_min = builder.and_(builder.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), lanes([2] * 8, 8)),
+                                 lanes([0] * 4 + [0x30] * 4, 8))  # groups 4..7: from p[s] >> 2
+        scale = builder.or_(builder.and_(pick([0, 1, 2, 3, 8, 9, 10, 11]), lanes([63] * 4 + [15] * 4, 8)), upper)
+        low_min = builder.lshr(pick([4, 5, 6, 7, 8, 9, 10, 11]), lanes([0] * 4 + [4] * 4, 8))
+        minimum = builder.or_(builder.and_(low_min, lanes([63] * 8, 8)), upper_min)
+        d, dmin = _half(builder, block), _half(builder, builder.gep(block, [ir.Constant(i64, 2)]))
+        return (builder.fmul(_splat(builder, d, v8f), builder.uitofp(scale, v8f)),
+                builder.fmul(_splat(builder, dmin, v8f), builder.uitofp(minimum, v8f)))
+
+    def k4_block(builder, block, x_block, total):
+        factors, mins = k4_factors(builder, block)
+        qh = builder.zext(_load(builder, builder.gep(block, [ir.Constant(i64, 16)]), v32b), v32i) \
+            if kind == "q5_k" else None
+        for c in range(4):
+            nibbles = builder.zext(_load(builder, builder.gep(block, [ir.Constant(i64, size - 128 + 32 * c)]), v32b),
+                                   v32i)
+            for high, s in ((0, 2 * c), (1, 2 * c + 1)):
+                q = builder.and_(builder.lshr(nibbles, lanes([4] * 32, 32)) if high else nibbles, lanes([15] * 32, 32))
+                if qh is not None:
+                    bit = builder.and_(builder.lshr(qh, lanes([s] * 32, 32)), lanes([1] * 32, 32))
+                    q = builder.or_(q, builder.shl(bit, lanes([4] * 32, 32)))
+                xs = _load(builder, builder.gep(x_block, [ir.Constant(i64, 32 * s)]), v32f)
+                factor = builder.shuffle_vector(factors, factors, lanes([s] * 32, 32))
+                total = builder.fadd(total, builder.fmul(factor, builder.fmul(builder.uitofp(q, v32f), xs, flags=fm),
+                                                         flags=fm), flags=fm)
+        return total, mins
+
+    def q6_block(builder, block, x_block, total):
+        scales = builder.sitofp(_load(builder, builder.gep(block, [ir.Constant(i64, 192)]), ir.VectorType(i8, 16)),
+                                v16f)
+        factors = builder.fmul(_splat(builder, _half(builder, builder.gep(block, [ir.Constant(i64, 208)])), v16f),
+                               scales)
+        for h in range(2):
+            highs = _load(builder, builder.gep(block, [ir.Constant(i64, 128 + 32 * h)]), v32b)
+            for g in range(4):
+                low = _load(builder, builder.gep(block, [ir.Constant(i64, 64 * h + 32 * (g % 2))]), v32b)
+                low = builder.and_(builder.lshr(low, ir.Constant(v32b, [4 * (g // 2)] * 32)),
+                                   ir.Constant(v32b, [15] * 32))
+                high = builder.and_(builder.lshr(highs, ir.Constant(v32b, [2 * g] * 32)), ir.Constant(v32b, [3] * 32))
+                q = builder.or_(low, builder.shl(high, ir.Constant(v32b, [4] * 32)))
+                codes = builder.sitofp(builder.sub(q, ir.Constant(v32b, [32] * 32)), v32f)  # -32..31 fits in 8 bits
+                xs = _load(builder, builder.gep(x_block, [ir.Constant(i64, 128 * h + 32 * g)]), v32f)
+                s = 8 * h + 2 * g
+                factor = builder.shuffle_vector(factors, factors, lanes([s] * 16 + [s + 1] * 16, 32))
+                total = builder.fadd(total, builder.fmul(factor, builder.fmul(codes, xs, flags=fm), flags=fm),
+                                     flags=fm)
+        return total
 
     @intrinsic
-    def k4_block(typingctx, acc, row, at, x, x_at):
-        for array, dtype in ((acc, types.float32), (row, types.uint8), (x, types.float32)):
+    def row_dot(typingctx, row, x, sums):
+        for array, dtype in ((row, types.uint8), (x, types.float32), (sums, types.float32)):
             if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
                     and array.dtype == dtype):
                 return None
-        if not (isinstance(at, types.Integer) and isinstance(x_at, types.Integer)):
-            return None
 
         def codegen(context, builder, signature, args):
-            t = signature.args
-            acc_data, row_data, x_data = (context.make_array(t[i])(context, builder, args[i]).data for i in (0, 1, 3))
-            block = builder.gep(row_data, [context.cast(builder, args[2], t[2], types.int64)])
-            x_block = builder.gep(x_data, [context.cast(builder, args[4], t[4], types.int64)])
+            row_data, x_data, sums_data = (context.make_array(t)(context, builder, a).data
+                                           for t, a in zip(signature.args, args, strict=True))
+            x_shape = context.make_array(signature.args[1])(context, builder, args[1]).shape
+            blocks = builder.udiv(builder.extract_value(x_shape, 0), ir.Constant(i64, 256))
+            entry = builder.block
+            loop, done = builder.append_basic_block("kquant.loop"), builder.append_basic_block("kquant.done")
+            zero32, zero8 = ir.Constant(v32f, [0.0] * 32), ir.Constant(v8f, [0.0] * 8)
+            builder.cbranch(builder.icmp_unsigned(">", blocks, ir.Constant(i64, 0)), loop, done)
 
-            def load_bytes(offset):
-                where = builder.gep(block, [ir.Constant(i64, offset)])
-                return builder.zext(builder.load(builder.bitcast(where, v32b.as_pointer()), align=1), v32i)
+            builder.position_at_end(loop)  # for b in range(blocks)
+            b, total, offset = builder.phi(i64), builder.phi(v32f), builder.phi(v8f)
+            block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, size))])
+            x_block = builder.gep(x_data, [builder.mul(b, ir.Constant(i64, 256))])
+            if kind == "q6_k":
+                next_total, next_offset = q6_block(builder, block, x_block, total), offset
+            else:
+                next_total, mins = k4_block(builder, block, x_block, total)
+                group_sums = _load(builder, builder.gep(sums_data, [builder.mul(b, ir.Constant(i64, 8))]), v8f)
+                next_offset = builder.fadd(offset, builder.fmul(mins, group_sums, flags=fm), flags=fm)
+            next_b = builder.add(b, ir.Constant(i64, 1))
+            for phi, start, step in ((b, ir.Constant(i64, 0), next_b), (total, zero32, next_total),
+                                     (offset, zero8, next_offset)):
+                phi.add_incoming(start, entry)
+                phi.add_incoming(step, loop)
+            builder.cbranch(builder.icmp_unsigned("<", next_b, blocks), loop, done)
 
-            def factor(s):
-                return _splat(builder, builder.load(builder.gep(acc_data, [ir.Constant(i64, 32 + s)])), v32f)
+            builder.position_at_end(done)
+            final_total, final_offset = builder.phi(v32f), builder.phi(v8f)
+            for phi, start, step in ((final_total, zero32, next_total), (final_offset, zero8, next_offset)):
+                phi.add_incoming(start, entry)
+                phi.add_incoming(step, loop)
+            return builder.fsub(_sum(builder, final_total), _sum(builder, final_offset), flags=fm)
 
-            where = builder.bitcast(acc_data, v32f.as_pointer())
-            total = builder.load(where, align=4)
-            qh = load_bytes(16) if five else None
-            for c in range(4):
-                nibbles = load_bytes(size - 128 + 32 * c)
-                for half, s in ((0, 2 * c), (1, 2 * c + 1)):
-                    q = builder.and_(builder.lshr(nibbles, const(4)) if half else nibbles, const(15))
-                    if five:
-                        q = builder.or_(q, builder.shl(builder.and_(builder.lshr(qh, const(s)), const(1)), const(4)))
-                    xs = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(i64, 32 * s)]),
-                                                      v32f.as_pointer()), align=4)
-                    product = builder.fmul(builder.uitofp(q, v32f), xs, flags=fm)
-                    total = builder.fadd(total, builder.fmul(factor(s), product, flags=fm), flags=fm)
-            builder.store(total, where, align=4)
-            return context.get_dummy_value()
+        return types.float32(row, x, sums), codegen
 
-        return types.none(acc, row, at, x, x_at), codegen
-
-    return k4_block
+    return row_dot
 
 
-q4_k_block = _k4_block(False)
-q5_k_block = _k4_block(True)
+q4_k_row_dot = _kquant_row_dot("q4_k")
+q5_k_row_dot = _kquant_row_dot("q5_k")
+q6_k_row_dot = _kquant_row_dot("q6_k")
 
 
 @intrinsic
@@ -1101,45 +1123,6 @@ def _block_sums(x):
     return sums
 
 
-@njit(cache=True, fastmath=REASSOC)
-def _kquant_row_dot(kind, row, x, sums, acc):
-    """One row of Q4_K, Q5_K or Q6_K blocks dotted with x (K,), nothing dequantized; sums (K / 32,): the sums of
-    x's sub-blocks of 32; acc: 40 float32 of scratch. Per sub-block, (d * scale) * (q . x_sub), lane by lane into
-    acc[:32] (q6_k_fma, and the *_k_block intrinsics a super-block at a time), minus (dmin * min) * sum(x_sub) for
-    Q4_K/Q5_K; one sum of acc[:32] at the end."""
-    for j in range(32):
-        acc[j] = 0.0
-    offset = np.float32(0.0)
-    if kind == Q6_K:  # per 128 values: 64 bytes of low nibbles, 32 of 2-bit highs; 16 int8 scales, fp16 d last
-        for b in range(x.shape[0] // 256):
-            at = b * 210
-            d = f16(row[at + 208], row[at + 209])
-            for half in range(2):
-                for g in range(4):
-                    scale = at + 192 + 8 * half + 2 * g
-                    q6_k_fma(acc, row, at + 64 * half + 32 * (g % 2), 4 * (g // 2), at + 128 + 32 * half, 2 * g, x,
-                             b * 256 + 128 * half + 32 * g, d * np.float32(np.int8(row[scale])),
-                             d * np.float32(np.int8(row[scale + 1])))
-    else:  # Q4_K/Q5_K: fp16 d, dmin, 12 bytes of scales/mins, (Q5_K: 32 bytes qh), 128 bytes of nibbles
-        size = 176 if kind == Q5_K else 144
-        for b in range(x.shape[0] // 256):
-            at = b * size
-            d, dmin = f16(row[at], row[at + 1]), f16(row[at + 2], row[at + 3])
-            packed = row[at + 4:at + 16]
-            for sub in range(8):
-                sc, mn = _scale_min_k4(packed, sub)
-                acc[32 + sub] = d * np.float32(sc)
-                offset += (dmin * np.float32(mn)) * sums[8 * b + sub]
-            if kind == Q5_K:
-                q5_k_block(acc, row, at, x, b * 256)
-            else:
-                q4_k_block(acc, row, at, x, b * 256)
-    total = np.float32(0.0)
-    for j in range(32):
-        total += acc[j]
-    return total - offset
-
-
 @njit(cache=True, inline="always")
 def _gguf_row_dot(kind, row, x, sums):
     """One row of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks dotted with x (K,); sums (K / 32,): the sums of x's blocks."""
@@ -1186,13 +1169,17 @@ def _kquant_matvec(kind, raw, x, out):
     """gguf_matvec for the K-quants."""
     N = raw.shape[0]
     block_sums = _block_sums(x)
-    for part in prange(SHARES):  # one scratch accumulator per share of the rows
-        acc = np.empty(40, np.float32)
+    for part in prange(SHARES):
         start, stop = _share(N, part)
         for n in range(start, stop):
             _prefetch_row(raw, n + PREFETCH_ROWS)
             for m in range(x.shape[0]):
-                out[m, n] = _kquant_row_dot(kind, raw[n], x[m], block_sums[m], acc)
+                if kind == Q6_K:
+                    out[m, n] = q6_k_row_dot(raw[n], x[m], block_sums[m])
+                elif kind == Q5_K:
+                    out[m, n] = q5_k_row_dot(raw[n], x[m], block_sums[m])
+                else:
+                    out[m, n] = q4_k_row_dot(raw[n], x[m], block_sums[m])
 
 
 def warm_up() -> None:
