@@ -104,6 +104,18 @@ def _half(builder, where):
     return builder.fpext(builder.load(builder.bitcast(where, ir.HalfType().as_pointer()), align=1), _F32)
 
 
+def _half_splat(builder, where, lanes: int):
+    """The fp16 at `where` (an i8 pointer) as float32 in `lanes` lanes (exact): the half is broadcast before it is
+    widened, so x86 needs two instructions (vpbroadcastw, vcvtph2ps) instead of three."""
+    i16 = ir.IntType(16)
+    bits = builder.load(builder.bitcast(where, i16.as_pointer()), align=1)
+    vector = ir.VectorType(i16, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), bits, ir.Constant(_I32, 0))
+    splat = builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
+                                   ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+    return builder.fpext(builder.bitcast(splat, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32, lanes))
+
+
 def _load(builder, where, vector_type):
     """An unaligned vector load from the i8 or float pointer `where`."""
     return builder.load(builder.bitcast(where, vector_type.as_pointer()), align=1)
@@ -157,7 +169,7 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
     """
     fm = ("reassoc", "contract")
     i64 = ir.IntType(64)
-    v16f, v16i = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+    v16f = ir.VectorType(_F32, 16)
 
     @intrinsic
     def row_dot(typingctx, row, x, sums):
@@ -179,20 +191,17 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
             builder.position_at_end(loop)  # for b in range(blocks)
             b, acc, offset = builder.phi(i64), builder.phi(v16f), builder.phi(_F32)
             block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
-            d = _half(builder, block)
             low, high = _block_codes(builder, block, codes_at, kind)
             x_block = builder.gep(x_data, [builder.mul(b, ir.Constant(i64, 32))])
             x_low, x_high = _load(builder, x_block, v16f), _load(builder, builder.gep(x_block, [ir.Constant(i64, 16)]),
                                                                 v16f)
             products = builder.fadd(builder.fmul(low, x_low, flags=fm), builder.fmul(high, x_high, flags=fm),
                                     flags=fm)
-            d16 = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), d,
-                                                                ir.Constant(_I32, 0)),
-                                         ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * 16))
+            d16 = _half_splat(builder, block, 16)
             next_acc = builder.fadd(acc, builder.fmul(d16, products, flags=fm), flags=fm)
             next_offset = offset
             if kind not in ("q8_0", "q5_0"):
-                factor = _half(builder, builder.gep(block, [ir.Constant(i64, 2)])) if kind in ("q4_1", "q5_1") else d
+                factor = _half(builder, builder.gep(block, [ir.Constant(i64, 2 if kind in ("q4_1", "q5_1") else 0)]))
                 next_offset = builder.fadd(offset, builder.fmul(factor, builder.load(builder.gep(sums_data, [b])),
                                                                 flags=fm), flags=fm)
             next_b = builder.add(b, ir.Constant(i64, 1))
@@ -250,15 +259,14 @@ def _row_dequantize(block_bytes: int, codes_at: int, kind: str):
             builder.position_at_end(loop)
             b = builder.phi(i64)
             block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
-            d = _splat(builder, _half(builder, block), v16f)
+            d = _half_splat(builder, block, 16)
             where = builder.gep(out_data, [builder.mul(b, ir.Constant(i64, 32))])
             for h, codes in enumerate(_block_codes(builder, block, codes_at, kind)):
                 if kind == "q4_0":
                     codes = builder.fsub(codes, ir.Constant(v16f, [8.0] * 16))
                 value = builder.fmul(d, codes)
                 if kind in ("q4_1", "q5_1"):
-                    value = builder.fadd(value, _splat(builder, _half(builder, builder.gep(block, [
-                        ir.Constant(i64, 2)])), v16f))
+                    value = builder.fadd(value, _half_splat(builder, builder.gep(block, [ir.Constant(i64, 2)]), 16))
                 spot = builder.bitcast(builder.gep(where, [ir.Constant(i64, 16 * h)]), v16f.as_pointer())
                 builder.store(value, spot, align=4)
             next_b = builder.add(b, ir.Constant(i64, 1))
