@@ -966,14 +966,15 @@ def dequantize_gguf(kind, raw, rows, out):
 PANEL_ROWS = 6  # weight rows per pass of the prompt microkernel (`_panel_tile`): 12 vector accumulators
 PANEL_TOKENS = 32  # tokens per pass: two 16-lane vectors; prompts are padded to a multiple of this
 PANEL_DEPTH = 64  # products summed in registers before they are added to the output (summation error, L1)
+PANEL_SHARE = 48  # weight rows per parallel iteration, dequantized together: 8 microkernel row blocks
 
 
 def _panel_tile(count: int):
-    """An intrinsic f(rows, k0, k1, xt, m, acc): acc[i, m:m + PANEL_TOKENS] += sum over k in [k0, k1) of
-    rows[i, k] * xt[k, m:m + PANEL_TOKENS] for the weight rows i < count.
+    """An intrinsic f(rows, r, k0, k1, xt, m, acc): acc[i, m:m + PANEL_TOKENS] += sum over k in [k0, k1) of
+    rows[i, k] * xt[k, m:m + PANEL_TOKENS] for the weight rows r <= i < r + count.
 
-    rows (PANEL_ROWS, K): dequantized weight rows; xt (K, M padded) the tokens transposed; acc (PANEL_ROWS, M
-    padded); all float32, C. The GEMM microkernel in broadcast form: per k, two vector loads of tokens and one
+    rows (R, K): dequantized weight rows; xt (K, M padded) the tokens transposed; acc (R, M padded); all float32,
+    C. The GEMM microkernel in broadcast form: per k, two vector loads of tokens and one
     broadcast weight per row feed 2 x count fused multiply-adds into accumulators held in registers, without
     horizontal sums (on AVX-512, 1.2x the register-blocked dot products of `_tokens_times_rows4`). Each lane is a
     sequential fused sum of k1 - k0 products, then added to acc.
@@ -982,22 +983,23 @@ def _panel_tile(count: int):
     i64 = ir.IntType(64)
 
     @intrinsic
-    def panel_tile(typingctx, rows, k0, k1, xt, m, acc):
+    def panel_tile(typingctx, rows, r, k0, k1, xt, m, acc):
         for array in (rows, xt, acc):
             if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"
                     and array.dtype == types.float32):
                 return None
-        if not all(isinstance(i, types.Integer) for i in (k0, k1, m)):
+        if not all(isinstance(i, types.Integer) for i in (r, k0, k1, m)):
             return None
 
         def codegen(context, builder, signature, args):
             t = signature.args
-            rows_array, xt_array, acc_array = (context.make_array(t[i])(context, builder, args[i]) for i in (0, 3, 5))
+            rows_array, xt_array, acc_array = (context.make_array(t[i])(context, builder, args[i]) for i in (0, 4, 6))
             K, width = builder.extract_value(rows_array.shape, 1), builder.extract_value(xt_array.shape, 1)
-            first, last, m = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 2, 4))
+            r, first, last, m = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 2, 3, 5))
             fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
                                                      "llvm.fmuladd.v16f32")
-            weights = [builder.gep(rows_array.data, [builder.mul(ir.Constant(i64, i), K)]) for i in range(count)]
+            weights = [builder.gep(rows_array.data, [builder.mul(builder.add(r, ir.Constant(i64, i)), K)])
+                       for i in range(count)]
             entry = builder.block
             loop, done = builder.append_basic_block("panel.loop"), builder.append_basic_block("panel.done")
             zero = ir.Constant(v16f, [0.0] * 16)
@@ -1026,13 +1028,14 @@ def _panel_tile(count: int):
                 final.add_incoming(zero, entry)
                 final.add_incoming(step, loop)
             for i in range(count):
-                row = builder.gep(acc_array.data, [builder.add(builder.mul(ir.Constant(i64, i), width), m)])
+                row = builder.gep(acc_array.data, [builder.add(builder.mul(builder.add(r, ir.Constant(i64, i)), width),
+                                                               m)])
                 for h in range(2):
                     spot = builder.bitcast(builder.gep(row, [ir.Constant(i64, 16 * h)]), v16f.as_pointer())
                     builder.store(builder.fadd(builder.load(spot, align=4), finals[2 * i + h]), spot, align=4)
             return context.get_dummy_value()
 
-        return types.none(rows, k0, k1, xt, m, acc), codegen
+        return types.none(rows, r, k0, k1, xt, m, acc), codegen
 
     return panel_tile
 
@@ -1047,55 +1050,58 @@ def _transpose_tokens(x):
     separate serial function: a parallel kernel would run its array expressions as parallel regions of their own."""
     M, K = x.shape
     xt = np.zeros((K, -(-M // PANEL_TOKENS) * PANEL_TOKENS), np.float32)
-    for k in range(K):  # contiguous writes; the M lines read stay in L1 for 16 k (2.4x faster than m outer)
-        for m in range(M):
-            xt[k, m] = x[m, k]
+    for k0 in range(0, K, 16):  # a cache line of each token at a time: with k outer, rows 6 KiB apart (K = 1536)
+        for m in range(M):  # fall into two L1 sets and the transpose ran 4x slower
+            for k in range(k0, min(K, k0 + 16)):
+                xt[k, m] = x[m, k]
     return xt
 
 
 @njit(cache=True)
 def _rows_times_tokens(rows, count, xt, acc):
-    """acc[:count] = rows[:count] @ xt: depth passes of PANEL_DEPTH, PANEL_TOKENS tokens per microkernel call."""
+    """acc[:count] = rows[:count] @ xt: depth passes of PANEL_DEPTH over every PANEL_ROWS rows and PANEL_TOKENS
+    tokens, so a pass's slice of xt is read from cache by all the rows (K = 1536, 128 tokens: xt is 768 KiB)."""
     K, width = xt.shape
-    acc[:] = 0.0
+    acc[:count] = 0.0
     for k0 in range(0, K, PANEL_DEPTH):
         k1 = min(K, k0 + PANEL_DEPTH)
-        for m in range(0, width, PANEL_TOKENS):
-            if count == 6:
-                panel_tile6(rows, k0, k1, xt, m, acc)
-            elif count == 5:
-                panel_tile5(rows, k0, k1, xt, m, acc)
-            elif count == 4:
-                panel_tile4(rows, k0, k1, xt, m, acc)
-            elif count == 3:
-                panel_tile3(rows, k0, k1, xt, m, acc)
-            elif count == 2:
-                panel_tile2(rows, k0, k1, xt, m, acc)
-            else:
-                panel_tile1(rows, k0, k1, xt, m, acc)
+        for r in range(0, count, PANEL_ROWS):
+            left = min(PANEL_ROWS, count - r)
+            for m in range(0, width, PANEL_TOKENS):
+                if left == 6:
+                    panel_tile6(rows, r, k0, k1, xt, m, acc)
+                elif left == 5:
+                    panel_tile5(rows, r, k0, k1, xt, m, acc)
+                elif left == 4:
+                    panel_tile4(rows, r, k0, k1, xt, m, acc)
+                elif left == 3:
+                    panel_tile3(rows, r, k0, k1, xt, m, acc)
+                elif left == 2:
+                    panel_tile2(rows, r, k0, k1, xt, m, acc)
+                else:
+                    panel_tile1(rows, r, k0, k1, xt, m, acc)
 
 
 @njit(cache=True, parallel=True)
 def gguf_matmul(kind, raw, x, out):
-    """out (M, N) = x (M, K) @ W.T from the blocks raw (N, bytes per row), for prompts: PANEL_ROWS weight rows at a
-    time are dequantized exactly into L1, then multiplied with every token by the broadcast microkernel
+    """out (M, N) = x (M, K) @ W.T from the blocks raw (N, bytes per row), for prompts: PANEL_SHARE weight rows at a
+    time are dequantized exactly (vector code), then multiplied with every token by the broadcast microkernel
     (`_panel_tile`), tokens as vector lanes. Each output is a sum of ceil(K / PANEL_DEPTH) sequential fused sums
-    of PANEL_DEPTH products (at most 2.x eps32 of sum |x w| measured, tests/test_numba_backend.py)."""
+    of PANEL_DEPTH products (at most 2.1 eps32 of sum |x w| measured, tests/test_numba_backend.py)."""
     N = raw.shape[0]
     M, K = x.shape
     xt = _transpose_tokens(x)
-    for c in prange((N + 47) // 48):  # 48 rows per iteration: one scratch allocation each
-        rows = np.empty((PANEL_ROWS, K), np.float32)
-        acc = np.empty((PANEL_ROWS, xt.shape[1]), np.float32)
-        for n in range(c * 48, min(N, c * 48 + 48), PANEL_ROWS):
-            count = min(PANEL_ROWS, N - n)
+    for c in prange((N + PANEL_SHARE - 1) // PANEL_SHARE):
+        rows = np.empty((PANEL_SHARE, K), np.float32)
+        acc = np.empty((PANEL_SHARE, xt.shape[1]), np.float32)
+        n0 = c * PANEL_SHARE
+        count = min(PANEL_SHARE, N - n0)
+        for i in range(count):
+            dequantize_gguf_row(kind, raw[n0 + i], rows[i])
+        _rows_times_tokens(rows, count, xt, acc)
+        for m in range(M):  # token-major: each token's outputs are contiguous
             for i in range(count):
-                _prefetch_row(raw, n + PANEL_ROWS + i)
-                dequantize_gguf_row(kind, raw[n + i], rows[i])
-            _rows_times_tokens(rows, count, xt, acc)
-            for m in range(M):  # token-major: each token's outputs are contiguous
-                for i in range(count):
-                    out[m, n + i] = acc[i, m]
+                out[m, n0 + i] = acc[i, m]
 
 
 @njit(cache=True)
