@@ -9,8 +9,8 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
     dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of a
     weight ever exists;
   - GGUF blocks (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored):
-    decode reads every block type by a fused matvec without dequantizing; prompts dequantize six rows at a time
-    into L1 and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
+    decode reads every block type by a fused matvec without dequantizing; prompts dequantize 48 rows at a time
+    and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
   more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
   (GELU, ReLU) are the numpy backend's.
