@@ -5,10 +5,12 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
     the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
-  - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
-    (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored): four rows at
-    a time are dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float
-    copy of a weight ever exists; for decode, every GGUF block type is read by a fused matvec without dequantizing.
+  - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ): four rows at a time are
+    dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of a
+    weight ever exists;
+  - GGUF blocks (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored):
+    decode reads every block type by a fused matvec without dequantizing; prompts dequantize 48 rows at a time
+    and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
   more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
   (GELU, ReLU) are the numpy backend's.

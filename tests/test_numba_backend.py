@@ -246,6 +246,25 @@ def test_gguf_decode_matvec_on_awkward_shapes(xp, ggml_type):
             assert (error <= 4 * eps * (np.abs(x.astype(np.float64)) @ np.abs(dense.T))).all()
 
 
+@pytest.mark.parametrize("ggml_type", [GGMLType(kind).name for kind in numba_kernels.GGUF_BLOCKS])
+def test_gguf_prompt_matmul_on_awkward_shapes(xp, ggml_type):
+    """Prompts (more than SMALL_BATCH tokens) take gguf_matmul: row counts around its 6-row panels and 48-row
+    shares, token counts around its 32-token vectors, depths that are not whole PANEL_DEPTH passes. Each product
+    is within the decode test's bound, 4 eps32 of sum_k |x_k w_k| (measured: at most 2.1 eps32, a 96-long row)."""
+    rng = np.random.default_rng(100 + int(GGMLType[ggml_type]))
+    block = numba_kernels.GGUF_BLOCKS[int(GGMLType[ggml_type])][1]
+    eps = float(np.finfo(np.float32).eps)
+    for N, blocks, T in ((1, 1, 9), (7, 3, 33), (53, 5, 40)):
+        K = blocks * block
+        weight = random_weights.gguf_weight(rng, ggml_type, N, K)
+        dense = weight.dequantize(np.float64)
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        got = xp.linear(x, Linear(weight))
+        assert got.shape == (T, N)
+        error = np.abs(got - x.astype(np.float64) @ dense.T)
+        assert (error <= 4 * eps * (np.abs(x.astype(np.float64)) @ np.abs(dense.T))).all()
+
+
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read
 
 
