@@ -4,7 +4,8 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
-    the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
+    the reference (refllama/quant/int8.py); on CPUs with AVX-512 VNNI through numba_gemm (int8_vnni_matvec for
+    decode steps, int8_vnni_gemm for prompts); `w8a8_linears` quantizes an input shared by several Linears once;
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
     (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored): four rows at
     a time are dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float
@@ -47,7 +48,7 @@ from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-SMALL_BATCH = 8  # up to this many tokens: the fused matvec for GGUF blocks, the int8 kernel for W8A8
+SMALL_BATCH = 8  # up to this many tokens: the fused matvec for GGUF blocks, the decode kernels for W8A8
 
 
 def usable_cpus() -> int:
