@@ -245,8 +245,8 @@ DECODE_TOKENS = 4  # tokens per call (fewer left over: one at a time, the rows t
 
 def _sum_four(builder, accs):
     """<4 x i32> of the lane sums of four <16 x i32> vectors (wrapping adds, exact mod 2**32): pairs of rows
-    interleaved and added, then pairs of pairs, then the four 128-bit quarters: 12 instructions where four separate
-    horizontal sums take about 32."""
+    interleaved and added, then pairs of pairs, then the four 128-bit quarters: about half the instructions of four
+    separate horizontal sums (8 each)."""
     def interleave_add(x, y, width):  # lanes of x and y, `width` at a time alternately, low and high halves added
         low, high = [], []
         for q in range(4):  # within each 128-bit quarter, as unpacklo/unpackhi
