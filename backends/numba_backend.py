@@ -4,7 +4,8 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
-    the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
+    the reference (refllama/quant/int8.py); on CPUs with AVX-512 VNNI through numba_gemm (int8_vnni_matvec for
+    decode steps, int8_vnni_gemm for prompts); `w8a8_linears` quantizes an input shared by several Linears once;
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ): four rows at a time are
     dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of a
     weight ever exists;
@@ -43,12 +44,13 @@ from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.formats.ggml_quants import GGMLType
+from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-SMALL_BATCH = 8  # up to this many tokens: the fused matvec for GGUF blocks, the int8 kernel for W8A8
+SMALL_BATCH = 8  # up to this many tokens: the fused matvec for GGUF blocks, the decode kernels for W8A8
 
 
 def usable_cpus() -> int:
@@ -101,8 +103,8 @@ class _W8A8:
     q: np.ndarray  # int8 (N, K), C-contiguous (the stored view)
     scale: np.ndarray  # float32 (N,)
     vllm: bool
-    q4: np.ndarray | None  # int8 (N, K rounded up to 4), zero-padded, for numba_gemm (None without VNNI)
-    sums: np.ndarray | None  # int32 (N,): sum_k q[n, k], numba_gemm's correction
+    q4: np.ndarray | None  # int8 (N, K rounded up to 4): q itself if K % 4 == 0, else zero-padded (prompts)
+    sums: np.ndarray | None  # int32 (N,): sum_k q[n, k], the VNNI kernels' correction (None without VNNI)
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,35 @@ class NumbaBackend(NumpyBackend):
         kernels.codes_matmul(c.codes, c.bits, c.zero, c.scale, c.group, x, out)
         return out
 
-    def _w8a8(self, x: np.ndarray, w: Int8Weight) -> np.ndarray:
+    def w8a8_linears(self, x: np.ndarray, layers: list[Linear]) -> list[np.ndarray]:
+        """x (..., K) through several Linears that share this input (q/k/v, gate/up): [linear(x, layer) for layer in
+        layers], bit for bit. Where every weight is W8A8 with one activation semantics and x is a decode step, x
+        is quantized once for all of them (`numba_gemm.int8_vnni_matvec`); otherwise Linear by Linear."""
+        x2 = _rows(x)  # (M, K)
+        weights = [layer.weight for layer in layers]
+        if not (x2.shape[0] <= SMALL_BATCH and numba_gemm.VNNI and layers
+                and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
+                and len({w.activation.semantics for w in weights}) == 1):
+            return [self.linear(x, layer) for layer in layers]
+        outs = self._w8a8_decode(x2, [self._w8a8_prepared(w) for w in weights])
+        return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
+
+    def _w8a8_decode(self, x: np.ndarray, prepared: list[_W8A8]) -> list[np.ndarray]:
+        """x (M, K) times each weight, M <= SMALL_BATCH, on AVX-512 VNNI: quantized by the first call, reused by
+        the others."""
+        M, K = x.shape
+        a = np.empty((M, numba_gemm.decode_width(K)), np.uint8)  # codes + 128, zero-padded to 64-byte chunks
+        scales = np.empty(M, np.float32)
+        outs = []
+        for i, p in enumerate(prepared):
+            out = np.empty((M, p.q.shape[0]), np.float32)
+            numba_gemm.int8_vnni_matvec(x, i == 0, a, scales, p.q, p.sums, p.scale, p.vllm, out, self._threads_now)
+            outs.append(out)
+        return outs
+
+    def _w8a8_prepared(self, w: Int8Weight) -> _W8A8:
+        """The weight's arrays as the kernels read them, made on first use: the stored rows themselves (q, and q4
+        unless K % 4 != 0), plus 4 bytes per row (`sums`) on a VNNI CPU and the scales as float32 (N,)."""
         p = self._prepared.get(w)
         if p is None:
             q = np.ascontiguousarray(w.q)
@@ -270,7 +300,13 @@ class NumbaBackend(NumpyBackend):
                 sums = q.sum(axis=1, dtype=np.int32)
             p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm", q4,
                                           sums)
+        return p
+
+    def _w8a8(self, x: np.ndarray, w: Int8Weight) -> np.ndarray:
+        p = self._w8a8_prepared(w)
         M, K = x.shape
+        if M <= SMALL_BATCH and p.sums is not None:  # AVX-512 VNNI, each weight row read once
+            return self._w8a8_decode(x, [p])[0]
         out = np.empty((M, p.q.shape[0]), np.float32)
         scales = np.empty(M, np.float32)
         if M > SMALL_BATCH and p.q4 is not None:  # AVX-512 VNNI: exact int8 products, 3x to 4x the float path
@@ -280,7 +316,7 @@ class NumbaBackend(NumpyBackend):
             return out
         codes = np.empty((M, K), np.int8)
         kernels.quantize_tokens(x, p.vllm, codes, scales)
-        if M <= SMALL_BATCH:
+        if M <= SMALL_BATCH:  # a CPU without VNNI
             kernels.int8_matmul(codes, p.q, p.scale, scales, p.vllm, out)
             return out
         # Prefill: the same accumulators from float32 sums of at most EXACT_FLOAT_TERMS products (exact).

@@ -1,5 +1,6 @@
-"""Prompt-sized kernels for the numba backend (more than a few tokens): a W8A8 int8 GEMM on AVX-512 VNNI, bit for
-bit; attention as two blocked matrix products; SiLU-mul and the softmax with a vectorised float32 exp (`exp32`).
+"""Kernels for the numba backend built on instructions Numba's loops do not reach: W8A8 on AVX-512 VNNI, bit for bit,
+for prompts (a GEMM) and decode steps (a matvec); and for prompts, attention as two blocked matrix products, SiLU-mul
+and the softmax with a vectorised float32 exp (`exp32`).
 
 W8A8. The reference's int8 x int8 -> int32 accumulators are exact whatever the order, so any exact integer
 instruction may compute them. vpdpbusd adds four u8 x s8 products into each of 16 int32 lanes per instruction: 64
@@ -12,7 +13,16 @@ go in as a + 128 and the result is corrected by 128 sum_k w[n, k], precomputed p
 * The microkernel keeps ROWS x 2 accumulators (ROWS weight rows x 32 tokens) in registers over all of K.
 * Work split: `prange` over runs of CHUNK-row chunks, one run per thread; within a chunk, for each 32-token group,
   every block of ROWS rows, so the chunk's rows stay in L2 across token groups.
-Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul_float.
+W8A8 decode (up to SMALL_BATCH tokens, `int8_vnni_matvec`): the weight bytes dominate, so each row is read once,
+in memory order, as stored (any K: no padded copy).
+* a (M, K rounded up to 64) uint8 (`quantize_u8`): token m's codes + 128 at a[m, :K], zeros after.
+* Per 64-byte chunk of a row: one load, vpdpbusd with each token's 64 bytes; a row's last partial chunk is a
+  masked load. Accumulators (16 lanes) are summed four rows at a time by a shuffle tree, and the same epilogue
+  as int8_matmul applied.
+* Quantizing is part of the call, or skipped (`quantize` False) to reuse the last call's codes: the Linears that
+  share one input (q/k/v, gate/up) quantize it once (NumbaBackend.w8a8_linears).
+* Work split: `prange` over one contiguous run of DECODE_ROWS-row blocks per thread.
+Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul (decode) and int8_matmul_float (prompts).
 
 Attention. numba_kernels.attention (decode) dots one query with one key at a time. For a prompt, a block of
 QUERIES positions of one head goes through numba_kernels' 4x4 microkernel twice: scores = Q K^T over the keys up
@@ -31,7 +41,10 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     REASSOC,
     _tokens_times_rows,
     _w8a8_epilogue,
+    code_hf,
+    code_vllm,
     quantize_tokens,
+    token_scale,
 )
 
 # isort: split
@@ -223,6 +236,231 @@ def _int8_chunks(a4, M, w, w_sums, w_scale, a_scale, vllm, out, first, stop):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# W8A8 decode (up to a few tokens) through AVX-512 VNNI: each weight row streamed once, in 64-byte chunks
+# ---------------------------------------------------------------------------------------------------------------
+
+DECODE_ROWS = 4  # weight rows per decode microkernel call, each with independent accumulators
+DECODE_TOKENS = 4  # tokens per call (fewer left over: one at a time, the rows then come from L1)
+
+
+def _sum_four(builder, accs):
+    """<4 x i32> of the lane sums of four <16 x i32> vectors (wrapping adds, exact mod 2**32): pairs of rows
+    interleaved and added, then pairs of pairs, then the four 128-bit quarters: about half the instructions of four
+    separate horizontal sums (8 each)."""
+    def interleave_add(x, y, width):  # lanes of x and y, `width` at a time alternately, low and high halves added
+        low, high = [], []
+        for q in range(4):  # within each 128-bit quarter, as unpacklo/unpackhi
+            base = 4 * q
+            for j in range(0, 2, width):
+                low += [base + j + e for e in range(width)] + [LANES + base + j + e for e in range(width)]
+                high += [base + 2 + j + e for e in range(width)] + [LANES + base + 2 + j + e for e in range(width)]
+        mask = ir.VectorType(_I32, LANES)
+        return builder.add(builder.shuffle_vector(x, y, ir.Constant(mask, low)),
+                           builder.shuffle_vector(x, y, ir.Constant(mask, high)))
+
+    pairs = [interleave_add(accs[0], accs[1], 1), interleave_add(accs[2], accs[3], 1)]
+    quads = interleave_add(pairs[0], pairs[1], 2)  # each quarter: [r0, r1, r2, r3] partial sums
+    half = ir.VectorType(_I32, 8)
+    halves = builder.add(builder.shuffle_vector(quads, quads, ir.Constant(half, list(range(8)))),
+                         builder.shuffle_vector(quads, quads, ir.Constant(half, list(range(8, 16)))))
+    quarter = ir.VectorType(_I32, 4)
+    return builder.add(builder.shuffle_vector(halves, halves, ir.Constant(quarter, list(range(4)))),
+                       builder.shuffle_vector(halves, halves, ir.Constant(quarter, list(range(4, 8)))))
+
+
+def _vnni_rows_microkernel(rows: int, tokens: int):
+    """An intrinsic kernel(w, r0, a, m0, tile): int32 tile[t * rows + i] = sum_k a[m0 + t, k] * w[r0 + i, k]
+    for i < rows, t < tokens, exactly (wrapping int32 lanes; the caller's final sums fit).
+
+    w (N, K) int8, the rows as stored (any K); a (M, Kp) uint8 activation codes + 128, Kp a multiple of 64 with
+    zeros past K (`quantize_u8`). The rows are read one after the other, in memory order: interleaving four rows'
+    chunks (four streams 576 bytes apart) read memory at 5 GB/s on one core here, one row at a time at 14 (software
+    prefetching 512 to 4096 bytes ahead measured no better). Per
+    64-byte chunk of a row: one load, one of each token, `tokens` vpdpbusd into <16 x i32> accumulators (lane j
+    sums bytes 4j..4j+3); a row's last partial chunk is a masked load, so no byte past a row (or the array) is
+    read. The rows' loops are independent, so the CPU overlaps them. Then the lanes are added, four rows at a time
+    (`_sum_four`)."""
+    vec = ir.VectorType(_I32, LANES)
+    bytes64 = ir.VectorType(ir.IntType(8), 4 * LANES)
+    i1x64 = ir.VectorType(ir.IntType(1), 4 * LANES)
+
+    @intrinsic
+    def kernel(typingctx, w, r0, a, m0, tile):
+        if not (isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype == types.int8
+                and isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == types.uint8
+                and isinstance(tile, types.Array) and tile.ndim == 1 and tile.layout == "C"
+                and tile.dtype == types.int32 and isinstance(r0, types.Integer) and isinstance(m0, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            w_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            a_arr = context.make_array(signature.args[2])(context, builder, args[2])
+            t_arr = context.make_array(signature.args[4])(context, builder, args[4])
+            start_row, first_token = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3))
+            K = builder.extract_value(w_arr.shape, 1)
+            Kp = builder.extract_value(a_arr.shape, 1)
+            module = builder.module
+            dot = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 "llvm.x86.avx512.vpdpbusd.512")
+            masked_load = cgutils.get_or_insert_function(
+                module, ir.FunctionType(bytes64, [bytes64.as_pointer(), _I32, i1x64, bytes64]),
+                "llvm.masked.load.v64i8.p0")
+            reduce_add = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [vec]),
+                                                        "llvm.vector.reduce.add.v16i32")
+            token_ptrs = [builder.gep(a_arr.data, [builder.mul(builder.add(first_token, ir.Constant(_I64, t)), Kp)])
+                          for t in range(tokens)]
+            full = builder.lshr(K, ir.Constant(_I64, 6))  # whole 64-byte chunks
+            rest = builder.and_(K, ir.Constant(_I64, 63))
+            zero = ir.Constant(vec, [0] * LANES)
+            limit = builder.trunc(rest, ir.IntType(8))
+            mask = builder.icmp_unsigned("<", ir.Constant(bytes64, list(range(4 * LANES))), builder.shuffle_vector(
+                builder.insert_element(ir.Constant(bytes64, ir.Undefined), limit, ir.Constant(_I32, 0)),
+                ir.Constant(bytes64, ir.Undefined), ir.Constant(ir.VectorType(_I32, 4 * LANES), [0] * 4 * LANES)))
+
+            def load(ptr, offset):
+                return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vec.as_pointer()), align=1)
+
+            def step(accs, ws, offset):
+                return [builder.call(dot, [acc, load(p, offset), ws]) for acc, p in zip(accs, token_ptrs, strict=True)]
+
+            finals = []  # finals[i][t]: row i, token t
+            for i in range(rows):
+                row = builder.gep(w_arr.data, [builder.mul(builder.add(start_row, ir.Constant(_I64, i)), K)])
+                entry = builder.block
+                loop = builder.append_basic_block(f"vnni.row{i}")
+                after = builder.append_basic_block(f"vnni.row{i}.after")
+                tail = builder.append_basic_block(f"vnni.row{i}.tail")
+                done = builder.append_basic_block(f"vnni.row{i}.done")
+                builder.cbranch(builder.icmp_signed(">", full, ir.Constant(_I64, 0)), loop, after)
+
+                builder.position_at_end(loop)  # for c in range(full): bytes [64c, 64c + 64) of the row
+                c = builder.phi(_I64)
+                accs = [builder.phi(vec) for _ in range(tokens)]
+                offset = builder.mul(c, ir.Constant(_I64, 64))
+                updated = step(accs, load(row, offset), offset)
+                next_c = builder.add(c, ir.Constant(_I64, 1))
+                c.add_incoming(ir.Constant(_I64, 0), entry)
+                c.add_incoming(next_c, loop)
+                for phi, value in zip(accs, updated, strict=True):
+                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(value, loop)
+                builder.cbranch(builder.icmp_signed("<", next_c, full), loop, after)
+
+                builder.position_at_end(after)
+                merged = [builder.phi(vec) for _ in updated]
+                for phi, value in zip(merged, updated, strict=True):
+                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(value, loop)
+                builder.cbranch(builder.icmp_signed(">", rest, ir.Constant(_I64, 0)), tail, done)
+
+                builder.position_at_end(tail)  # the last K % 64 bytes: a masked load reads only those
+                offset = builder.mul(full, ir.Constant(_I64, 64))
+                ws = builder.bitcast(builder.call(masked_load, [
+                    builder.bitcast(builder.gep(row, [offset]), bytes64.as_pointer()), ir.Constant(_I32, 1), mask,
+                    ir.Constant(bytes64, [0] * 4 * LANES)]), vec)
+                tailed = step(merged, ws, offset)
+                builder.branch(done)
+
+                builder.position_at_end(done)
+                row_finals = [builder.phi(vec) for _ in merged]
+                for final, before, value in zip(row_finals, merged, tailed, strict=True):
+                    final.add_incoming(before, after)
+                    final.add_incoming(value, tail)
+                finals.append(row_finals)
+
+            for t in range(tokens):  # token t's row sums, rows in order: tile[t * rows:(t + 1) * rows]
+                per_row = [finals[i][t] for i in range(rows)]
+                for i0 in range(0, rows, 4):
+                    where = builder.gep(t_arr.data, [ir.Constant(_I64, t * rows + i0)])
+                    if rows - i0 >= 4:
+                        builder.store(_sum_four(builder, per_row[i0:i0 + 4]),
+                                      builder.bitcast(where, ir.VectorType(_I32, 4).as_pointer()), align=4)
+                    else:
+                        for j in range(rows - i0):
+                            builder.store(builder.call(reduce_add, [per_row[i0 + j]]),
+                                          builder.gep(where, [ir.Constant(_I64, j)]))
+            return context.get_dummy_value()
+
+        return types.none(w, r0, a, m0, tile), codegen
+
+    return kernel
+
+
+_decode_rows_by_tokens = _vnni_rows_microkernel(DECODE_ROWS, DECODE_TOKENS)
+_decode_rows_by_1 = _vnni_rows_microkernel(DECODE_ROWS, 1)
+_decode_row_by_1 = _vnni_rows_microkernel(1, 1)
+
+
+def decode_width(k: int) -> int:
+    """Bytes per token of `quantize_u8`'s activation buffer for K inputs: K rounded up to 64."""
+    return -(-k // 64) * 64
+
+
+@njit(cache=True)
+def quantize_u8(x, vllm, a, scales):
+    """numba_kernels.quantize_tokens of x (M, K) float32, bit for bit, with the codes written as vpdpbusd reads
+    them: a[m, k] = code[m, k] + 128 (unsigned), zeros past K in a (M, decode_width(K)); scales (M,)."""
+    M, K = x.shape
+    for m in range(M):
+        scales[m], factor = token_scale(x[m], vllm)
+        if vllm:
+            for k in range(K):
+                a[m, k] = np.uint8(code_vllm(x[m, k], factor) + 128)
+        else:
+            for k in range(K):
+                a[m, k] = np.uint8(code_hf(x[m, k], factor) + 128)
+        for k in range(K, a.shape[1]):
+            a[m, k] = 0
+
+
+@njit(cache=True, parallel=True)
+def int8_vnni_matvec(x, quantize, a, a_scale, w, w_sums, w_scale, vllm, out, threads):
+    """W8A8 for a few tokens (decode): numba_kernels.int8_matmul's result, bit for bit, each weight row read once.
+
+    x (M, K) float32; with `quantize`, first a, a_scale = quantize_u8(x) (serial: tiny next to the weights);
+    without, a and a_scale already hold them, so the Linears that share one input (q/k/v, gate/up) quantize it
+    once. w (N, K) int8 as stored, w_sums (N,) int32 = sum_k w[n, k], w_scale (N,); out (M, N) float32.
+    Rows split into `threads` equal contiguous runs of DECODE_ROWS-row blocks (numba.get_num_threads() in here
+    would keep numba from caching the kernel)."""
+    if quantize:
+        quantize_u8(x, vllm, a, a_scale)
+    blocks = (w.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    parts = max(1, min(blocks, threads))
+    for p in prange(parts):
+        _decode_blocks(a, a_scale, w, w_sums, w_scale, vllm, out, p * blocks // parts, (p + 1) * blocks // parts)
+
+
+@njit(cache=True)
+def _decode_blocks(a, a_scale, w, w_sums, w_scale, vllm, out, first, stop):
+    """Row blocks [first, stop) of int8_vnni_matvec: one thread's share, a serial function (numba_kernels'
+    docstring: writes through views made inside a parallel kernel are dropped)."""
+    N = w.shape[0]
+    M = out.shape[0]
+    tile = np.empty(DECODE_ROWS * DECODE_TOKENS, np.int32)
+    for b in range(first, stop):
+        n = b * DECODE_ROWS
+        if n + DECODE_ROWS > N:  # the last rows, one at a time
+            for r in range(n, N):
+                for m in range(M):
+                    _decode_row_by_1(w, r, a, m, tile)
+                    acc = np.int32(tile[0] - np.int32(128) * w_sums[r])
+                    out[m, r] = _w8a8_epilogue(acc, w_scale[r], a_scale[m], vllm)
+            continue
+        m = 0
+        while m < M:
+            width = DECODE_TOKENS if m + DECODE_TOKENS <= M else 1
+            if width == DECODE_TOKENS:
+                _decode_rows_by_tokens(w, n, a, m, tile)
+            else:
+                _decode_rows_by_1(w, n, a, m, tile)
+            for t in range(width):
+                for i in range(DECODE_ROWS):
+                    acc = np.int32(tile[t * DECODE_ROWS + i] - np.int32(128) * w_sums[n + i])
+                    out[m + t, n + i] = _w8a8_epilogue(acc, w_scale[n + i], a_scale[m + t], vllm)
+            m += width
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # exp in float32 vector lanes (numba's np.exp calls libm's scalar expf: without SVML no loop around it vectorises)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -352,7 +590,11 @@ def warm_up() -> None:
         a4, scales = np.zeros((2, 4 * padded_tokens(9)), np.uint8), np.empty(9, f32)
         quantize_pack(np.ones((9, 8), f32), vllm, a4, scales, 1)
         int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), scales, vllm, np.empty((9, 7), f32), 1)
+    x, a = np.ones((5, 8), f32), np.empty((5, decode_width(8)), np.uint8)
+    int8_vnni_matvec(x, True, a, np.empty(5, f32), w, np.full(7, 8, np.int32), np.ones(7, f32), False,
+                     np.empty((5, 7), f32), 1)
 
 
-__all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "padded_tokens",
-           "prompt_attention", "quantize_pack", "silu_mul", "warm_up"]
+__all__ = ["CHUNK", "DECODE_ROWS", "DECODE_TOKENS", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "decode_width",
+           "int8_vnni_gemm", "int8_vnni_matvec", "padded_tokens", "prompt_attention", "quantize_pack", "quantize_u8",
+           "silu_mul", "warm_up"]

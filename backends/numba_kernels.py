@@ -735,24 +735,43 @@ def quantize_tokens(x, vllm, codes, scales):
     """
     M, K = x.shape
     for m in range(M):
-        absmax = np.float32(0.0)
-        for k in range(K):
-            absmax = max(absmax, abs(x[m, k]))
+        scales[m], factor = token_scale(x[m], vllm)
         if vllm:
-            scales[m] = absmax / np.float32(127.0)
-            inverse = np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
             for k in range(K):
-                scaled = x[m, k] * inverse
-                if scaled != scaled:  # 0 * inf from a subnormal absmax: the kernel's saturating convert gives 0
-                    scaled = np.float32(0.0)
-                codes[m, k] = np.int8(np.rint(min(max(scaled, np.float32(-128.0)), np.float32(127.0))))
+                codes[m, k] = np.int8(code_vllm(x[m, k], factor))
         else:
-            scale = absmax / np.float32(127.5)
-            if scale == 0:
-                scale = np.float32(np.finfo(np.float32).eps)
-            scales[m] = scale
             for k in range(K):
-                codes[m, k] = np.int8(np.rint(min(max(x[m, k] / scale, np.float32(-128.0)), np.float32(127.0))))
+                codes[m, k] = np.int8(code_hf(x[m, k], factor))
+
+
+@njit(cache=True, inline="always")
+def token_scale(row, vllm):
+    """(scale, factor) of one token's row (K,) float32: "vllm" (absmax / 127, 127 / absmax or 0 for an all-zero
+    row); "hf" (absmax / 127.5 or eps if that is 0, the same again: codes divide by it)."""
+    absmax = np.float32(0.0)
+    for k in range(row.shape[0]):
+        absmax = max(absmax, abs(row[k]))
+    if vllm:
+        return absmax / np.float32(127.0), np.float32(127.0) / absmax if absmax > 0 else np.float32(0.0)
+    scale = absmax / np.float32(127.5)
+    if scale == 0:
+        scale = np.float32(np.finfo(np.float32).eps)
+    return scale, scale
+
+
+@njit(cache=True, inline="always")
+def code_vllm(value, inverse):
+    """vLLM's int8 code of one float32 value, as an int32 in [-128, 127]."""
+    scaled = value * inverse
+    if scaled != scaled:  # 0 * inf from a subnormal absmax: the kernel's saturating convert gives 0
+        scaled = np.float32(0.0)
+    return np.int32(np.rint(min(max(scaled, np.float32(-128.0)), np.float32(127.0))))
+
+
+@njit(cache=True, inline="always")
+def code_hf(value, scale):
+    """compressed-tensors' int8 code of one float32 value, as an int32 in [-128, 127]."""
+    return np.int32(np.rint(min(max(value / scale, np.float32(-128.0)), np.float32(127.0))))
 
 
 @njit(cache=True, inline="always")

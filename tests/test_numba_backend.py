@@ -133,6 +133,93 @@ def test_w8a8_prompt_linear_takes_the_vnni_path_and_equals_decode_rows(xp):
     np.testing.assert_array_equal(together, one_by_one)
 
 
+# ---------------------------------------------------------------- W8A8 decode through AVX-512 VNNI
+
+
+def _decode_tokens(T: int, K: int, rng: np.random.Generator) -> np.ndarray:
+    """T tokens with the quantizers' edge rows: a -127.5 tie (code -128, byte 0), an all-zero token, a subnormal
+    absmax (vLLM's 127 / absmax overflows to inf: codes 0)."""
+    x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    x[0, K // 2] = -np.abs(x[0]).max() * 1.5
+    if T > 1:
+        x[1] = 0
+    if T > 2:
+        x[2] = np.float32(1e-45) * rng.integers(-1, 2, K)
+    return x
+
+
+@needs_vnni
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (13, 63), (3, 64), (37, 130), (33, 577), (9, 1538)])
+def test_vnni_decode_matvec_is_int8_matmul_bit_for_bit(T, N, K):
+    """1 to SMALL_BATCH tokens, N odd or below DECODE_ROWS, K not a multiple of 4 or 64 (masked last chunk):
+    quantize_tokens' codes (+ 128, zero-padded) and scales, and int8_matmul's outputs, both semantics, exactly, on
+    1 to 3 threads; a second weight reuses the first call's quantized activations (quantize=False)."""
+    rng = np.random.default_rng(T * 10000 + N * 100 + K)
+    x = _decode_tokens(T, K, rng)
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    w_scale = rng.uniform(1e-3, 1, N).astype(np.float32)
+    sums = q.sum(axis=1, dtype=np.int32)
+    for vllm in (False, True):
+        codes, scales = np.empty((T, K), np.int8), np.empty(T, np.float32)
+        numba_kernels.quantize_tokens(x, vllm, codes, scales)
+        expected = np.empty((T, N), np.float32)
+        numba_kernels.int8_matmul(codes, q, w_scale, scales, vllm, expected)
+        for threads in (1, 2, 3):
+            a = np.full((T, numba_gemm.decode_width(K)), 77, np.uint8)  # the padding must be overwritten with 0
+            a_scale, got = np.empty(T, np.float32), np.empty((T, N), np.float32)
+            numba_gemm.int8_vnni_matvec(x, True, a, a_scale, q, sums, w_scale, vllm, got, threads)
+            np.testing.assert_array_equal(a[:, :K].astype(np.int16) - 128, codes)
+            assert not a[:, K:].any()
+            np.testing.assert_array_equal(a_scale, scales)
+            np.testing.assert_array_equal(got, expected)
+            again = np.empty((T, N), np.float32)
+            numba_gemm.int8_vnni_matvec(np.zeros_like(x), False, a, a_scale, q, sums, w_scale, vllm, again, threads)
+            np.testing.assert_array_equal(again, expected)  # x unread: a and a_scale are used as they are
+
+
+@needs_vnni
+def test_vnni_decode_exact_at_the_largest_k():
+    """K = INT8_MAX_K, codes 127 against rows of 127 and of -128: the unsigned sums wrap int32 many times over,
+    the accumulators are the true +-127 * 128 * K (just inside int32)."""
+    from refllama.quant.int8 import INT8_MAX_K
+
+    T, N, K = 2, 3, INT8_MAX_K
+    x = np.ones((T, K), np.float32)  # "hf": 1 / (1 / 127.5) -> code 127
+    q = np.full((N, K), 127, np.int8)
+    q[1] = -128
+    q[2, ::3] = -128
+    got = np.empty((T, N), np.float32)
+    a = np.empty((T, numba_gemm.decode_width(K)), np.uint8)
+    numba_gemm.int8_vnni_matvec(x, True, a, np.empty(T, np.float32), q, q.sum(axis=1, dtype=np.int32),
+                                np.ones(N, np.float32), False, got, 2)
+    accumulators = np.full((T, K), 127, np.int64) @ q.T.astype(np.int64)
+    assert accumulators.min() == -127 * 128 * K
+    np.testing.assert_array_equal(got, accumulators.astype(np.float32) * (np.float32(1) / np.float32(127.5)))
+
+
+@needs_vnni
+@pytest.mark.parametrize("semantics", ["hf", "vllm"])
+@pytest.mark.parametrize("M", [1, 3, 9])
+def test_w8a8_linears_share_one_quantization_bit_for_bit(xp, semantics, M):
+    """The backend's several-Linears operation (q/k/v, gate/up: one input) equals one `linear` per Linear, bias
+    included, bit for bit: decode steps through one quantization, prompts (M > SMALL_BATCH) and a group with a
+    float Linear Linear by Linear. The decode kernels read the stored rows: no copy of the weight."""
+    rng = np.random.default_rng(M)
+    K = 70
+    weights = [Int8Weight(rng.integers(-128, 128, (n, K), dtype=np.int8),
+                          rng.uniform(1e-3, 1, (n, 1)).astype(np.float32), activation=ActivationQuant(semantics))
+               for n in (24, 8, 8)]
+    layers = [Linear(weights[0]), Linear(weights[1], rng.standard_normal(8).astype(np.float32)), Linear(weights[2])]
+    x = _decode_tokens(M, K, rng).reshape(1, M, K)
+    expected = [xp.linear(x, layer) for layer in layers]
+    for got, want in zip(xp.w8a8_linears(x, layers), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    mixed = [*layers, Linear(rng.standard_normal((5, K)).astype(np.float32))]
+    np.testing.assert_array_equal(xp.w8a8_linears(x, mixed)[3], xp.linear(x, mixed[3]))
+    assert all(np.shares_memory(xp._prepared[w].q, w.q) for w in weights)
+
+
 # ---------------------------------------------------------------- attention for prompts (numba_gemm.prompt_attention)
 
 
