@@ -227,7 +227,8 @@ def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps
     start = time.perf_counter()
     benchmark.generate_timed(engine, np.array(spec["ids"][:8]), 2)
     first_call_s = time.perf_counter() - start
-    result = benchmark.measure(engine, prompt, new, reps).to_dict()
+    # the ids the peers get: the engine's own tokenizer is not asked for (a GGUF's is built on first use)
+    result = benchmark.measure(engine, prompt, new, reps, ids=np.array(spec["ids"], np.int64)).to_dict()
     result.update(load_s=load_s, first_call_s=first_call_s, rss_base_mb=base, rss_loaded_mb=loaded,
                   runtime_rss_mb=base - before_runtime,
                   rss_peak_mb=benchmark.peak_rss_mb(), weight_bytes_per_token=benchmark.streamed_weight_bytes(engine))
