@@ -32,6 +32,7 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     _tokens_times_rows,
     _w8a8_epilogue,
     quantize_tokens,
+    readonly,
 )
 
 # isort: split
@@ -347,11 +348,12 @@ def warm_up() -> None:
     silu_mul(x, x, np.empty_like(x))
     if not VNNI:
         return
-    w, f32 = np.ones((7, 8), np.int8), np.float32
+    f32, ro = np.float32, readonly  # the backend passes the weight's arrays read-only
+    w, w_sums, w_scale = ro(np.ones((7, 8), np.int8)), ro(np.full(7, 8, np.int32)), ro(np.ones(7, f32))
     for vllm in (False, True):
         a4, scales = np.zeros((2, 4 * padded_tokens(9)), np.uint8), np.empty(9, f32)
         quantize_pack(np.ones((9, 8), f32), vllm, a4, scales, 1)
-        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), scales, vllm, np.empty((9, 7), f32), 1)
+        int8_vnni_gemm(a4, 9, w, w_sums, w_scale, scales, vllm, np.empty((9, 7), f32), 1)
 
 
 __all__ = ["CHUNK", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "int8_vnni_gemm", "padded_tokens",
