@@ -246,6 +246,28 @@ def test_gguf_decode_matvec_on_awkward_shapes(xp, ggml_type):
             assert (error <= 4 * eps * (np.abs(x.astype(np.float64)) @ np.abs(dense.T))).all()
 
 
+def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
+    """The backend passes every weight read-only, as memory-mapped ones are, so a weight the load copied or
+    converted (GGUF's reordered q/k rows, a dequantized table) runs the kernel compiled for the mapped ones instead
+    of compiling a second specialisation (float_matmul: ~3 s cold). (<1 s with the kernels cached.)"""
+    x = np.ones((1, 64), np.float32)
+    mapped_w, mapped_norm = np.ones((8, 64), np.float32), np.ones(64, np.float32)
+    mapped_raw = np.zeros((8, 40), np.uint8)
+    for a in (mapped_w, mapped_norm, mapped_raw):
+        a.flags.writeable = False
+
+    def run(w, norm, raw):
+        xp.linear(x, Linear(w))
+        xp.rms_norm(x, norm, 1e-5)
+        xp.linear(x, Linear(GGUFBlockWeight(raw, GGMLType.Q4_1, (8, 64))))  # 2 blocks of 20 bytes a row
+
+    kernels = (numba_kernels.float_matmul, numba_kernels.rms_norm, numba_kernels._blocks_matvec)
+    run(mapped_w, mapped_norm, mapped_raw)
+    compiled = [set(k.signatures) for k in kernels]
+    run(mapped_w.copy(), mapped_norm.copy(), mapped_raw.copy())
+    assert [set(k.signatures) for k in kernels] == compiled
+
+
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read
 
 
