@@ -640,7 +640,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{rss['bound_mb']:.0f} MiB: {'met' if rss['met'] else 'not met'} (the baseline is taken after "
                   f"Numba's runtime has started and loaded the cached kernels, which took "
                   f"{rss.get('runtime_mb', 0.0):.0f} MiB; "
-                  "the peak includes the tokenizer)."]
+                  "the engine runs the prompt ids every row gets: its GGUF tokenizer is checked at load and not "
+                  "built)."]
     lines += _busy_lines(report)
     jit = report.get("jit")
     if jit:
