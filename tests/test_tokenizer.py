@@ -482,7 +482,7 @@ def test_bad_gguf_vocabularies(metadata):
 
 def test_gguf_bpe_tokenizer_is_built_on_first_use(metadata):
     """A GGUF "gpt2" vocabulary is checked at load (above) but handed to the library only when text is encoded or
-    decoded: an engine run on token ids never holds the library's copy (SmolLM2's: ~20 MB)."""
+    decoded: an engine run on token ids never holds the library's copy (SmolLM2's: ~15 MiB)."""
     tok = LlamaTokenizer.from_gguf_metadata(metadata("bpe"), "bpe.gguf")
     assert tok._codec._codec is None
     assert tok.decode([128000, 9906]) == "<|begin_of_text|>Hello" and tok.bos_token == "<|begin_of_text|>"

@@ -161,7 +161,7 @@ class _TokenizersCodec:
 
 class _LazyCodec:
     """A codec built on first use. A GGUF's tokenizer is checked at load but built by the library only when asked
-    for: SmolLM2's (49152 tokens, 48900 merges) holds ~20 MB, which an engine that is handed token ids never needs."""
+    for: SmolLM2's (49152 tokens, 48900 merges) holds ~15 MiB, which an engine handed token ids never needs."""
 
     def __init__(self, build: Callable[[], _Codec]):
         self._build: Callable[[], _Codec] | None = build
