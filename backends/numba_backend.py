@@ -196,7 +196,7 @@ class NumbaBackend(NumpyBackend):
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty_like(x2)
-        kernels.rms_norm(x2, weight, np.float32(eps), out)
+        kernels.rms_norm(x2, kernels.readonly(weight), np.float32(eps), out)
         return out.reshape(x.shape)
 
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -231,7 +231,7 @@ class NumbaBackend(NumpyBackend):
         """x (..., K) @ w.T for a float32 or bfloat16 weight (N, K): the register-blocked microkernel."""
         x2 = _rows(x)  # (M, K)
         out = np.empty((x2.shape[0], w.shape[0]), np.float32)
-        w = np.ascontiguousarray(w)
+        w = kernels.readonly(np.ascontiguousarray(w))  # one compiled kernel for copied and mapped weights alike
         kernels.float_matmul(x2, w.view(np.uint16) if w.dtype == BF16 else w, out)
         return _finish(out, x, bias)
 
@@ -298,8 +298,9 @@ class NumbaBackend(NumpyBackend):
             if numba_gemm.VNNI:
                 q4 = q if K % 4 == 0 else np.pad(q, ((0, 0), (0, -K % 4)))
                 sums = q.sum(axis=1, dtype=np.int32)
-            p = self._prepared[w] = _W8A8(q, np.ascontiguousarray(scale), w.activation.semantics == "vllm", q4,
-                                          sums)
+            ro = kernels.readonly
+            p = self._prepared[w] = _W8A8(ro(q), ro(np.ascontiguousarray(scale)), w.activation.semantics == "vllm",
+                                          None if q4 is None else ro(q4), None if sums is None else ro(sums))
         return p
 
     def _w8a8(self, x: np.ndarray, w: Int8Weight) -> np.ndarray:
@@ -346,8 +347,9 @@ class NumbaBackend(NumpyBackend):
         scale = np.asarray(w.scale, np.float32)[:, :G]
         zero = np.full((N, G), default_zero, np.int32) if zero is None else np.asarray(zero)[:, :G].astype(np.int32)
         group = np.zeros(K, np.int32) if cols is None else cols.astype(np.int32)
-        p = self._prepared[w] = _Codes(codes, bits, np.ascontiguousarray(np.broadcast_to(zero, (N, G))),
-                                       np.ascontiguousarray(np.broadcast_to(scale, (N, G))), group)
+        ro = kernels.readonly
+        p = self._prepared[w] = _Codes(ro(codes), bits, ro(np.ascontiguousarray(np.broadcast_to(zero, (N, G)))),
+                                       ro(np.ascontiguousarray(np.broadcast_to(scale, (N, G)))), ro(group))
         return p
 
     def _blocks(self, w: GGUFBlockWeight) -> _Blocks:
@@ -356,7 +358,7 @@ class NumbaBackend(NumpyBackend):
             kind = int(w.ggml_type)
             if kind not in kernels.GGUF_BLOCKS:
                 raise BackendError(f"the numba backend has no kernel for GGUF {GGMLType(kind).name} blocks")
-            p = self._prepared[w] = _Blocks(np.ascontiguousarray(w.raw), kind, int(w.shape[1]))
+            p = self._prepared[w] = _Blocks(kernels.readonly(np.ascontiguousarray(w.raw)), kind, int(w.shape[1]))
         return p
 
 

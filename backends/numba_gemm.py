@@ -44,6 +44,7 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     code_hf,
     code_vllm,
     quantize_tokens,
+    readonly,
     token_scale,
 )
 
@@ -585,14 +586,14 @@ def warm_up() -> None:
     silu_mul(x, x, np.empty_like(x))
     if not VNNI:
         return
-    w, f32 = np.ones((7, 8), np.int8), np.float32
+    f32, ro = np.float32, readonly  # the backend passes the weight's arrays read-only
+    w, w_sums, w_scale = ro(np.ones((7, 8), np.int8)), ro(np.full(7, 8, np.int32)), ro(np.ones(7, f32))
     for vllm in (False, True):
         a4, scales = np.zeros((2, 4 * padded_tokens(9)), np.uint8), np.empty(9, f32)
         quantize_pack(np.ones((9, 8), f32), vllm, a4, scales, 1)
-        int8_vnni_gemm(a4, 9, w, np.full(7, 8, np.int32), np.ones(7, f32), scales, vllm, np.empty((9, 7), f32), 1)
+        int8_vnni_gemm(a4, 9, w, w_sums, w_scale, scales, vllm, np.empty((9, 7), f32), 1)
     x, a = np.ones((5, 8), f32), np.empty((5, decode_width(8)), np.uint8)
-    int8_vnni_matvec(x, True, a, np.empty(5, f32), w, np.full(7, 8, np.int32), np.ones(7, f32), False,
-                     np.empty((5, 7), f32), 1)
+    int8_vnni_matvec(x, True, a, np.empty(5, f32), w, w_sums, w_scale, False, np.empty((5, 7), f32), 1)
 
 
 __all__ = ["CHUNK", "DECODE_ROWS", "DECODE_TOKENS", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "decode_width",

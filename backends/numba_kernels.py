@@ -635,9 +635,11 @@ def rope(x, cos, sin, out):
                     out[b, h, t, d] = x[b, h, t, d] * cos[b, 0, t, d] + x[b, h, t, d - half] * sin[b, 0, t, d]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def silu_mul(gate, up, out):
-    """out = gate / (1 + exp(-gate)) * up for gate, up, out (M, I), a token per iteration."""
+    """out = gate / (1 + exp(-gate)) * up for gate, up, out (M, I), a token per iteration. Serial: the backend calls
+    it for fewer than numba_gemm.QUERIES tokens (numba_gemm.silu_mul takes more), where threads gain nothing and
+    parallel=True doubled its compile time."""
     M, width = gate.shape
     for m in prange(M):
         for i in range(width):
@@ -975,10 +977,11 @@ def dequantize_gguf_row(kind, row, out):
         q6_k_dequantize(row, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def dequantize_gguf(kind, raw, rows, out):
-    """out[i] = weight row rows[i]; raw (N, bytes per row) uint8, out (len(rows), K). Embedding lookups."""
-    for i in prange(rows.shape[0]):
+    """out[i] = weight row rows[i]; raw (N, bytes per row) uint8, out (len(rows), K). Embedding lookups: a row per
+    token, microseconds each, so serial (parallel=True took 2x the compile time, 4-9 s, and gained nothing)."""
+    for i in range(rows.shape[0]):
         dequantize_gguf_row(kind, raw[rows[i]], out[i])
 
 
@@ -1195,14 +1198,26 @@ def _kquant_matvec(kind, raw, x, out):
                     out[m, n] = q4_k_row_dot(raw[n], x[m], block_sums[m])
 
 
+def readonly(a: np.ndarray) -> np.ndarray:
+    """`a` as a read-only array (a view of it when it is writable). Numba compiles a kernel once per argument type,
+    and a read-only array is a type of its own: the backend passes every weight read-only, as the memory-mapped ones
+    are, so a weight that the load copied or converted (GGUF's reordered q/k rows, a dequantized or bfloat16 table)
+    does not compile the kernel a second time (float_matmul: 3 s)."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the backend passes: decode (one token,
-    whose transposed views NumPy still calls contiguous) and prefill (several tokens)."""
-    f32, i32 = np.float32, np.int32
+    whose transposed views NumPy still calls contiguous) and prefill (several tokens); weights read-only."""
+    f32, i32, ro = np.float32, np.int32, readonly
     for T in (1, 5):
         x = np.ones((T, 256), f32)
-        rms_norm(x, np.ones(256, f32), f32(1e-5), np.empty_like(x))
-        float_matmul(x, np.ones((6, 256), f32), np.empty((T, 6), f32))
+        rms_norm(x, ro(np.ones(256, f32)), f32(1e-5), np.empty_like(x))
+        float_matmul(x, ro(np.ones((6, 256), f32)), np.empty((T, 6), f32))
         silu_mul(x, x, np.empty_like(x))
         q = np.ones((1, T, 2, 64), f32)
         table = np.ones((1, 1, T, 64), f32)
@@ -1211,14 +1226,14 @@ def warm_up() -> None:
         attention(q, kv, kv, T, np.ones((1, T, T), np.bool_), np.empty((1, T, 2, 64), f32))
         codes, scales = np.empty((T, 256), np.int8), np.empty(T, f32)
         quantize_tokens(x, False, codes, scales)
-        int8_matmul(codes, np.ones((6, 256), np.int8), np.ones(6, f32), scales, False, np.empty((T, 6), f32))
-        int8_matmul_float(np.ones((1, T, 256), f32), np.ones((6, 256), np.int8), np.ones(6, f32), scales, False,
-                          np.empty((T, 6), f32))
-        zero, scale, group = np.zeros((6, 1), i32), np.ones((6, 1), f32), np.zeros(256, i32)
-        for stored, bits in ((np.ones((6, 256), np.int8), 0), (np.ones((6, 128), np.uint8), 4)):
+        w8, w_scale = ro(np.ones((6, 256), np.int8)), ro(np.ones(6, f32))
+        int8_matmul(codes, w8, w_scale, scales, False, np.empty((T, 6), f32))
+        int8_matmul_float(np.ones((1, T, 256), f32), w8, w_scale, scales, False, np.empty((T, 6), f32))
+        zero, scale, group = ro(np.zeros((6, 1), i32)), ro(np.ones((6, 1), f32)), ro(np.zeros(256, i32))
+        for stored, bits in ((w8, 0), (ro(np.ones((6, 128), np.uint8)), 4)):
             codes_matmul(stored, bits, zero, scale, group, x, np.empty((T, 6), f32))
         for kind, (size, block) in GGUF_BLOCKS.items():
-            raw = np.zeros((6, size * 256 // block), np.uint8)
+            raw = ro(np.zeros((6, size * 256 // block), np.uint8))
             dequantize_gguf(kind, raw, np.arange(T), np.empty((T, 256), f32))
             gguf_matmul(kind, raw, x, np.empty((T, 6), f32))
             gguf_matvec(kind, raw, x, np.empty((T, 6), f32))
@@ -1226,4 +1241,4 @@ def warm_up() -> None:
 
 __all__ = ["GGUF_BLOCKS", "attention", "cache_dir", "codes_matmul", "dequantize_gguf",
            "float_matmul", "gguf_matmul", "gguf_matvec", "int8_matmul", "int8_matmul_float", "quantize_tokens",
-           "rms_norm", "rope", "silu_mul", "warm_up"]
+           "readonly", "rms_norm", "rope", "silu_mul", "warm_up"]

@@ -352,6 +352,28 @@ def test_gguf_prompt_matmul_on_awkward_shapes(xp, ggml_type):
         assert (error <= 4 * eps * (np.abs(x.astype(np.float64)) @ np.abs(dense.T))).all()
 
 
+def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
+    """The backend passes every weight read-only, as memory-mapped ones are, so a weight the load copied or
+    converted (GGUF's reordered q/k rows, a dequantized table) runs the kernel compiled for the mapped ones instead
+    of compiling a second specialisation (float_matmul: ~3 s cold). (<1 s with the kernels cached.)"""
+    x = np.ones((1, 64), np.float32)
+    mapped_w, mapped_norm = np.ones((8, 64), np.float32), np.ones(64, np.float32)
+    mapped_raw = np.zeros((8, 40), np.uint8)
+    for a in (mapped_w, mapped_norm, mapped_raw):
+        a.flags.writeable = False
+
+    def run(w, norm, raw):
+        xp.linear(x, Linear(w))
+        xp.rms_norm(x, norm, 1e-5)
+        xp.linear(x, Linear(GGUFBlockWeight(raw, GGMLType.Q4_1, (8, 64))))  # 2 blocks of 20 bytes a row
+
+    kernels = (numba_kernels.float_matmul, numba_kernels.rms_norm, numba_kernels._blocks_matvec)
+    run(mapped_w, mapped_norm, mapped_raw)
+    compiled = [set(k.signatures) for k in kernels]
+    run(mapped_w.copy(), mapped_norm.copy(), mapped_raw.copy())
+    assert [set(k.signatures) for k in kernels] == compiled
+
+
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read
 
 
@@ -500,27 +522,22 @@ def test_smollm2_cached_decoding_through_the_fused_kernels(smollm2):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
 def test_q4_1_gguf_peak_rss_is_about_its_file_size():
-    """The target bound: the model's peak RSS, loading and generating from the Q4_1 GGUF, <= 1.3 x file size +
-    KV cache. Counted in a fresh process from its RSS once the interpreter, NumPy, the compiled kernels and the
-    GGUF metadata (the config) are in; the tokenizer is not built (its Python objects take about 35 MB, which
-    tools/bench.py's whole-process figure includes)."""
+    """The target bound: the model's peak RSS, loading (`refllama.load`, its tokenizer checked) and generating from
+    the Q4_1 GGUF on token ids, <= 1.3 x file size + KV cache. Counted in a fresh process from its RSS once the
+    interpreter, NumPy and the compiled kernels are in, as tools/bench.py counts it. The tokenizer is built by its
+    library only on first use (about 15 MB more; an engine handed token ids never builds it)."""
     path = smollm2_path()
     script = (
         "import numpy as np\n"
+        "import refllama\n"
         "from refllama.backends import get_backend, numba_kernels\n"
-        "from refllama.engine import GenericLlamaEngine\n"
-        "from refllama.formats.gguf import GGUFFile\n"
-        "from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf\n"
-        "from refllama.formats.checkpoint import load_weight_map\n"
-        "from refllama.loading import stored_block_types\n"
-        f"gguf = GGUFFile({str(path)!r})\n"
-        "config, backend = config_from_gguf(gguf), get_backend('numba')\n"
+        "get_backend('numba')\n"
         "numba_kernels.warm_up()\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
         "status = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
         "base = status('VmRSS:')\n"
-        "source = GGUFTensorSource(gguf, config, stored_block_types(backend))\n"
-        "engine = GenericLlamaEngine(config, load_weight_map(source, config), backend)\n"
+        f"engine = refllama.load({str(path)!r}, backend='numba', dtype='float32')\n"
+        "assert engine.tokenizer is not None\n"
         "engine.generate_ids(np.arange(100, 164), 64, stop_at_eos=False)\n"
         "print(base, status('VmHWM:'))\n"
     )

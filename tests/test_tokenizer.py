@@ -474,6 +474,20 @@ def test_bad_gguf_vocabularies(metadata):
     spm = metadata("spm")
     with pytest.raises(TokenizerError, match="token_type has 3 entries"):
         LlamaTokenizer.from_gguf_metadata({**spm, "tokenizer.ggml.token_type": np.array([1, 1, 1])})
+    merges = list(bpe["tokenizer.ggml.merges"])
+    for bad, missing in (("zzq yyq", "'zzq'"), ("Ġthe Ġthe", "'ĠtheĠthe'")):  # a token, the merged token
+        with pytest.raises(TokenizerError, match=f"{missing} is not in tokenizer.ggml.tokens"):
+            LlamaTokenizer.from_gguf_metadata({**bpe, "tokenizer.ggml.merges": [*merges[:5], bad, *merges[5:]]})
+
+
+def test_gguf_bpe_tokenizer_is_built_on_first_use(metadata):
+    """A GGUF "gpt2" vocabulary is checked at load (above) but handed to the library only when text is encoded or
+    decoded: an engine run on token ids never holds the library's copy (SmolLM2's: ~15 MiB)."""
+    tok = LlamaTokenizer.from_gguf_metadata(metadata("bpe"), "bpe.gguf")
+    assert tok._codec._codec is None
+    assert tok.decode([128000, 9906]) == "<|begin_of_text|>Hello" and tok.bos_token == "<|begin_of_text|>"
+    assert tok._codec._codec is not None
+    assert tok.encode("Hello") == [128000, 9906]
 
 
 def test_not_a_gguf_file(tmp_path):

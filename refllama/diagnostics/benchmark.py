@@ -67,12 +67,17 @@ def generate_timed(engine: Any, ids: np.ndarray, new_tokens: int) -> tuple[float
     return first[0] - start, time.perf_counter() - first[0], new
 
 
-def measure(engine: Any, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 3) -> Throughput:
-    """Median prefill and decode throughput and time to first token over `repetitions` timed generations."""
+def measure(engine: Any, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 3,
+            ids: np.ndarray | None = None) -> Throughput:
+    """Median prefill and decode throughput and time to first token over `repetitions` timed generations. The prompt
+    is `ids` when given (a bench hands every engine the same ids), else `prompt_ids(engine, prompt_tokens)`."""
     if prompt_tokens < 1 or new_tokens < 2 or repetitions < 1:
         raise InputError(f"a benchmark needs prompt tokens >= 1, new tokens >= 2 and repetitions >= 1, got "
                          f"{prompt_tokens}, {new_tokens} and {repetitions}")
-    ids = prompt_ids(engine, prompt_tokens)
+    if ids is None:
+        ids = prompt_ids(engine, prompt_tokens)
+    elif len(ids) != prompt_tokens:
+        raise InputError(f"{len(ids)} prompt ids for a {prompt_tokens}-token prompt")
     generate_timed(engine, ids[:8], 4)  # untimed: load or compile kernels, fault in pages
     reps = []
     for _ in range(repetitions):

@@ -26,7 +26,7 @@ import binascii
 import enum
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -159,6 +159,30 @@ class _TokenizersCodec:
         return self.backend.decode(ids, skip_special_tokens=False)
 
 
+class _LazyCodec:
+    """A codec built on first use. A GGUF's tokenizer is checked at load but built by the library only when asked
+    for: SmolLM2's (49152 tokens, 48900 merges) holds ~15 MiB, which an engine handed token ids never needs."""
+
+    def __init__(self, build: Callable[[], _Codec]):
+        self._build: Callable[[], _Codec] | None = build
+        self._codec: _Codec | None = None
+
+    def _built(self) -> _Codec:
+        if self._codec is None:
+            self._codec, self._build = self._build(), None
+        return self._codec
+
+    @property
+    def backend(self) -> Any:
+        return self._built().backend
+
+    def encode(self, text: str, parse_special: bool) -> list[int]:
+        return self._built().encode(text, parse_special)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._built().decode(ids)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the tokenizer
 
@@ -174,7 +198,7 @@ class LlamaTokenizer:
         self.type = type
         self.source = source
         self.path = str(path) if path is not None else None
-        self._pieces = pieces if isinstance(pieces, _TokenizerPieces) else list(pieces)
+        self._pieces = pieces if isinstance(pieces, (_TokenizerPieces, GGUFStrings)) else list(pieces)
         self.vocab_size = len(self._pieces)
         self._piece_ids: dict[str, int] | None = None
         # Decoded as their own text, never through the library: control, unknown and user-defined tokens
@@ -667,12 +691,13 @@ _GGUF_PRE: dict[str, _PreTokenizer] = {
 }
 
 
-def _gguf_vocab(metadata: Mapping[str, Any], source: str | Path | None) -> tuple[list[str], np.ndarray]:
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, GGUFStrings):  # decoded once here, for the library (which keeps its own copy)
-        tokens = list(tokens)
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+def _gguf_vocab(metadata: Mapping[str, Any], source: str | Path | None) -> tuple[Sequence[str], np.ndarray]:
+    tokens = metadata.get("tokenizer.ggml.tokens")  # GGUFStrings (decoded on access) from a file
+    if not (isinstance(tokens, GGUFStrings) or (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens))) \
+            or not tokens:
         raise TokenizerError("tokenizer.ggml.tokens is missing or not a list of strings", source)
+    if len(tokens) > MAX_VOCAB:
+        raise TokenizerError(f"tokenizer.ggml.tokens has {len(tokens)} entries (at most {MAX_VOCAB})", source)
     types = metadata.get("tokenizer.ggml.token_type")
     types = np.ones(len(tokens), np.int32) if types is None else np.asarray(types)
     if types.dtype.kind not in "iu":
@@ -769,49 +794,89 @@ def _gguf_pre(metadata: Mapping[str, Any], source: str | Path | None) -> _PreTok
     return _GGUF_PRE[pre]
 
 
-def hf_tokenizer_from_gguf(metadata: Mapping[str, Any], source: str | Path | None = None) -> tokenizers.Tokenizer:
-    """A `tokenizers.Tokenizer` for a GGUF "gpt2" (byte-level BPE) vocabulary, without a post-processor."""
+def _gguf_bpe_vocab(metadata: Mapping[str, Any], source: str | Path | None
+                    ) -> tuple[Sequence[str], np.ndarray, dict[str, int]]:
+    """(tokens, types, token -> id) of a GGUF "gpt2" vocabulary, its tokens checked unique and UTF-8, as the
+    `tokenizers` BPE model needs them."""
     tokens, types = _gguf_vocab(metadata, source)
-    vocab = {token: i for i, token in enumerate(tokens)}
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerError(f"tokenizer.ggml.tokens entry {i} is not valid UTF-8", source) from None
+        vocab.setdefault(token, i)
     if len(vocab) != len(tokens):
         raise TokenizerError("tokenizer.ggml.tokens has duplicate entries", source)
+    return tokens, types, vocab
+
+
+def _gguf_merges(metadata: Mapping[str, Any], vocab: Mapping[str, int], source: str | Path | None
+                 ) -> Iterator[tuple[str, str]]:
+    """The merge pairs, each checked as the `tokenizers` BPE model checks it when it is built: its two tokens and
+    their concatenation are in the vocabulary."""
     merges = metadata.get("tokenizer.ggml.merges")
     if not (isinstance(merges, GGUFStrings) or (isinstance(merges, list) and all(isinstance(m, str) for m in merges))):
         raise TokenizerError("tokenizer.ggml.merges is missing or not a list of strings (a 'gpt2' vocabulary "
                              "needs it)", source)
-    pairs = []
     for merge in merges:
         cut = merge.find(" ", 1)  # as llama.cpp: the first space after the first character
         if cut < 0:
             raise TokenizerError(f"merge {brief(merge)} is not two tokens separated by a space", source)
-        pairs.append((merge[:cut], merge[cut + 1:]))
+        left, right = merge[:cut], merge[cut + 1:]
+        for token in (left, right, left + right):
+            if token not in vocab:
+                raise TokenizerError(f"merge {brief(merge)}: {brief(token)} is not in tokenizer.ggml.tokens", source)
+        yield left, right
+
+
+def hf_tokenizer_from_gguf(metadata: Mapping[str, Any], source: str | Path | None = None) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` for a GGUF "gpt2" (byte-level BPE) vocabulary, without a post-processor."""
+    tokens, types, vocab = _gguf_bpe_vocab(metadata, source)
+    pairs = list(_gguf_merges(metadata, vocab, source))
     pre = _gguf_pre(metadata, source)
     try:
         tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
-    except Exception as e:  # the Rust side raises plain Exception (e.g. a merge of unknown tokens)
+    except Exception as e:  # the Rust side raises plain Exception
         raise TokenizerError(f"cannot build the BPE model ({e})", source) from None
+    del vocab, pairs
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre.pattern, pre.isolate_digits)
     tokenizer.decoder = decoders.ByteLevel()
     # Control/unknown tokens are special (matched in text, dropped by skip_special_tokens); user-defined
     # ones are matched in text but are ordinary output. They are raw text, not byte-level strings.
-    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                  for i in np.flatnonzero((types == PieceType.CONTROL) | (types == PieceType.UNKNOWN))])
+    added, special = _gguf_added_ids(tokens, types)
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                          for i in np.flatnonzero(types == PieceType.USER_DEFINED)])
+                          for i in sorted(set(added) - set(special))])
     return tokenizer
 
 
+def _gguf_added_ids(tokens: Sequence[str], types: np.ndarray) -> tuple[list[int], list[int]]:
+    """(every token the library adds, the special ones), as `_added_token_ids` would read them back from it: control,
+    unknown and user-defined tokens, of which control and unknown are special; the library skips empty ones."""
+    special_types = np.isin(types, (PieceType.CONTROL, PieceType.UNKNOWN))
+    added_types = special_types | (types == PieceType.USER_DEFINED)
+    added = [int(i) for i in np.flatnonzero(added_types) if tokens[i]]
+    return added, [i for i in added if special_types[i]]
+
+
 def _from_gguf_bpe(metadata: Mapping[str, Any], source: str | Path | None) -> LlamaTokenizer:
-    tokenizer = hf_tokenizer_from_gguf(metadata, source)
-    n = len(metadata["tokenizer.ggml.tokens"])
-    default_add_bos = _gguf_pre(metadata, source).add_bos
-    added, special = _added_token_ids(tokenizer)
+    # Every check of the data at load, the library's tokenizer built on first use (a bad vocabulary fails here)
+    tokens, types, vocab = _gguf_bpe_vocab(metadata, source)
+    for _ in _gguf_merges(metadata, vocab, source):
+        pass
+    del vocab
+    pre = _gguf_pre(metadata, source)
+    n = len(tokens)
+    added, special = _gguf_added_ids(tokens, types)
+    kept = {k: metadata[k] for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                                     "tokenizer.ggml.pre") if k in metadata}
     return LlamaTokenizer(
-        codec=_TokenizersCodec(tokenizer), type=TokenizerType.BPE, source="gguf",
-        pieces=_pieces_of(tokenizer, source), special_ids=added, control_ids=special,
+        codec=_LazyCodec(lambda: _TokenizersCodec(hf_tokenizer_from_gguf(kept, source))),
+        type=TokenizerType.BPE, source="gguf", pieces=tokens, special_ids=added, control_ids=special,
         bos_token_id=_gguf_id(metadata, "bos_token_id", None, n, source),
         eos_token_id=_gguf_id(metadata, "eos_token_id", None, n, source),
         pad_token_id=_gguf_id(metadata, "padding_token_id", None, n, source),
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", default_add_bos)),
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre.add_bos)),
         add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=_gguf_template(metadata, source), path=source)
