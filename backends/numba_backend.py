@@ -28,6 +28,7 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.formats.ggml_quants import GGMLType
+from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.int8 import INT8_MAX_K
 from refllama.quant.types import Int8Weight, PackedIntWeight, group_index
@@ -216,7 +218,7 @@ class NumbaBackend(NumpyBackend):
             return super().gated_activation(gate, up, act)
         out = np.empty(gate.shape, np.float32)
         width = gate.shape[-1]
-        silu_mul = numba_gemm.silu_mul if gate.size >= numba_gemm.QUERIES * width else kernels.silu_mul
+        silu_mul = kernels.silu_mul if gate.size == width else numba_gemm.silu_mul
         silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
                  out.reshape(-1, width))
         return out
@@ -227,9 +229,34 @@ class NumbaBackend(NumpyBackend):
         """x (..., K) @ w.T for a float32 or bfloat16 weight (N, K): the register-blocked microkernel."""
         x2 = _rows(x)  # (M, K)
         out = np.empty((x2.shape[0], w.shape[0]), np.float32)
-        w = np.ascontiguousarray(w)
-        kernels.float_matmul(x2, w.view(np.uint16) if w.dtype == BF16 else w, out)
+        kernels.float_matmul(x2, _float_bits(w), out)
         return _finish(out, x, bias)
+
+    def linears(self, x: np.ndarray, layers: Sequence[Linear]) -> list[np.ndarray]:
+        """Up to three Linears of one input in one kernel, so a decode step starts the threads once for q/k/v and
+        once for gate/up and each thread streams an equal share of the rows of all of them: float weights of one
+        dtype (float32 or bfloat16) through `float_matmuls`; for up to SMALL_BATCH tokens, GGUF weights of the
+        32-element block types (each its own) through `gguf_matvecs`. Other groups run one by one."""
+        weights = [layer.weight for layer in layers]
+        if not 1 < len(weights) <= 3:
+            return super().linears(x, layers)
+        x2 = _rows(x)  # (M, K)
+        M = x2.shape[0]
+        none = 3 - len(weights)
+        if _float_group(weights):
+            stored = [_float_bits(w) for w in weights]
+            outs = [np.empty((M, w.shape[0]), np.float32) for w in weights]  # (M, N_i)
+            kernels.float_matmuls(x2, *stored, *[kernels.NO_ROWS[stored[0].dtype]] * none, *outs,
+                                  *[kernels.NO_OUTPUT] * none)
+        elif M <= SMALL_BATCH and all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.BLOCKS_32
+                                      for w in weights):
+            blocks = [self._blocks(w) for w in weights]
+            outs = [np.empty((M, b.raw.shape[0]), np.float32) for b in blocks]
+            slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * none
+            kernels.gguf_matvecs(*slots[0], *slots[1], *slots[2], x2, *outs, *[kernels.NO_OUTPUT] * none)
+        else:
+            return super().linears(x, layers)
+        return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
 
     def _linear_int8(self, x: np.ndarray, w: Int8Weight, bias: np.ndarray | None) -> np.ndarray:
         x2 = _rows(x)
@@ -318,7 +345,7 @@ class NumbaBackend(NumpyBackend):
             kind = int(w.ggml_type)
             if kind not in kernels.GGUF_BLOCKS:
                 raise BackendError(f"the numba backend has no kernel for GGUF {GGMLType(kind).name} blocks")
-            p = self._prepared[w] = _Blocks(np.ascontiguousarray(w.raw), kind, int(w.shape[1]))
+            p = self._prepared[w] = _Blocks(kernels.readonly(np.ascontiguousarray(w.raw)), kind, int(w.shape[1]))
         return p
 
 
@@ -336,6 +363,21 @@ def _finish(out: np.ndarray, x: np.ndarray, bias: np.ndarray | None) -> np.ndarr
     """A kernel's (M, N) output back to x's leading shape (..., N), plus the bias."""
     y = out.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
+
+
+def _float_bits(w: np.ndarray) -> np.ndarray:
+    """A float32 or bfloat16 matrix as the float kernels read it: C-contiguous, read-only, bfloat16 as its uint16
+    bits."""
+    w = kernels.readonly(np.ascontiguousarray(w))
+    return w.view(np.uint16) if w.dtype == BF16 else w
+
+
+def _float_group(weights: list[Any]) -> bool:
+    """Whether `float_matmuls` can run these weights together: 2-D NumPy matrices of one dtype, float32 or
+    bfloat16, with the same number of columns."""
+    first = weights[0]
+    return all(isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype == first.dtype and w.shape[1] == first.shape[1]
+               for w in weights) and first.dtype in (np.float32, BF16)
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
