@@ -2,15 +2,19 @@
 
 What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the measurements):
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
-  - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
+  - float weights: a 4x4 register-blocked microkernel (no BLAS: see below); one token: a vector dot per row;
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
     the reference (refllama/quant/int8.py); prompts on CPUs with AVX-512 VNNI through numba_gemm.int8_vnni_gemm;
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ) and GGUF blocks
     (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored): four rows at
     a time are dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float
     copy of a weight ever exists; for decode, every GGUF block type is read by a fused matvec without dequantizing.
-* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
-  more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
+* Linears of one input (q/k/v, gate/up: `linears`) run as one kernel where their weights allow: float32 or
+  bfloat16 (`float_matmuls`), and up to 8 tokens of 32-element GGUF blocks (`gguf_matvecs`): a decode step starts
+  the threads about 5 times a layer instead of 9, and each thread streams an equal share of the group's rows.
+* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels, the
+  cheap ones on one thread; for 32 or more positions attention, and for 2 or more tokens SiLU-mul, are
+  backends/numba_gemm.py's kernels. Other gated activations
   (GELU, ReLU) are the numpy backend's.
 
 Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
