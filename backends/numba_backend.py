@@ -72,7 +72,7 @@ LOW_PASSES = 2  # consecutive low shares before fewer threads (the first pass af
 def threads_for_share(current: int, share: float) -> int:
     """The threads for the next forward passes after one ran on `current` threads and got `share` of their CPU time
     (process CPU seconds / (wall seconds x threads)). Every parallel kernel ends in a barrier, and a decode step runs
-    ~200 of them, so when another process holds one of our CPUs each barrier waits for a descheduled thread.
+    ~150 of them (SmolLM2), so when another process holds one of our CPUs each barrier waits for a descheduled thread.
     Measured on 2 CPUs with one core kept busy (SmolLM2 Q4_1 decode): 2 threads got a share of 0.64 and 42 tok/s,
     1 thread 79 tok/s; on the quiet machine the share was 0.99 (2 threads, 107 tok/s). So below SHARE_FLOOR run
     on the threads the share paid for (at least one)."""
