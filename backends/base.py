@@ -18,7 +18,7 @@ Quantized weights (refllama.quant: Int8Weight, PackedIntWeight, GGUFBlockWeight)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any, ClassVar, Literal
 
@@ -101,6 +101,11 @@ class Backend:
         names = ", ".join(t.__name__ for t in self.linear_kernels) or "none"
         raise BackendError(f"the {self.name} backend cannot run a Linear whose weight is a {type(w).__name__} "
                            f"(it runs float arrays and these quantized types: {names})")
+
+    def linears(self, x: Array, layers: Sequence[Linear]) -> list[Array]:
+        """[linear(x, layer) for layer in layers]: the Linears that read one input (q/k/v, gate/up). A backend may
+        run them together, reading x once and starting its threads once; this default runs them one by one."""
+        return [self.linear(x, layer) for layer in layers]
 
     def split_heads(self, x: Array, heads: int) -> Array:
         """(B, T, heads * D) -> (B, heads, T, D)."""

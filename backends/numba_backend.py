@@ -2,7 +2,7 @@
 
 What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the measurements):
 * Every matmul is a Numba kernel over the weight as stored, `prange` over blocks of four weight rows:
-  - float weights: a 4x4 register-blocked microkernel (no BLAS: see below);
+  - float weights: a 4x4 register-blocked microkernel (no BLAS: see below); one token: a vector dot per row;
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
     the reference (refllama/quant/int8.py); on CPUs with AVX-512 VNNI through numba_gemm (int8_vnni_matvec for
     decode steps, int8_vnni_gemm for prompts); `w8a8_linears` quantizes an input shared by several Linears once;
@@ -12,8 +12,13 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
   - GGUF blocks (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept memory-mapped as stored):
     decode reads every block type by a fused matvec without dequantizing; prompts dequantize 48 rows at a time
     and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
-* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels; for 32 or
-  more positions, attention and SiLU-mul are backends/numba_gemm.py's prompt kernels. Other gated activations
+* Linears of one input (q/k/v, gate/up: `linears`) run as one kernel where their weights allow: float32 or
+  bfloat16 (`float_matmuls`), up to 8 tokens of 32-element GGUF blocks (`gguf_matvecs`), and W8A8 decode steps
+  (`w8a8_linears`: the input quantized once): a decode step starts the threads about 5 times a layer instead of 9,
+  and each thread streams an equal share of the group's rows.
+* RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels, the
+  cheap ones on one thread; for 32 or more positions attention, and for 2 or more tokens SiLU-mul, are
+  backends/numba_gemm.py's kernels. Other gated activations
   (GELU, ReLU) are the numpy backend's.
 
 Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
@@ -31,6 +36,7 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +76,7 @@ LOW_PASSES = 2  # consecutive low shares before fewer threads (the first pass af
 def threads_for_share(current: int, share: float) -> int:
     """The threads for the next forward passes after one ran on `current` threads and got `share` of their CPU time
     (process CPU seconds / (wall seconds x threads)). Every parallel kernel ends in a barrier, and a decode step runs
-    ~200 of them, so when another process holds one of our CPUs each barrier waits for a descheduled thread.
+    ~150 of them (SmolLM2), so when another process holds one of our CPUs each barrier waits for a descheduled thread.
     Measured on 2 CPUs with one core kept busy (SmolLM2 Q4_1 decode): 2 threads got a share of 0.64 and 42 tok/s,
     1 thread 79 tok/s; on the quiet machine the share was 0.99 (2 threads, 107 tok/s). So below SHARE_FLOOR run
     on the threads the share paid for (at least one)."""
@@ -220,7 +226,7 @@ class NumbaBackend(NumpyBackend):
             return super().gated_activation(gate, up, act)
         out = np.empty(gate.shape, np.float32)
         width = gate.shape[-1]
-        silu_mul = numba_gemm.silu_mul if gate.size >= numba_gemm.QUERIES * width else kernels.silu_mul
+        silu_mul = kernels.silu_mul if gate.size == width else numba_gemm.silu_mul
         silu_mul(np.ascontiguousarray(gate).reshape(-1, width), np.ascontiguousarray(up).reshape(-1, width),
                  out.reshape(-1, width))
         return out
@@ -231,9 +237,37 @@ class NumbaBackend(NumpyBackend):
         """x (..., K) @ w.T for a float32 or bfloat16 weight (N, K): the register-blocked microkernel."""
         x2 = _rows(x)  # (M, K)
         out = np.empty((x2.shape[0], w.shape[0]), np.float32)
-        w = kernels.readonly(np.ascontiguousarray(w))  # one compiled kernel for copied and mapped weights alike
-        kernels.float_matmul(x2, w.view(np.uint16) if w.dtype == BF16 else w, out)
+        kernels.float_matmul(x2, _float_bits(w), out)
         return _finish(out, x, bias)
+
+    def linears(self, x: np.ndarray, layers: Sequence[Linear]) -> list[np.ndarray]:
+        """Up to three Linears of one input in one kernel, so a decode step starts the threads once for q/k/v and
+        once for gate/up and each thread streams an equal share of the rows of all of them: float weights of one
+        dtype (float32 or bfloat16) through `float_matmuls`; for up to SMALL_BATCH tokens, GGUF weights of the
+        32-element block types (each its own) through `gguf_matvecs`; W8A8 weights through `w8a8_linears`. Other
+        groups run one by one."""
+        weights = [layer.weight for layer in layers]
+        if not 1 < len(weights) <= 3:
+            return super().linears(x, layers)
+        x2 = _rows(x)  # (M, K)
+        M = x2.shape[0]
+        none = 3 - len(weights)
+        if _float_group(weights):
+            stored = [_float_bits(w) for w in weights]
+            outs = [np.empty((M, w.shape[0]), np.float32) for w in weights]  # (M, N_i)
+            kernels.float_matmuls(x2, *stored, *[kernels.NO_ROWS[stored[0].dtype]] * none, *outs,
+                                  *[kernels.NO_OUTPUT] * none)
+        elif M <= SMALL_BATCH and all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.BLOCKS_32
+                                      for w in weights):
+            blocks = [self._blocks(w) for w in weights]
+            outs = [np.empty((M, b.raw.shape[0]), np.float32) for b in blocks]
+            slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * none
+            kernels.gguf_matvecs(*slots[0], *slots[1], *slots[2], x2, *outs, *[kernels.NO_OUTPUT] * none)
+        elif all(isinstance(w, Int8Weight) and w.activation is not None for w in weights):
+            return self.w8a8_linears(x, layers)
+        else:
+            return super().linears(x, layers)
+        return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
 
     def _linear_int8(self, x: np.ndarray, w: Int8Weight, bias: np.ndarray | None) -> np.ndarray:
         x2 = _rows(x)
@@ -378,6 +412,21 @@ def _finish(out: np.ndarray, x: np.ndarray, bias: np.ndarray | None) -> np.ndarr
     return y if bias is None else y + bias
 
 
+def _float_bits(w: np.ndarray) -> np.ndarray:
+    """A float32 or bfloat16 matrix as the float kernels read it: C-contiguous, read-only, bfloat16 as its uint16
+    bits."""
+    w = kernels.readonly(np.ascontiguousarray(w))
+    return w.view(np.uint16) if w.dtype == BF16 else w
+
+
+def _float_group(weights: list[Any]) -> bool:
+    """Whether `float_matmuls` can run these weights together: 2-D NumPy matrices of one dtype, float32 or
+    bfloat16, with the same number of columns."""
+    first = weights[0]
+    return all(isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype == first.dtype and w.shape[1] == first.shape[1]
+               for w in weights) and first.dtype in (np.float32, BF16)
+
+
 def _float32(a: np.ndarray) -> np.ndarray:
     """float32 values of a float32 or bfloat16 array (exact)."""
     return a.astype(np.float32) if a.dtype == BF16 else a
@@ -391,6 +440,6 @@ def _cache_buffer(a: np.ndarray) -> np.ndarray:
     base = a.base
     if (isinstance(base, np.ndarray) and base.flags.c_contiguous and base.dtype == a.dtype and base.ndim == 4
             and base.shape[:2] == a.shape[:2] and base.shape[3] == a.shape[3] and base.strides == a.strides
-            and base.ctypes.data == a.ctypes.data):
+            and kernels.same_start(a, base)):
         return base
     return np.ascontiguousarray(a)

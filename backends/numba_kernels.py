@@ -66,6 +66,7 @@ SHARES = 48  # decode matvecs split their rows into this many equal shares (`_sh
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 GGUF_BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q5_0: (22, 32), Q5_1: (24, 32), Q8_0: (34, 32), Q4_K: (144, 256),
                Q5_K: (176, 256), Q6_K: (210, 256)}
+BLOCKS_32 = frozenset(kind for kind, (_, elements) in GGUF_BLOCKS.items() if elements == 32)  # gguf_matvecs' types
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,11 +638,11 @@ def rope(x, cos, sin, out):
 
 @njit(cache=True)
 def silu_mul(gate, up, out):
-    """out = gate / (1 + exp(-gate)) * up for gate, up, out (M, I), a token per iteration. Serial: the backend calls
-    it for fewer than numba_gemm.QUERIES tokens (numba_gemm.silu_mul takes more), where threads gain nothing and
-    parallel=True doubled its compile time."""
+    """out = gate / (1 + exp(-gate)) * up for gate, up, out (M, I), on one thread: the backend calls it for fewer
+    than numba_gemm.QUERIES tokens (numba_gemm.silu_mul takes more); for one token (decode) the work (I exps, ~9 us
+    for 1536) is about what starting the threads costs, and parallel=True doubled its compile time."""
     M, width = gate.shape
-    for m in prange(M):
+    for m in range(M):
         for i in range(width):
             g = gate[m, i]
             out[m, i] = g / (np.float32(1.0) + np.exp(-g)) * up[m, i]
@@ -650,6 +651,12 @@ def silu_mul(gate, up, out):
 # ---------------------------------------------------------------------------------------------------------------
 # Attention over the KV cache
 # ---------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def same_start(a, b):
+    """Whether arrays a and b start at the same address (0.4 us; NumPy's `.ctypes.data` takes 2 us each)."""
+    return a.ctypes.data == b.ctypes.data
+
 
 @njit(cache=True, parallel=True, fastmath=REASSOC)
 def attention(q, k, v, length, mask, out):
@@ -699,29 +706,71 @@ def attention(q, k, v, length, mask, out):
 # float32 weights
 # ---------------------------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True)
-def float_matmul(x, w, out):
-    """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits.
+def readonly(w: np.ndarray) -> np.ndarray:
+    """w, or a read-only view of it. Weights reach the kernels read-only, as memory-mapped files give them, so that
+    a kernel compiles one specialisation for them (numba types read-only and writable arrays apart)."""
+    if not w.flags.writeable:
+        return w
+    view = w.view()
+    view.flags.writeable = False
+    return view
 
-    One token (decode) is bound by reading w: a vector dot per weight row, prefetching ahead, each thread streaming
-    one contiguous, equal share of the rows (`_share`). The prefetch is worth 1.1x with two threads; one thread
-    alone ran 1.18x faster without it (docs/numba.md). More tokens: four weight rows per iteration through the
-    microkernel.
+
+# An unused weight slot of float_matmuls and gguf_matvecs, by dtype, and its output (never written).
+NO_ROWS = {np.dtype(t): readonly(np.empty((0, 0), t)) for t in (np.float32, np.uint16, np.uint8)}
+NO_OUTPUT = np.empty((0, 0), np.float32)
+
+
+def float_matmul(x, w, out):
+    """out (M, N) = x (M, K) @ w.T for w (N, K) as stored: float32, or bfloat16 as its uint16 bits."""
+    no_rows = NO_ROWS[w.dtype]
+    float_matmuls(x, w, no_rows, no_rows, out, NO_OUTPUT, NO_OUTPUT)
+
+
+@njit(cache=True)
+def _matvec_span(w, token, out, start, stop):
+    """out[0, n] = w[n] . token for the rows n of [start, stop) that w has (the span may run past either end)."""
+    for n in range(max(start, 0), min(stop, w.shape[0])):
+        _prefetch_row(w, n + PREFETCH_ROWS)
+        out[0, n] = dot(w[n], token)
+
+
+@njit(cache=True)
+def _rows_block(x, w, out, n):
+    """out[:, n:n + 4] = x @ w[n:n + 4].T (fewer rows at the end of w), prefetching the rows four ahead."""
+    for i in range(4):
+        _prefetch_row(w, n + PREFETCH_ROWS + i)
+    _tokens_times_rows(x, w[n:n + 4], min(4, w.shape[0] - n), out, n)
+
+
+@njit(cache=True, parallel=True)
+def float_matmuls(x, w0, w1, w2, out0, out1, out2):
+    """out_i (M, N_i) = x (M, K) @ w_i.T for up to three weights of one input (q/k/v, gate/up; an unused weight
+    has no rows: NO_ROWS of the same dtype, with NO_OUTPUT), in one parallel region: one thread start and one barrier
+    instead of three. Weights as stored: float32, or bfloat16 as its uint16 bits (`widen`).
+
+    One token (decode) is bound by reading the weights: a vector dot per weight row, prefetching ahead, the rows
+    of all weights together cut into SHARES equal contiguous shares (`_share`), so each thread streams one equal
+    run. The prefetch is worth 1.1x with two threads; one thread alone ran 1.18x faster without it
+    (docs/numba.md). More tokens: four weight rows per iteration through the microkernel.
     """
-    N = w.shape[0]
+    N0, N1, N2 = w0.shape[0], w1.shape[0], w2.shape[0]
     if x.shape[0] == 1:
         token = x[0]
         for part in prange(SHARES):
-            start, stop = _share(N, part)
-            for n in range(start, stop):
-                _prefetch_row(w, n + PREFETCH_ROWS)
-                out[0, n] = dot(w[n], token)
+            start, stop = _share(N0 + N1 + N2, part)
+            _matvec_span(w0, token, out0, start, stop)
+            _matvec_span(w1, token, out1, start - N0, stop - N0)
+            _matvec_span(w2, token, out2, start - N0 - N1, stop - N0 - N1)
         return
-    for block in prange((N + 3) // 4):
-        n = block * 4
-        for i in range(4):
-            _prefetch_row(w, n + PREFETCH_ROWS + i)
-        _tokens_times_rows(x, w[n:n + 4], min(4, N - n), out, n)
+    B0, B1, B2 = (N0 + 3) // 4, (N1 + 3) // 4, (N2 + 3) // 4
+    for block in prange(B0 + B1 + B2):
+        if block < B0:
+            _rows_block(x, w0, out0, 4 * block)
+        elif block < B0 + B1:
+            _rows_block(x, w1, out1, 4 * (block - B0))
+        else:
+            _rows_block(x, w2, out2, 4 * (block - B0 - B1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1198,16 +1247,31 @@ def _kquant_matvec(kind, raw, x, out):
                     out[m, n] = q4_k_row_dot(raw[n], x[m], block_sums[m])
 
 
-def readonly(a: np.ndarray) -> np.ndarray:
-    """`a` as a read-only array (a view of it when it is writable). Numba compiles a kernel once per argument type,
-    and a read-only array is a type of its own: the backend passes every weight read-only, as the memory-mapped ones
-    are, so a weight that the load copied or converted (GGUF's reordered q/k rows, a dequantized or bfloat16 table)
-    does not compile the kernel a second time (float_matmul: 3 s)."""
-    if not a.flags.writeable:
-        return a
-    view = a.view()
-    view.flags.writeable = False
-    return view
+
+@njit(cache=True)
+def _blocks_span(kind, raw, x, sums, out, start, stop):
+    """out[:, n] = x @ W[n] for the rows n of [start, stop) that raw has (the span may run past either end), for
+    the 32-element block types; sums: `_block_sums(x)`."""
+    for n in range(max(start, 0), min(stop, raw.shape[0])):
+        _prefetch_row(raw, n + PREFETCH_ROWS)
+        row = raw[n]
+        for m in range(x.shape[0]):
+            out[m, n] = _gguf_row_dot(kind, row, x[m], sums[m])
+
+
+@njit(cache=True, parallel=True)
+def gguf_matvecs(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
+    """out_i (M, N_i) = x (M, K) @ W_i.T for up to three weights of one input in 32-element block types (each its
+    own; an unused one is NO_ROWS, with NO_OUTPUT), a few tokens (decode): `gguf_matvec`'s row dots, with the
+    block sums of x taken once and one parallel region instead of three, the rows of all weights cut into SHARES
+    equal shares."""
+    N0, N1, N2 = raw0.shape[0], raw1.shape[0], raw2.shape[0]
+    sums = _block_sums(x)
+    for part in prange(SHARES):
+        start, stop = _share(N0 + N1 + N2, part)
+        _blocks_span(kind0, raw0, x, sums, out0, start, stop)
+        _blocks_span(kind1, raw1, x, sums, out1, start - N0, stop - N0)
+        _blocks_span(kind2, raw2, x, sums, out2, start - N0 - N1, stop - N0 - N1)
 
 
 def warm_up() -> None:
@@ -1224,6 +1288,7 @@ def warm_up() -> None:
         rope(q.transpose(0, 2, 1, 3), table, table, np.empty((1, T, 2, 64), f32).transpose(0, 2, 1, 3))
         kv = np.ones((1, 1, 8, 64), f32)
         attention(q, kv, kv, T, np.ones((1, T, T), np.bool_), np.empty((1, T, 2, 64), f32))
+        same_start(kv[:, :, :5], kv)  # a strided view of a cache buffer, as the backend asks
         codes, scales = np.empty((T, 256), np.int8), np.empty(T, f32)
         quantize_tokens(x, False, codes, scales)
         w8, w_scale = ro(np.ones((6, 256), np.int8)), ro(np.ones(6, f32))
@@ -1237,8 +1302,11 @@ def warm_up() -> None:
             dequantize_gguf(kind, raw, np.arange(T), np.empty((T, 256), f32))
             gguf_matmul(kind, raw, x, np.empty((T, 6), f32))
             gguf_matvec(kind, raw, x, np.empty((T, 6), f32))
+        blocks = readonly(np.zeros((6, 22 * 8), np.uint8))
+        gguf_matvecs(Q5_0, blocks, Q5_0, blocks, Q5_0, NO_ROWS[blocks.dtype], x, np.empty((T, 6), f32),
+                     np.empty((T, 6), f32), NO_OUTPUT)
 
 
-__all__ = ["GGUF_BLOCKS", "attention", "cache_dir", "codes_matmul", "dequantize_gguf",
-           "float_matmul", "gguf_matmul", "gguf_matvec", "int8_matmul", "int8_matmul_float", "quantize_tokens",
-           "readonly", "rms_norm", "rope", "silu_mul", "warm_up"]
+__all__ = ["GGUF_BLOCKS", "attention", "cache_dir", "codes_matmul", "dequantize_gguf", "float_matmul",
+           "float_matmuls", "gguf_matmul", "gguf_matvec", "gguf_matvecs", "int8_matmul", "int8_matmul_float",
+           "quantize_tokens", "readonly", "rms_norm", "rope", "same_start", "silu_mul", "warm_up"]

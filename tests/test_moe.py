@@ -330,6 +330,7 @@ def test_decode_reads_only_the_chosen_experts(backend, monkeypatch):
     cache = engine.new_cache(1, 8)
     engine.forward(np.array([[1, 5, 9]]), cache)
     monkeypatch.setattr(engine.backend, "linear", counting)
+    monkeypatch.setattr(engine.backend, "linears", lambda x, layers: [counting(x, layer) for layer in layers])
     engine.forward(np.array([[7]]), cache)  # one decode step
     moe = engine.config.moe
     assert len(read) == 3 * moe.top_k * len(moe.layers)  # gate, up, down of each chosen expert

@@ -271,10 +271,11 @@ def test_exp32_within_one_and_a_half_ulp():
     assert 0 < ends[0] < 1.2e-38 and np.isfinite(ends[1])
 
 
-@pytest.mark.parametrize("shape", [(32, 1536), (33, 7), (40, 1)])
+@pytest.mark.parametrize("shape", [(1, 1536), (2, 7), (5, 1536), (32, 1536), (33, 7), (40, 1)])
 def test_prompt_silu_mul_within_the_activation_bound(xp, shape):
-    """From QUERIES rows on the backend's SiLU-mul uses exp32: within the conformance bound, 8 eps32 max|ref|,
-    of the float64 reference, with large, tiny and zero gates."""
+    """One token's SiLU-mul (numba_kernels.silu_mul, one thread) and, from 2 tokens on, numba_gemm.silu_mul with
+    exp32: within the conformance bound, 8 eps32 max|ref|, of the float64 reference, with large, tiny and zero
+    gates."""
     rng = np.random.default_rng(shape[1])
     gate = (rng.standard_normal(shape) * 4).astype(np.float32)
     gate.flat[:4] = [0, 100, -100, 1e-30]
@@ -355,7 +356,7 @@ def test_gguf_prompt_matmul_on_awkward_shapes(xp, ggml_type):
 def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
     """The backend passes every weight read-only, as memory-mapped ones are, so a weight the load copied or
     converted (GGUF's reordered q/k rows, a dequantized table) runs the kernel compiled for the mapped ones instead
-    of compiling a second specialisation (float_matmul: ~3 s cold). (<1 s with the kernels cached.)"""
+    of compiling a second specialisation (float_matmuls: ~3 s cold). (<1 s with the kernels cached.)"""
     x = np.ones((1, 64), np.float32)
     mapped_w, mapped_norm = np.ones((8, 64), np.float32), np.ones(64, np.float32)
     mapped_raw = np.zeros((8, 40), np.uint8)
@@ -367,11 +368,73 @@ def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
         xp.rms_norm(x, norm, 1e-5)
         xp.linear(x, Linear(GGUFBlockWeight(raw, GGMLType.Q4_1, (8, 64))))  # 2 blocks of 20 bytes a row
 
-    kernels = (numba_kernels.float_matmul, numba_kernels.rms_norm, numba_kernels._blocks_matvec)
+    kernels = (numba_kernels.float_matmuls, numba_kernels.rms_norm, numba_kernels._blocks_matvec)
     run(mapped_w, mapped_norm, mapped_raw)
     compiled = [set(k.signatures) for k in kernels]
     run(mapped_w.copy(), mapped_norm.copy(), mapped_raw.copy())
     assert [set(k.signatures) for k in kernels] == compiled
+
+
+# ---------------------------------------------------------------- several Linears of one input in one kernel
+
+
+def _counting(monkeypatch, name: str) -> list[int]:
+    """Count the calls of numba_kernels.<name> from here on."""
+    calls, kernel = [], getattr(numba_kernels, name)
+    monkeypatch.setattr(numba_kernels, name, lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 20])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_float_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatch, dtype, M):
+    """q/k/v (three weights, one with a bias, odd K, row counts not a multiple of 4) and gate/up (two) go through
+    one float_matmuls call each, with the results of separate `linear` calls bit for bit (the same dot products
+    per row). (~1 s)"""
+    rng = np.random.default_rng(M)
+    K = 77
+    layers = [Linear(rng.standard_normal((N, K)).astype(dtype), rng.standard_normal(N).astype(np.float32)
+                     if N == 6 else None) for N in (13, 6, 6)]
+    x = rng.standard_normal((1, M, K)).astype(np.float32)
+    for group in (layers, layers[1:]):
+        expected = [xp.linear(x, layer) for layer in group]
+        calls = _counting(monkeypatch, "float_matmuls")
+        got = xp.linears(x, group)
+        monkeypatch.undo()
+        assert len(calls) == 1
+        for out, want in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8])
+def test_gguf_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatch, M):
+    """Up to SMALL_BATCH tokens, Linears of one input in 32-element block types, each its own (Q4_K_M files mix
+    Q5_0 and Q8_0 in q/k/v), go through one gguf_matvecs call, with the results of separate `linear` calls bit for
+    bit; a group with a K-quant, or with more tokens, runs one Linear at a time. (~1 s)"""
+    rng = np.random.default_rng(M)
+    K = 96  # 3 blocks per row
+    names = ["Q5_0", "Q8_0", "Q4_1", "Q4_0", "Q5_1"]
+    weights = [random_weights.gguf_weight(rng, name, N, K) for name, N in zip(names, (13, 6, 7, 5, 9), strict=True)]
+    x = rng.standard_normal((1, M, K)).astype(np.float32)
+    for group in ([Linear(weights[0], rng.standard_normal(13).astype(np.float32)), Linear(weights[1]),
+                   Linear(weights[2])], [Linear(w) for w in weights[3:]]):
+        expected = [xp.linear(x, layer) for layer in group]
+        calls = _counting(monkeypatch, "gguf_matvecs")
+        got = xp.linears(x, group)
+        monkeypatch.undo()
+        assert len(calls) == 1
+        for out, want in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(out, want)
+    with_kquant = [Linear(random_weights.gguf_weight(rng, name, 5, 256)) for name in ("Q8_0", "Q4_K")]
+    for group, tokens in ((with_kquant, M), ([Linear(w) for w in weights[:3]], 9)):
+        x = rng.standard_normal((1, tokens, group[0].weight.shape[1])).astype(np.float32)
+        expected = [xp.linear(x, layer) for layer in group]
+        calls = _counting(monkeypatch, "gguf_matvecs")
+        got = xp.linears(x, group)
+        monkeypatch.undo()
+        assert not calls
+        for out, want in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(out, want)
 
 
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read

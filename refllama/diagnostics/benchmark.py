@@ -240,7 +240,7 @@ def _parallel_sum() -> Any:
 
 # --- where a decode step goes ----------------------------------------------------------------------------------
 
-_OPS = ("embedding", "rms_norm", "linear", "apply_rope", "cache_write", "attention", "gated_activation")
+_OPS = ("embedding", "rms_norm", "linear", "linears", "apply_rope", "cache_write", "attention", "gated_activation")
 
 
 def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> dict[str, Any]:
@@ -258,12 +258,24 @@ def decode_profile(engine: Any, prompt_tokens: int = 128, steps: int = 32) -> di
         if isinstance(mlp, MoEWeights):
             names[id(mlp.router)] = "linear router"
     spent: dict[str, float] = defaultdict(float)
+    running: list[str] = []  # the timed operation under way: one that calls another (linears) counts as one
 
     def timed(op: str, fn: Any) -> Any:
         def wrapper(*args: Any) -> Any:
+            if running:
+                return fn(*args)
+            running.append(op)
             start = time.perf_counter()
-            result = fn(*args)
-            label = names.get(id(args[1]), "linear") if op == "linear" else op
+            try:
+                result = fn(*args)
+            finally:
+                running.pop()
+            if op == "linear":
+                label = names.get(id(args[1]), "linear")
+            elif op == "linears":  # q/k/v or gate/up together: "linear q_proj+k_proj+v_proj"
+                label = "linear " + "+".join(names.get(id(layer), "linear")[7:] for layer in args[1])
+            else:
+                label = op
             spent[label] += time.perf_counter() - start
             return result
 

@@ -132,13 +132,12 @@ class LlamaModel:
                   trace: Trace = None) -> Array:
         c, xp = self.config, self.backend
         H, KV = c.num_attention_heads, c.num_key_value_heads
-        q = xp.linear(x, w.q_proj)  # (B, T, H*D)
+        q, k, v = xp.linears(x, (w.q_proj, w.k_proj, w.v_proj))  # (B, T, H*D), (B, T, KV*D), (B, T, KV*D)
         uses_rope = c.uses_rope(layer)
         if not uses_rope and step.q_scale is not None:  # Llama 4's attention temperature on layers without RoPE
             q = q * step.q_scale  # (1, T, 1): one factor per position
         q = xp.split_heads(q, H)  # (B, T, H*D) -> (B, H, T, D)
-        k = xp.split_heads(xp.linear(x, w.k_proj), KV)  # (B, T, KV*D) -> (B, KV, T, D)
-        v = xp.split_heads(xp.linear(x, w.v_proj), KV)  # (B, T, KV*D) -> (B, KV, T, D)
+        k, v = xp.split_heads(k, KV), xp.split_heads(v, KV)  # (B, T, KV*D) -> (B, KV, T, D)
         if uses_rope:
             rotate = xp.apply_rope_interleaved if c.rope_interleaved else xp.apply_rope
             q, k = rotate(q, step.cos, step.sin), rotate(k, step.cos, step.sin)
@@ -154,7 +153,7 @@ class LlamaModel:
 
     def mlp(self, x: Array, w: MLPWeights) -> Array:
         xp = self.backend
-        gate, up = xp.linear(x, w.gate_proj), xp.linear(x, w.up_proj)  # (B, T, intermediate)
+        gate, up = xp.linears(x, (w.gate_proj, w.up_proj))  # (B, T, intermediate) each
         return xp.linear(xp.gated_activation(gate, up, self.config.hidden_act), w.down_proj)  # (B, T, hidden)
 
     def moe(self, layer: int, x: Array, w: MoEWeights, trace: Trace = None) -> Array:

@@ -433,6 +433,40 @@ def test_float_linear(candidate, M, N, K, bias):
                            candidate.ref.linear(candidate.ref.asarray(x), map_arrays(layer, candidate.ref.asarray)))
 
 
+@pytest.mark.parametrize("M,K", [(1, 7), (2, 64), (3, 33), (5, 96), (8, 96), (9, 33), (20, 64)])
+def test_linears_of_one_input(candidate, M, K):
+    """`linears` (the Linears that read one input: q/k/v, gate/up; a backend may run them as one kernel): each
+    output within the float bound of its own Linear in the reference, for three weights (one with a bias; row
+    counts not a multiple of 4) and for two."""
+    rng = np.random.default_rng(M * 100 + K)
+    x = candidate.host(rng, 1, M, K, scale=2)
+    layers = [Linear(candidate.host(rng, 13, K, scale=0.1)), Linear(candidate.host(rng, 6, K, scale=0.1),
+                                                                      candidate.host(rng, 6)),
+              Linear(candidate.host(rng, 5, K, scale=0.1))]
+    for group in (layers, layers[:2]):
+        got = candidate.xp.linears(candidate.xp.asarray(x), [candidate.take(layer) for layer in group])
+        assert len(got) == len(group)
+        for out, layer in zip(got, group, strict=True):
+            candidate.assert_close(out, candidate.ref.linear(candidate.ref.asarray(x),
+                                                             map_arrays(layer, candidate.ref.asarray)))
+
+
+@quantized(Int8Weight)
+def test_linears_mixing_weight_types(candidate):
+    """`linears` over a float weight and a quantized one (which no fused kernel reads together): each output within
+    the float bound of its own Linear in the reference, decode and prefill."""
+    rng = np.random.default_rng(7)
+    K = 96
+    quantized_layer = Linear(candidate.rounded(random_weights.int8_weight(rng, 9, K, group_size=32)))
+    layers = [Linear(candidate.host(rng, 11, K, scale=0.1)), quantized_layer]
+    for M in (1, 3, 12):
+        x = candidate.host(rng, 1, M, K)
+        got = candidate.xp.linears(candidate.xp.asarray(x), [candidate.take(layer) for layer in layers])
+        for out, layer in zip(got, layers, strict=True):
+            candidate.assert_close(out, candidate.ref.linear(candidate.ref.asarray(x),
+                                                             map_arrays(layer, candidate.ref.asarray)))
+
+
 # ---------------------------------------------------------------- Linear: quantized weights
 
 
