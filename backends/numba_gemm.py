@@ -39,6 +39,7 @@ from __future__ import annotations
 from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR, then imports numba
     LOWEST,
     REASSOC,
+    VNNI,
     _tokens_times_rows,
     _w8a8_epilogue,
     code_hf,
@@ -49,9 +50,8 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
 )
 
 # isort: split
-import numba
 import numpy as np
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -74,15 +74,6 @@ def padded_tokens(m: int) -> int:
 # W8A8 through AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane, exactly
 # ---------------------------------------------------------------------------------------------------------------
 
-def _has_vnni() -> bool:
-    """Whether the CPU numba compiles for has AVX-512 VNNI (numba targets the host unless NUMBA_CPU_NAME is set)."""
-    if numba.config.CPU_NAME:  # a portable target (e.g. "generic"): no VNNI instructions
-        return False
-    features = binding.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512bw"))
-
-
-VNNI = _has_vnni()
 
 
 def _vnni_microkernel(rows: int, vectors: int):
