@@ -5,7 +5,7 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
   - float weights: a 4x4 register-blocked microkernel (no BLAS: see below); one token: a vector dot per row;
   - W8A8 (Int8Weight with `activation`): per-token int8 quantization, then int8 x int8 -> int32, bit for bit
     the reference (refllama/quant/int8.py); on CPUs with AVX-512 VNNI through numba_gemm (int8_vnni_matvec for
-    decode steps, int8_vnni_gemm for prompts); `w8a8_linears` quantizes an input shared by several Linears once;
+    decode steps, int8_vnni_gemm for prompts);
   - weight-only codes (Int8Weight, PackedIntWeight: compressed-tensors, GPTQ, AWQ): four rows at a time are
     dequantized exactly into a scratch block in L1 and multiplied by the same microkernel, so no float copy of a
     weight ever exists;
@@ -14,7 +14,7 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
     and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
 * Linears of one input (q/k/v, gate/up: `linears`) run as one kernel where their weights allow: float32 or
   bfloat16 (`float_matmuls`), up to 8 tokens of 32-element GGUF blocks (`gguf_matvecs`), and W8A8 decode steps
-  (`w8a8_linears`: the input quantized once): a decode step starts the threads about 5 times a layer instead of 9,
+  (the input quantized once): a decode step starts the threads about 5 times a layer instead of 9,
   and each thread streams an equal share of the group's rows.
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels, the
   cheap ones on one thread; for 32 or more positions attention, and for 2 or more tokens SiLU-mul, are
@@ -244,8 +244,9 @@ class NumbaBackend(NumpyBackend):
         """Up to three Linears of one input in one kernel, so a decode step starts the threads once for q/k/v and
         once for gate/up and each thread streams an equal share of the rows of all of them: float weights of one
         dtype (float32 or bfloat16) through `float_matmuls`; for up to SMALL_BATCH tokens, GGUF weights of the
-        32-element block types (each its own) through `gguf_matvecs`; W8A8 weights through `w8a8_linears`. Other
-        groups run one by one."""
+        32-element block types (each its own) through `gguf_matvecs`; on AVX-512 VNNI CPUs, W8A8 weights of one
+        activation semantics through `_w8a8_decode`, which quantizes x once for all of them. Other groups run one
+        by one."""
         weights = [layer.weight for layer in layers]
         if not 1 < len(weights) <= 3:
             return super().linears(x, layers)
@@ -263,8 +264,10 @@ class NumbaBackend(NumpyBackend):
             outs = [np.empty((M, b.raw.shape[0]), np.float32) for b in blocks]
             slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * none
             kernels.gguf_matvecs(*slots[0], *slots[1], *slots[2], x2, *outs, *[kernels.NO_OUTPUT] * none)
-        elif all(isinstance(w, Int8Weight) and w.activation is not None for w in weights):
-            return self.w8a8_linears(x, layers)
+        elif (M <= SMALL_BATCH and numba_gemm.VNNI
+              and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
+              and len({w.activation.semantics for w in weights}) == 1):
+            outs = self._w8a8_decode(x2, [self._w8a8_prepared(w) for w in weights])  # x quantized once
         else:
             return super().linears(x, layers)
         return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
@@ -291,19 +294,6 @@ class NumbaBackend(NumpyBackend):
         out = np.empty((x.shape[0], c.codes.shape[0]), np.float32)
         kernels.codes_matmul(c.codes, c.bits, c.zero, c.scale, c.group, x, out)
         return out
-
-    def w8a8_linears(self, x: np.ndarray, layers: list[Linear]) -> list[np.ndarray]:
-        """x (..., K) through several Linears that share this input (q/k/v, gate/up): [linear(x, layer) for layer in
-        layers], bit for bit. Where every weight is W8A8 with one activation semantics and x is a decode step, x
-        is quantized once for all of them (`numba_gemm.int8_vnni_matvec`); otherwise Linear by Linear."""
-        x2 = _rows(x)  # (M, K)
-        weights = [layer.weight for layer in layers]
-        if not (x2.shape[0] <= SMALL_BATCH and numba_gemm.VNNI and layers
-                and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
-                and len({w.activation.semantics for w in weights}) == 1):
-            return [self.linear(x, layer) for layer in layers]
-        outs = self._w8a8_decode(x2, [self._w8a8_prepared(w) for w in weights])
-        return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
 
     def _w8a8_decode(self, x: np.ndarray, prepared: list[_W8A8]) -> list[np.ndarray]:
         """x (M, K) times each weight, M <= SMALL_BATCH, on AVX-512 VNNI: quantized by the first call, reused by
