@@ -20,7 +20,7 @@ in memory order, as stored (any K: no padded copy).
   masked load. Accumulators (16 lanes) are summed four rows at a time by a shuffle tree, and the same epilogue
   as int8_matmul applied.
 * Quantizing is part of the call, or skipped (`quantize` False) to reuse the last call's codes: the Linears that
-  share one input (q/k/v, gate/up) quantize it once (NumbaBackend.w8a8_linears).
+  share one input (q/k/v, gate/up) quantize it once (NumbaBackend.linears).
 * Work split: `prange` over one contiguous run of DECODE_ROWS-row blocks per thread.
 Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul (decode) and int8_matmul_float (prompts).
 
@@ -44,6 +44,7 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     _w8a8_epilogue,
     code_hf,
     code_vllm,
+    ir_loop,
     quantize_tokens,
     readonly,
     token_scale,
@@ -107,40 +108,25 @@ def _vnni_microkernel(rows: int, vectors: int):
             row_ptrs = [builder.gep(w_arr.data, [builder.mul(builder.add(start_row, ir.Constant(_I64, i)), K)])
                         for i in range(rows)]
             a_base = builder.gep(a_arr.data, [builder.mul(first_token, ir.Constant(_I64, 4))])
-            zero = ir.Constant(vec, [0] * LANES)
             broadcast = ir.Constant(vec, [0] * LANES)
-            entry = builder.block
-            loop, done = builder.append_basic_block("vnni.loop"), builder.append_basic_block("vnni.done")
-            builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
 
-            builder.position_at_end(loop)  # for g in range(g0, g1): k = 4g .. 4g + 3
-            g = builder.phi(_I64)
-            accs = [builder.phi(vec) for _ in range(rows * vectors)]
-            a_row = builder.gep(a_base, [builder.mul(g, row_bytes)])
-            xs = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(_I64, 4 * LANES * v)]),
-                                               vec.as_pointer()), align=1) for v in range(vectors)]
-            k = builder.mul(g, ir.Constant(_I64, 4))
-            updated = []
-            for i in range(rows):
-                word = builder.load(builder.bitcast(builder.gep(row_ptrs[i], [k]), _I32.as_pointer()), align=1)
-                ws = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), word,
-                                                                   ir.Constant(_I32, 0)),
-                                            ir.Constant(vec, ir.Undefined), broadcast)
-                for v in range(vectors):
-                    updated.append(builder.call(dot, [accs[i * vectors + v], xs[v], ws]))
-            next_g = builder.add(g, ir.Constant(_I64, 1))
-            g.add_incoming(start, entry)
-            g.add_incoming(next_g, loop)
-            for phi, value in zip(accs, updated, strict=True):
-                phi.add_incoming(zero, entry)
-                phi.add_incoming(value, loop)
-            builder.cbranch(builder.icmp_signed("<", next_g, stop), loop, done)
+            def body(g, accs):  # for g in range(g0, g1): k = 4g .. 4g + 3
+                a_row = builder.gep(a_base, [builder.mul(g, row_bytes)])
+                xs = [builder.load(builder.bitcast(builder.gep(a_row, [ir.Constant(_I64, 4 * LANES * v)]),
+                                                   vec.as_pointer()), align=1) for v in range(vectors)]
+                k = builder.mul(g, ir.Constant(_I64, 4))
+                updated = []
+                for i in range(rows):
+                    word = builder.load(builder.bitcast(builder.gep(row_ptrs[i], [k]), _I32.as_pointer()), align=1)
+                    ws = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), word,
+                                                                       ir.Constant(_I32, 0)),
+                                                ir.Constant(vec, ir.Undefined), broadcast)
+                    for v in range(vectors):
+                        updated.append(builder.call(dot, [accs[i * vectors + v], xs[v], ws]))
+                return updated
 
-            builder.position_at_end(done)
-            finals = [builder.phi(vec) for _ in updated]
-            for j, (final, value) in enumerate(zip(finals, updated, strict=True)):
-                final.add_incoming(zero, entry)
-                final.add_incoming(value, loop)
+            finals = ir_loop(builder, start, stop, [ir.Constant(vec, [0] * LANES)] * (rows * vectors), body, "vnni")
+            for j, final in enumerate(finals):
                 i, v = divmod(j, vectors)
                 where = builder.gep(t_arr.data, [ir.Constant(_I64, i * width + v * LANES)])
                 builder.store(final, builder.bitcast(where, vec.as_pointer()), align=4)
@@ -318,31 +304,15 @@ def _vnni_rows_microkernel(rows: int, tokens: int):
             finals = []  # finals[i][t]: row i, token t
             for i in range(rows):
                 row = builder.gep(w_arr.data, [builder.mul(builder.add(start_row, ir.Constant(_I64, i)), K)])
-                entry = builder.block
-                loop = builder.append_basic_block(f"vnni.row{i}")
-                after = builder.append_basic_block(f"vnni.row{i}.after")
+
+                def body(c, accs, row=row):  # for c in range(full): bytes [64c, 64c + 64) of the row
+                    offset = builder.mul(c, ir.Constant(_I64, 64))
+                    return step(accs, load(row, offset), offset)
+
+                merged = ir_loop(builder, ir.Constant(_I64, 0), full, [zero] * tokens, body, f"vnni.row{i}")
+                after = builder.block
                 tail = builder.append_basic_block(f"vnni.row{i}.tail")
                 done = builder.append_basic_block(f"vnni.row{i}.done")
-                builder.cbranch(builder.icmp_signed(">", full, ir.Constant(_I64, 0)), loop, after)
-
-                builder.position_at_end(loop)  # for c in range(full): bytes [64c, 64c + 64) of the row
-                c = builder.phi(_I64)
-                accs = [builder.phi(vec) for _ in range(tokens)]
-                offset = builder.mul(c, ir.Constant(_I64, 64))
-                updated = step(accs, load(row, offset), offset)
-                next_c = builder.add(c, ir.Constant(_I64, 1))
-                c.add_incoming(ir.Constant(_I64, 0), entry)
-                c.add_incoming(next_c, loop)
-                for phi, value in zip(accs, updated, strict=True):
-                    phi.add_incoming(zero, entry)
-                    phi.add_incoming(value, loop)
-                builder.cbranch(builder.icmp_signed("<", next_c, full), loop, after)
-
-                builder.position_at_end(after)
-                merged = [builder.phi(vec) for _ in updated]
-                for phi, value in zip(merged, updated, strict=True):
-                    phi.add_incoming(zero, entry)
-                    phi.add_incoming(value, loop)
                 builder.cbranch(builder.icmp_signed(">", rest, ir.Constant(_I64, 0)), tail, done)
 
                 builder.position_at_end(tail)  # the last K % 64 bytes: a masked load reads only those

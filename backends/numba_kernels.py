@@ -111,6 +111,33 @@ def _sum(builder, vector):
     return builder.call(fn, [ir.Constant(_F32, -0.0), vector], fastmath=("reassoc",))
 
 
+def ir_loop(builder, start, stop, states, body, name):
+    """Emit `for i in range(start, stop)` (int64 values) carrying LLVM values: each pass runs
+    states = body(i, states), from `states`. Returns the states after the loop (the starting ones when it runs no
+    pass), with the builder placed after it. The intrinsics' loops all take this shape."""
+    entry = builder.block
+    body_block, done = builder.append_basic_block(f"{name}.loop"), builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed("<", start, stop), body_block, done)
+    builder.position_at_end(body_block)
+    i = builder.phi(start.type)
+    phis = [builder.phi(state.type) for state in states]
+    steps = body(i, phis)
+    latch = builder.block
+    next_i = builder.add(i, ir.Constant(start.type, 1))
+    for phi, first, step in ((i, start, next_i), *zip(phis, states, steps, strict=True)):
+        phi.add_incoming(first, entry)
+        phi.add_incoming(step, latch)
+    builder.cbranch(builder.icmp_signed("<", next_i, stop), body_block, done)
+    builder.position_at_end(done)
+    finals = []
+    for first, step in zip(states, steps, strict=True):
+        final = builder.phi(first.type)
+        final.add_incoming(first, entry)
+        final.add_incoming(step, latch)
+        finals.append(final)
+    return finals
+
+
 def _half(builder, where):
     """The fp16 at `where` (an i8 pointer) as float32 (exact)."""
     return builder.fpext(builder.load(builder.bitcast(where, ir.HalfType().as_pointer()), align=1), _F32)
@@ -195,39 +222,26 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
                                            for t, a in zip(signature.args, args, strict=True))
             x_shape = context.make_array(signature.args[1])(context, builder, args[1]).shape
             blocks = builder.udiv(builder.extract_value(x_shape, 0), ir.Constant(i64, 32))
-            entry = builder.block
-            loop, done = builder.append_basic_block("row_dot.loop"), builder.append_basic_block("row_dot.done")
-            zero16, zero = ir.Constant(v16f, [0.0] * 16), ir.Constant(_F32, 0.0)
-            builder.cbranch(builder.icmp_unsigned(">", blocks, ir.Constant(i64, 0)), loop, done)
 
-            builder.position_at_end(loop)  # for b in range(blocks)
-            b, acc, offset = builder.phi(i64), builder.phi(v16f), builder.phi(_F32)
-            block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
-            low, high = _block_codes(builder, block, codes_at, kind)
-            x_block = builder.gep(x_data, [builder.mul(b, ir.Constant(i64, 32))])
-            x_low, x_high = _load(builder, x_block, v16f), _load(builder, builder.gep(x_block, [ir.Constant(i64, 16)]),
-                                                                v16f)
-            products = builder.fadd(builder.fmul(low, x_low, flags=fm), builder.fmul(high, x_high, flags=fm),
-                                    flags=fm)
-            d16 = _half_splat(builder, block, 16)
-            next_acc = builder.fadd(acc, builder.fmul(d16, products, flags=fm), flags=fm)
-            next_offset = offset
-            if kind not in ("q8_0", "q5_0"):
+            def body(b, states):
+                acc, offset = states
+                block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
+                low, high = _block_codes(builder, block, codes_at, kind)
+                x_block = builder.gep(x_data, [builder.mul(b, ir.Constant(i64, 32))])
+                x_low = _load(builder, x_block, v16f)
+                x_high = _load(builder, builder.gep(x_block, [ir.Constant(i64, 16)]), v16f)
+                products = builder.fadd(builder.fmul(low, x_low, flags=fm), builder.fmul(high, x_high, flags=fm),
+                                        flags=fm)
+                d16 = _half_splat(builder, block, 16)
+                next_acc = builder.fadd(acc, builder.fmul(d16, products, flags=fm), flags=fm)
+                if kind in ("q8_0", "q5_0"):
+                    return [next_acc, offset]
                 factor = _half(builder, builder.gep(block, [ir.Constant(i64, 2 if kind in ("q4_1", "q5_1") else 0)]))
-                next_offset = builder.fadd(offset, builder.fmul(factor, builder.load(builder.gep(sums_data, [b])),
-                                                                flags=fm), flags=fm)
-            next_b = builder.add(b, ir.Constant(i64, 1))
-            for phi, start, step in ((b, ir.Constant(i64, 0), next_b), (acc, zero16, next_acc),
-                                     (offset, zero, next_offset)):
-                phi.add_incoming(start, entry)
-                phi.add_incoming(step, loop)
-            builder.cbranch(builder.icmp_unsigned("<", next_b, blocks), loop, done)
+                return [next_acc, builder.fadd(offset, builder.fmul(factor, builder.load(builder.gep(sums_data, [b])),
+                                                                    flags=fm), flags=fm)]
 
-            builder.position_at_end(done)
-            final_acc, final_offset = builder.phi(v16f), builder.phi(_F32)
-            for phi, start, step in ((final_acc, zero16, next_acc), (final_offset, zero, next_offset)):
-                phi.add_incoming(start, entry)
-                phi.add_incoming(step, loop)
+            final_acc, final_offset = ir_loop(builder, ir.Constant(i64, 0), blocks,
+                                           [ir.Constant(v16f, [0.0] * 16), ir.Constant(_F32, 0.0)], body, "row_dot")
             total = _sum(builder, final_acc)
             if kind == "q4_0":
                 return builder.fsub(total, builder.fmul(ir.Constant(_F32, 8.0), final_offset, flags=fm), flags=fm)
@@ -264,28 +278,22 @@ def _row_dequantize(block_bytes: int, codes_at: int, kind: str):
                                   for t, a in zip(signature.args, args, strict=True))
             out_shape = context.make_array(signature.args[1])(context, builder, args[1]).shape
             blocks = builder.udiv(builder.extract_value(out_shape, 0), ir.Constant(i64, 32))
-            entry = builder.block
-            loop, done = builder.append_basic_block("dequantize.loop"), builder.append_basic_block("dequantize.done")
-            builder.cbranch(builder.icmp_unsigned(">", blocks, ir.Constant(i64, 0)), loop, done)
 
-            builder.position_at_end(loop)
-            b = builder.phi(i64)
-            block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
-            d = _half_splat(builder, block, 16)
-            where = builder.gep(out_data, [builder.mul(b, ir.Constant(i64, 32))])
-            for h, codes in enumerate(_block_codes(builder, block, codes_at, kind)):
-                if kind == "q4_0":
-                    codes = builder.fsub(codes, ir.Constant(v16f, [8.0] * 16))
-                value = builder.fmul(d, codes)
-                if kind in ("q4_1", "q5_1"):
-                    value = builder.fadd(value, _half_splat(builder, builder.gep(block, [ir.Constant(i64, 2)]), 16))
-                spot = builder.bitcast(builder.gep(where, [ir.Constant(i64, 16 * h)]), v16f.as_pointer())
-                builder.store(value, spot, align=4)
-            next_b = builder.add(b, ir.Constant(i64, 1))
-            b.add_incoming(ir.Constant(i64, 0), entry)
-            b.add_incoming(next_b, loop)
-            builder.cbranch(builder.icmp_unsigned("<", next_b, blocks), loop, done)
-            builder.position_at_end(done)
+            def body(b, states):
+                block = builder.gep(row_data, [builder.mul(b, ir.Constant(i64, block_bytes))])
+                d = _half_splat(builder, block, 16)
+                where = builder.gep(out_data, [builder.mul(b, ir.Constant(i64, 32))])
+                for h, codes in enumerate(_block_codes(builder, block, codes_at, kind)):
+                    if kind == "q4_0":
+                        codes = builder.fsub(codes, ir.Constant(v16f, [8.0] * 16))
+                    value = builder.fmul(d, codes)
+                    if kind in ("q4_1", "q5_1"):
+                        value = builder.fadd(value, _half_splat(builder, builder.gep(block, [ir.Constant(i64, 2)]), 16))
+                    spot = builder.bitcast(builder.gep(where, [ir.Constant(i64, 16 * h)]), v16f.as_pointer())
+                    builder.store(value, spot, align=4)
+                return []
+
+            ir_loop(builder, ir.Constant(i64, 0), blocks, [], body, "dequantize")
             return context.get_dummy_value()
 
         return types.none(row, out), codegen
@@ -399,29 +407,6 @@ def _kquant_row_dot(kind: str):
     def block_groups(builder, block):
         return (q6_groups(builder, block), None) if kind == "q6_k" else k4_groups(builder, block)
 
-    def blocks_loop(builder, count, body, states):
-        """for b in range(count): states = body(b, states); returns the final states (LLVM values)."""
-        entry = builder.block
-        loop, done = builder.append_basic_block("kquant.loop"), builder.append_basic_block("kquant.done")
-        builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        b = builder.phi(i64)
-        phis = [builder.phi(start.type) for start in states]
-        steps = body(b, phis)
-        next_b = builder.add(b, ir.Constant(i64, 1))
-        for phi, start, step in ((b, ir.Constant(i64, 0), next_b), *zip(phis, states, steps, strict=True)):
-            phi.add_incoming(start, entry)
-            phi.add_incoming(step, loop)
-        builder.cbranch(builder.icmp_unsigned("<", next_b, count), loop, done)
-        builder.position_at_end(done)
-        finals = []
-        for start, step in zip(states, steps, strict=True):
-            final = builder.phi(start.type)
-            final.add_incoming(start, entry)
-            final.add_incoming(step, loop)
-            finals.append(final)
-        return finals
-
     def array_data(context, builder, signature, args, i):
         return context.make_array(signature.args[i])(context, builder, args[i])
 
@@ -451,8 +436,8 @@ def _kquant_row_dot(kind: str):
                 return total, offset
 
             blocks = builder.udiv(builder.extract_value(x_array.shape, 0), ir.Constant(i64, 256))
-            total, offset = blocks_loop(builder, blocks, body, [ir.Constant(v32f, [0.0] * 32),
-                                                                ir.Constant(v8f, [0.0] * 8)])
+            total, offset = ir_loop(builder, ir.Constant(i64, 0), blocks,
+                                 [ir.Constant(v32f, [0.0] * 32), ir.Constant(v8f, [0.0] * 8)], body, "kquant")
             return builder.fsub(_sum(builder, total), _sum(builder, offset), flags=fm)
 
         return types.float32(row, x, sums), codegen
@@ -481,8 +466,8 @@ def _kquant_row_dot(kind: str):
                                                          v32f.as_pointer()), align=4)
                 return []
 
-            blocks_loop(builder, builder.udiv(builder.extract_value(out_array.shape, 0), ir.Constant(i64, 256)),
-                        body, [])
+            ir_loop(builder, ir.Constant(i64, 0),
+                 builder.udiv(builder.extract_value(out_array.shape, 0), ir.Constant(i64, 256)), [], body, "kquant")
             return context.get_dummy_value()
 
         return types.none(row, out), codegen
@@ -1082,33 +1067,17 @@ def _panel_tile(count: int):
                                                      "llvm.fmuladd.v16f32")
             weights = [builder.gep(rows_array.data, [builder.mul(builder.add(r, ir.Constant(i64, i)), K)])
                        for i in range(count)]
-            entry = builder.block
-            loop, done = builder.append_basic_block("panel.loop"), builder.append_basic_block("panel.done")
-            zero = ir.Constant(v16f, [0.0] * 16)
-            builder.cbranch(builder.icmp_signed("<", first, last), loop, done)
 
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            accs = [builder.phi(v16f) for _ in range(2 * count)]
-            tokens = builder.gep(xt_array.data, [builder.add(builder.mul(k, width), m)])
-            xs = [_load(builder, builder.gep(tokens, [ir.Constant(i64, 16 * h)]), v16f) for h in range(2)]
-            steps = []
-            for i in range(count):
-                w = _splat(builder, builder.load(builder.gep(weights[i], [k])), v16f)
-                steps += [builder.call(fmuladd, [w, xs[h], accs[2 * i + h]]) for h in range(2)]
-            next_k = builder.add(k, ir.Constant(i64, 1))
-            k.add_incoming(first, entry)
-            k.add_incoming(next_k, loop)
-            for phi, step in zip(accs, steps, strict=True):
-                phi.add_incoming(zero, entry)
-                phi.add_incoming(step, loop)
-            builder.cbranch(builder.icmp_signed("<", next_k, last), loop, done)
+            def body(k, accs):
+                tokens = builder.gep(xt_array.data, [builder.add(builder.mul(k, width), m)])
+                xs = [_load(builder, builder.gep(tokens, [ir.Constant(i64, 16 * h)]), v16f) for h in range(2)]
+                steps = []
+                for i in range(count):
+                    w = _splat(builder, builder.load(builder.gep(weights[i], [k])), v16f)
+                    steps += [builder.call(fmuladd, [w, xs[h], accs[2 * i + h]]) for h in range(2)]
+                return steps
 
-            builder.position_at_end(done)
-            finals = [builder.phi(v16f) for _ in steps]
-            for final, step in zip(finals, steps, strict=True):
-                final.add_incoming(zero, entry)
-                final.add_incoming(step, loop)
+            finals = ir_loop(builder, first, last, [ir.Constant(v16f, [0.0] * 16)] * (2 * count), body, "panel")
             for i in range(count):
                 row = builder.gep(acc_array.data, [builder.add(builder.mul(builder.add(r, ir.Constant(i64, i)), width),
                                                                m)])
