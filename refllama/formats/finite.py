@@ -23,6 +23,7 @@ from refllama.dtypes import is_ml_float
 from refllama.errors import NumericalError
 from refllama.formats import ggml_quants
 from refllama.formats.files import FileMap
+from refllama.formats.safetensors import release_pages
 from refllama.model.weights import WeightMap
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 
@@ -34,13 +35,16 @@ _HF_PREFIXES = (("embeddings", "model.embed_tokens.weight"), ("final_norm", "mod
 
 
 def check_weights(weights: WeightMap, source: Any = None) -> None:
-    """NumericalError naming the first weight tensor (in `source`, a path) that holds a NaN or an Inf."""
-    for name, array in _float_tensors(weights):
+    """NumericalError naming the first weight tensor (in `source`, a path) that holds a NaN or an Inf. A checked
+    tensor's mapped pages are let go (`release_pages`): the check reads every page of a GGUF's blocks, and a
+    backend that copies its weights at load would otherwise hold the file and the copy at once."""
+    for name, array, stored in _float_tensors(weights):
         if not is_finite(array):
             count = _count_nonfinite(array)
             where = f"{source}: " if source is not None else ""
             raise NumericalError(f"{where}weight {name} holds {count} NaN or infinite values: the model would "
                                  "compute NaN (load with verify=False to skip this check)")
+        release_pages(stored)
 
 
 def is_finite(array: np.ndarray) -> bool:
@@ -95,8 +99,9 @@ def _count_nonfinite(array: np.ndarray) -> int:
                for i in range(0, flat.size, _CHUNK))
 
 
-def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, host float array) for every float tensor the model reads, scales inside GGUF blocks included."""
+def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, host float array, the stored array holding it) for every float tensor the model reads, scales inside
+    GGUF blocks included (held by the blocks)."""
     for path, node in _walk(weights, ""):
         if isinstance(node, GGUFBlockWeight):
             layout = ggml_quants.block_layout(node.ggml_type)
@@ -104,9 +109,9 @@ def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray]]:
                 blocks = np.ascontiguousarray(node.raw).reshape(-1).view(layout)
                 for field in layout.names:
                     if layout[field].kind == "f":
-                        yield f"{_hf_name(path)} (block field {field})", blocks[field]
+                        yield f"{_hf_name(path)} (block field {field})", blocks[field], node.raw
         elif isinstance(node, np.ndarray) and (node.dtype.kind == "f" or is_ml_float(node.dtype)):
-            yield _hf_name(path), node
+            yield _hf_name(path), node, node
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
