@@ -66,6 +66,11 @@ class Backend:
         """Host array -> backend array; floating point becomes the compute dtype, integers and bools stay."""
         raise NotImplementedError
 
+    def take_weight(self, a: np.ndarray) -> Array:
+        """A weight tensor at load -> backend array, once per tensor (the loader's `take_weights`): `asarray`,
+        unless the backend keeps weights somewhere of their own (the numba backend: huge pages)."""
+        return self.asarray(a)
+
     def to_numpy(self, a: Array) -> np.ndarray:
         """Backend array -> NumPy array on the host."""
         raise NotImplementedError

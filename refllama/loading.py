@@ -102,7 +102,7 @@ def take_weights(weights: WeightMap, backend: Backend,
 
     def take(stored: np.ndarray):
         nonlocal done
-        array = backend.asarray(stored)
+        array = backend.take_weight(stored)
         if array is not stored:
             release_pages(stored)
         done += 1

@@ -1,4 +1,4 @@
-"""What only the numba backend does: bfloat16 matrices and GGUF blocks read as stored (memory-mapped), its thread
+"""What only the numba backend does: bfloat16 matrices and GGUF blocks read as stored (in huge pages), its thread
 count and kernel cache, SmolLM2 from its Q4_1 GGUF through the fused kernels, and its peak memory.
 
 Every operation and the golden fixtures, on this backend as on every other, are the conformance suite's
@@ -288,14 +288,14 @@ def test_prompt_silu_mul_within_the_activation_bound(xp, shape):
     assert np.abs(got - expected).max() <= 8 * np.finfo(np.float32).eps * np.abs(expected).max()
 
 
-def test_bfloat16_checkpoint_stays_memory_mapped(xp):
-    """Loading a bfloat16 folder keeps its matrices as the file's mapped bytes (vectors become float32), and the
+def test_bfloat16_checkpoint_keeps_its_stored_bytes(xp):
+    """Loading a bfloat16 folder keeps its matrices as the file's bytes, read-only (vectors become float32), and the
     logits are bit for bit those of the same backend on the weights converted to float32 first."""
     folder = QUANT / "tiny-llama-bf16"
     engine = refllama.load(folder, backend="numba")
     weights = engine.model.weights
     gate = weights.layers[0].mlp.gate_proj.weight
-    assert gate.dtype == BF16 and not gate.flags.owndata
+    assert gate.dtype == BF16 and not gate.flags.writeable
     np.testing.assert_array_equal(gate.view(np.uint16),
                                   TensorSource(folder).get("model.layers.0.mlp.gate_proj.weight").view(np.uint16))
     assert weights.final_norm.dtype == np.float32
@@ -552,12 +552,13 @@ def smollm2():
     return refllama.load(smollm2_path(), backend="numba"), load_npz(GOLDEN / "smollm2.npz")
 
 
-def test_smollm2_keeps_its_blocks_memory_mapped(smollm2):
+def test_smollm2_keeps_its_blocks_as_stored(smollm2):
     engine, _ = smollm2
     weights = engine.model.weights
     up = weights.layers[0].mlp.up_proj.weight
     assert isinstance(up, GGUFBlockWeight) and up.ggml_type is GGMLType.Q4_1
-    assert up.raw.dtype == np.uint8 and not up.raw.flags.owndata and not up.raw.flags.writeable  # the mapped file
+    assert up.raw.dtype == np.uint8 and not up.raw.flags.writeable  # the file's bytes, read-only
+    np.testing.assert_array_equal(up.raw, GGUFFile(smollm2_path()).raw("blk.0.ffn_up.weight").reshape(up.raw.shape))
     assert isinstance(weights.embeddings, GGUFBlockWeight) and weights.embeddings.ggml_type is GGMLType.Q8_0
     numpy_engine = refllama.load(smollm2_path(), backend="numpy")  # the numpy backend still dequantizes at load
     assert numpy_engine.model.weights.layers[0].mlp.up_proj.weight.dtype == np.float32

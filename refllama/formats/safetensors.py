@@ -167,6 +167,16 @@ class SafetensorsFile:
         return array.reshape(info.shape)
 
 
+def mapped_base(view: np.ndarray) -> mmap.mmap | None:
+    """The memory map an array views (through any chain of views), or None for an array in memory."""
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
 def release_pages(view: np.ndarray) -> None:
     """Drop a mapped tensor's pages from this process's resident set once it has been converted.
 
@@ -175,12 +185,8 @@ def release_pages(view: np.ndarray) -> None:
     them go (a later read simply faults them back in from the page cache). A no-op for anything not a view
     of a map, or where madvise is unavailable.
     """
-    base = view
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0:
+    base = mapped_base(view)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0:
         return
     start = view.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
     page = mmap.PAGESIZE

@@ -1,0 +1,85 @@
+"""Weights in huge pages (backends/hugepages.py): the arena's copies are the same bytes, read-only and aligned, in
+memory advised MADV_HUGEPAGE; the numba backend copies there the matrices it streams that view the model file,
+and REFLLAMA_HUGE_PAGES=0 leaves them mapped. (~2 s)"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from refllama.backends import hugepages
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8, ml_dtypes.bfloat16])
+def test_copies_are_the_same_bytes_read_only_and_aligned(dtype):
+    arena = hugepages.Arena()
+    rng = np.random.default_rng(0)
+    sources = [rng.standard_normal(shape).astype(dtype) for shape in [(7, 13), (3, 5), (100, 33)]]
+    copies = [arena.copy(a) for a in sources]
+    for a, c in zip(sources, copies, strict=True):
+        assert c.dtype == a.dtype and c.shape == a.shape and c.flags.c_contiguous and not c.flags.writeable
+        np.testing.assert_array_equal(c.view(np.uint8), a.view(np.uint8))
+        assert c.ctypes.data % hugepages.ALIGN == 0 and not np.shares_memory(c, a)
+    assert len({c.ctypes.data for c in copies}) == len(copies)
+    transposed = sources[2].T  # any layout in, C order out
+    copied = arena.copy(transposed)
+    np.testing.assert_array_equal(copied.view(np.uint8), np.ascontiguousarray(transposed).view(np.uint8))
+
+
+def test_chunks_start_on_a_huge_page_and_later_arrays_fill_earlier_tails():
+    arena = hugepages.Arena()
+    first = arena.copy(np.ones(10, np.float32))
+    big = arena.copy(np.ones(hugepages.CHUNK // 4, np.float32))  # a whole chunk: a second one
+    small = arena.copy(np.ones(10, np.float32))  # fits in the first chunk's tail
+    assert first.ctypes.data % hugepages.HUGE_PAGE == 0 and big.ctypes.data % hugepages.HUGE_PAGE == 0
+    assert small.ctypes.data == first.ctypes.data + hugepages.ALIGN
+    huge = arena.copy(np.zeros(hugepages.CHUNK // 4 + 5, np.float32))  # larger than a chunk: its own, rounded up
+    assert huge.ctypes.data % hugepages.HUGE_PAGE == 0 and not huge.any()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.available()),
+                    reason="transparent huge pages: Linux with THP set to 'always' or 'madvise'")
+def test_the_arena_is_advised_huge_pages():
+    copy = hugepages.Arena().copy(np.ones((4, 1024), np.float32))
+    assert "hg" in _vm_flags(copy.ctypes.data)  # MADV_HUGEPAGE on the mapping
+
+
+def test_the_numba_backend_takes_matrices_into_huge_pages(monkeypatch):
+    pytest.importorskip("numba")
+    from refllama.backends.numba_backend import NumbaBackend
+
+    region = mmap.mmap(-1, 64 * 64 * 4 + 64 * 4)  # a map, as a model file's tensors are
+    mapped = np.frombuffer(region, np.float32, count=64 * 64).reshape(64, 64)  # 16 KiB: a matrix
+    mapped[:] = np.arange(64 * 64).reshape(64, 64)
+    mapped.flags.writeable = False
+    vector = np.frombuffer(region, np.float32, count=64, offset=64 * 64 * 4)
+    tiny, in_memory = mapped[:2, :8], np.ones((64, 64), np.float32)  # small; converted or reordered at load
+    monkeypatch.setenv("REFLLAMA_HUGE_PAGES", "1")
+    backend = NumbaBackend()
+    if not hugepages.available():
+        assert backend.take_weight(mapped) is mapped
+        return
+    taken = backend.take_weight(mapped)
+    assert not np.shares_memory(taken, mapped) and not taken.flags.writeable
+    np.testing.assert_array_equal(taken, mapped)
+    for kept in (vector, tiny, in_memory):
+        assert backend.take_weight(kept) is kept
+    monkeypatch.setenv("REFLLAMA_HUGE_PAGES", "0")
+    assert NumbaBackend().take_weight(mapped) is mapped
