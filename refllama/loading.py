@@ -26,7 +26,7 @@ from refllama.formats.finite import check_weights
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
-from refllama.formats.safetensors import TensorSource, release_pages
+from refllama.formats.safetensors import TensorSource, mapped_base, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.model.weights import StageSpan, WeightMap
 from refllama.quant.quantize import quantize_lm_head
@@ -67,6 +67,7 @@ def read_model(path: str | Path, backend: Backend | None, *, dequantize: bool = 
         config = config_from_gguf(gguf)
         tok = LlamaTokenizer.from_gguf_metadata(gguf.metadata, source=path) \
             if tokenizer and "tokenizer.ggml.model" in gguf.metadata else None
+        gguf.release_header()
         keep = frozenset() if dequantize or layer_dtypes is not None or backend is None \
             else stored_block_types(backend)
         source: TensorSource | GGUFTensorSource = GGUFTensorSource(gguf, config, keep)
@@ -99,18 +100,25 @@ def take_weights(weights: WeightMap, backend: Backend,
     """The backend's copy of every tensor; a converted tensor's mapped pages are let go at once, so a load peaks
     near the converted size. `progress(done, total)` is called tensor by tensor."""
     total, done = len(weights.tensors()), 0
+    copied: list[np.ndarray] = []
 
     def take(stored: np.ndarray):
         nonlocal done
         array = backend.take_weight(stored)
         if array is not stored:
             release_pages(stored)
+            copied.append(stored)
         done += 1
         if progress is not None:
             progress(done, total)
         return array
 
-    return weights.map(take)
+    taken = weights.map(take)
+    # Reading a tensor maps whole page-cache folios around it, pages of tensors already let go among them: once all
+    # are taken, let go of every file a tensor was copied from (what still reads it faults its pages back in).
+    for base in {id(b): b for b in map(mapped_base, copied) if b is not None}.values():
+        release_pages(np.frombuffer(base, np.uint8))
+    return taken
 
 
 def stored_block_types(backend: Backend) -> frozenset[GGMLType]:

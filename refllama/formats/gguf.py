@@ -272,6 +272,12 @@ class GGUFFile:
             if begin_b < end_a:
                 raise CheckpointError(f"data overlaps tensor {brief(name_a)}", self.path, _short(name_b))
 
+    def release_header(self) -> None:
+        """Let go of the header's mapped pages once it has been parsed and checked: a vocabulary and its merges take
+        several MiB there (8 for SmolLM2), and what reads them later (a tokenizer built on first use) faults them
+        back in from the page cache."""
+        release_pages(np.frombuffer(self._map, np.uint8, count=self.data_offset))
+
     def _tensor_info(self, name: str, dims: list[int], type_id: int, offset: int) -> GGUFTensorInfo:
         try:
             ggml_type = GGMLType(type_id)
