@@ -437,6 +437,27 @@ def test_gguf_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatc
             np.testing.assert_array_equal(out, want)
 
 
+def test_linears_plan_follows_the_group_and_goes_with_its_first_weight(xp):
+    """`linears` keeps how it runs a group of quantized weights with the group's first weight: another group with
+    the same first weight gets its own plan and results, and the plan goes when that weight does. (~0.1 s)"""
+    import gc
+
+    rng = np.random.default_rng(11)
+    first, second, kquant = (random_weights.gguf_weight(rng, name, N, 256)
+                             for name, N in (("Q8_0", 6), ("Q4_0", 5), ("Q4_K", 4)))
+    x = rng.standard_normal((1, 1, 256)).astype(np.float32)
+    before = len(xp._groups)
+    for group in ([first, second], [first, kquant], [first, second]):
+        layers = [Linear(w) for w in group]
+        for got, layer in zip(xp.linears(x, layers), layers, strict=True):
+            np.testing.assert_array_equal(got, xp.linear(x, layer))
+        assert xp._groups[first].kernel == ("gguf_matvecs" if group[1] is second else "")
+    assert len(xp._groups) == before + 1
+    del first, group, layers
+    gc.collect()
+    assert len(xp._groups) == before
+
+
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read
 
 
