@@ -220,12 +220,13 @@ class NumbaBackend(NumpyBackend):
         return out.reshape(x.shape)
 
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        # The result is a (B, H, T, D) view of (B, T, H, D) memory: after attention the model transposes back to
-        # (B, T, H, D), and the keys go into the cache by copy, so this layout saves a transpose copy.
-        B, H, T, D = x.shape
-        out = np.empty((B, T, H, D), np.float32).transpose(0, 2, 1, 3)
+        # The kernel reads and writes (B, T, H, D) memory, which split_heads' (B, H, T, D) view of a Linear's output
+        # already is (no copy); the result is a (B, H, T, D) view of it too: after attention the model transposes
+        # back to (B, T, H, D), and the keys go into the cache by copy, so this layout saves a transpose copy.
+        x = np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # (B, T, H, D)
+        out = np.empty(x.shape, np.float32)
         kernels.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
-        return out
+        return out.transpose(0, 2, 1, 3)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
         B, H, T, D = q.shape

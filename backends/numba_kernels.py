@@ -654,17 +654,19 @@ def rms_norm(x, weight, eps, out):
 def rope(x, cos, sin, out):
     """Rotate-half RoPE: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]).
 
-    x, out (B, H, T, D) with any strides (the backend passes transposed views); cos, sin (B, 1, T, D).
+    x, out (B, T, H, D) C-contiguous: the memory behind the model's (B, H, T, D) views, so a decode step and a
+    prompt compile one specialisation (transposed views of one token are typed C, of several A); cos, sin
+    (B, 1, T, D) C-contiguous.
     """
-    B, H, T, D = x.shape
+    B, T, H, D = x.shape
     half = D // 2
     for b in range(B):
-        for h in range(H):
-            for t in range(T):
+        for t in range(T):
+            for h in range(H):
                 for d in range(half):
-                    out[b, h, t, d] = x[b, h, t, d] * cos[b, 0, t, d] + (-x[b, h, t, d + half]) * sin[b, 0, t, d]
+                    out[b, t, h, d] = x[b, t, h, d] * cos[b, 0, t, d] + (-x[b, t, h, d + half]) * sin[b, 0, t, d]
                 for d in range(half, D):
-                    out[b, h, t, d] = x[b, h, t, d] * cos[b, 0, t, d] + x[b, h, t, d - half] * sin[b, 0, t, d]
+                    out[b, t, h, d] = x[b, t, h, d] * cos[b, 0, t, d] + x[b, t, h, d - half] * sin[b, 0, t, d]
 
 
 @njit(cache=True)
@@ -1311,7 +1313,7 @@ def warm_up() -> None:
         silu_mul(x, x, np.empty_like(x))
         q = np.ones((1, T, 2, 64), f32)
         table = np.ones((1, 1, T, 64), f32)
-        rope(q.transpose(0, 2, 1, 3), table, table, np.empty((1, T, 2, 64), f32).transpose(0, 2, 1, 3))
+        rope(q, table, table, np.empty_like(q))
         kv = np.ones((1, 1, 8, 64), f32)
         attention(q, kv, kv, T, np.ones((1, T, T), np.bool_), np.empty((1, T, 2, 64), f32))
         same_start(kv[:, :, :5], kv)  # a strided view of a cache buffer, as the backend asks
