@@ -27,6 +27,7 @@ from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import config_from_gguf
 from refllama.formats.safetensors import TensorSource
+from refllama.model import ops
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.types import ActivationQuant, Int8Weight
@@ -373,6 +374,21 @@ def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
     compiled = [set(k.signatures) for k in kernels]
     run(mapped_w.copy(), mapped_norm.copy(), mapped_raw.copy())
     assert [set(k.signatures) for k in kernels] == compiled
+
+
+def test_rope_runs_one_compiled_kernel_for_decode_steps_and_prompts(xp):
+    """apply_rope hands the kernel the (B, T, H, D) memory behind the model's (B, H, T, D) views, so one token (whose
+    transposed views NumPy calls C-contiguous) and several run one specialisation, bit for bit as the reference.
+    (<0.1 s with the kernel cached.)"""
+    rng = np.random.default_rng(5)
+    compiled = None
+    for T in (1, 5):
+        q = xp.split_heads(rng.standard_normal((2, T, 4 * 16)).astype(np.float32), 4)  # (2, 4, T, 16) view
+        angles = rng.uniform(-50, 50, (2, 1, T, 8))
+        cos, sin = (f(np.concatenate([angles, angles], axis=-1)).astype(np.float32) for f in (np.cos, np.sin))
+        np.testing.assert_array_equal(xp.apply_rope(q, cos, sin), ops.apply_rope(q, cos, sin))
+        compiled = compiled or set(numba_kernels.rope.signatures)
+    assert set(numba_kernels.rope.signatures) == compiled
 
 
 # ---------------------------------------------------------------- several Linears of one input in one kernel
