@@ -36,6 +36,7 @@ ones load them in a fraction of a second.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import warnings
@@ -130,6 +131,18 @@ class _Codes:
 
 
 @dataclass(frozen=True)
+class _Group:
+    """A group of quantized Linears of one input as `linears` runs it: the kernel ("": one by one) and the
+    arrays it reads, plus the group's other weights, weakly, to tell the group from another with the same first
+    weight. Kept per first weight and dropped with it (no reference to it here)."""
+
+    rest: tuple[weakref.ref, ...]
+    kernel: str  # "gguf_matvecs", "w8a8_decode" (NumbaBackend._w8a8_decode) or ""
+    arrays: Any  # gguf_matvecs' three (kind, raw) slots flattened, or each weight's _W8A8
+    rows: tuple[int, ...]  # N of each weight
+
+
+@dataclass(frozen=True)
 class _Blocks:
     raw: np.ndarray  # uint8 (N, bytes per row), C-contiguous
     kind: int  # GGMLType value
@@ -157,6 +170,7 @@ class NumbaBackend(NumpyBackend):
         self._low = 0  # consecutive passes on all threads with a low share
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._groups: weakref.WeakKeyDictionary[Any, _Group] = weakref.WeakKeyDictionary()  # `linears`' plans
         # Where `take_weight` puts the matrices a decode step streams; REFLLAMA_HUGE_PAGES=0 leaves them mapped.
         use_huge_pages = os.environ.get("REFLLAMA_HUGE_PAGES", "1") != "0" and hugepages.available()
         self._arena = hugepages.Arena() if use_huge_pages else None
@@ -226,12 +240,13 @@ class NumbaBackend(NumpyBackend):
         return out.reshape(x.shape)
 
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        # The result is a (B, H, T, D) view of (B, T, H, D) memory: after attention the model transposes back to
-        # (B, T, H, D), and the keys go into the cache by copy, so this layout saves a transpose copy.
-        B, H, T, D = x.shape
-        out = np.empty((B, T, H, D), np.float32).transpose(0, 2, 1, 3)
+        # The kernel reads and writes (B, T, H, D) memory, which split_heads' (B, H, T, D) view of a Linear's output
+        # already is (no copy); the result is a (B, H, T, D) view of it too: after attention the model transposes
+        # back to (B, T, H, D), and the keys go into the cache by copy, so this layout saves a transpose copy.
+        x = np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # (B, T, H, D)
+        out = np.empty(x.shape, np.float32)
         kernels.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
-        return out
+        return out.transpose(0, 2, 1, 3)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
         B, H, T, D = q.shape
@@ -266,31 +281,51 @@ class NumbaBackend(NumpyBackend):
         dtype (float32 or bfloat16) through `float_matmuls`; for up to SMALL_BATCH tokens, GGUF weights of the
         32-element block types (each its own) through `gguf_matvecs`; on AVX-512 VNNI CPUs, W8A8 weights of one
         activation semantics through `_w8a8_decode`, which quantizes x once for all of them. Other groups run one
-        by one."""
-        weights = [layer.weight for layer in layers]
-        if not 1 < len(weights) <= 3:
+        by one. Which of these a group of quantized weights takes is decided on its first call (`_group`)."""
+        if not 1 < len(layers) <= 3:
             return super().linears(x, layers)
+        weights = [layer.weight for layer in layers]
         x2 = _rows(x)  # (M, K)
         M = x2.shape[0]
-        none = 3 - len(weights)
-        if _float_group(weights):
+        if isinstance(weights[0], np.ndarray):
+            if not _float_group(weights):
+                return super().linears(x, layers)
+            none = 3 - len(weights)
             stored = [_float_bits(w) for w in weights]
             outs = [np.empty((M, w.shape[0]), np.float32) for w in weights]  # (M, N_i)
             kernels.float_matmuls(x2, *stored, *[kernels.NO_ROWS[stored[0].dtype]] * none, *outs,
                                   *[kernels.NO_OUTPUT] * none)
-        elif M <= SMALL_BATCH and all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.BLOCKS_32
-                                      for w in weights):
-            blocks = [self._blocks(w) for w in weights]
-            outs = [np.empty((M, b.raw.shape[0]), np.float32) for b in blocks]
-            slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * none
-            kernels.gguf_matvecs(*slots[0], *slots[1], *slots[2], x2, *outs, *[kernels.NO_OUTPUT] * none)
-        elif (M <= SMALL_BATCH and numba_gemm.VNNI
-              and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
-              and len({w.activation.semantics for w in weights}) == 1):
-            outs = self._w8a8_decode(x2, [self._w8a8_prepared(w) for w in weights])  # x quantized once
         else:
-            return super().linears(x, layers)
+            group = self._group(weights)
+            if group.kernel == "" or M > SMALL_BATCH:
+                return super().linears(x, layers)
+            if group.kernel == "gguf_matvecs":
+                outs = [np.empty((M, n), np.float32) for n in group.rows]
+                kernels.gguf_matvecs(*group.arrays, x2, *outs, *[kernels.NO_OUTPUT] * (3 - len(outs)))
+            else:
+                outs = self._w8a8_decode(x2, group.arrays)  # x quantized once
         return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
+
+    def _group(self, weights: list[Any]) -> _Group:
+        """How `linears` runs these quantized weights, kept with the first of them (a decode step asks 60 times)."""
+        group = self._groups.get(weights[0])
+        if group is None or not _refer_to(group.rest, weights[1:]):
+            group = self._groups[weights[0]] = self._plan(weights)
+        return group
+
+    def _plan(self, weights: list[Any]) -> _Group:
+        rest = tuple(weakref.ref(w) for w in weights[1:])
+        if all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.BLOCKS_32 for w in weights):
+            blocks = [self._blocks(w) for w in weights]
+            slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * (
+                3 - len(blocks))
+            return _Group(rest, "gguf_matvecs", tuple(a for slot in slots for a in slot),
+                          tuple(b.raw.shape[0] for b in blocks))
+        if (numba_gemm.VNNI and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
+                and len({w.activation.semantics for w in weights}) == 1):
+            prepared = [self._w8a8_prepared(w) for w in weights]
+            return _Group(rest, "w8a8_decode", prepared, tuple(p.q.shape[0] for p in prepared))
+        return _Group(rest, "", (), ())
 
     def _linear_int8(self, x: np.ndarray, w: Int8Weight, bias: np.ndarray | None) -> np.ndarray:
         x2 = _rows(x)
@@ -427,6 +462,11 @@ def _float_bits(w: np.ndarray) -> np.ndarray:
     bits."""
     w = kernels.readonly(np.ascontiguousarray(w))
     return w.view(np.uint16) if w.dtype == BF16 else w
+
+
+def _refer_to(refs: tuple[weakref.ref, ...], objects: list[Any]) -> bool:
+    """Whether the weak references `refs` point at exactly `objects`, by identity (arrays compare by value)."""
+    return len(refs) == len(objects) and all(map(operator.is_, [ref() for ref in refs], objects))
 
 
 def _float_group(weights: list[Any]) -> bool:

@@ -29,7 +29,8 @@ QUERIES positions of one head goes through numba_kernels' 4x4 microkernel twice:
 to the block's last allowed one, then (unnormalised softmax weights) V, divided by the row sums as there.
 
 exp. NumPy's exp in a Numba loop is a call to libm's scalar expf (no SVML here), which kept the softmax and SiLU
-scalar; `exp32` is plain float32 arithmetic that LLVM vectorises, within 1.5 ulp.
+scalar; `exp32` (numba_kernels', which the decode attention uses too) is plain float32 arithmetic that LLVM
+vectorises, within 1.5 ulp.
 
 docs/numba.md has the measurements.
 """
@@ -44,6 +45,7 @@ from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR,
     _w8a8_epilogue,
     code_hf,
     code_vllm,
+    exp32,
     ir_loop,
     quantize_tokens,
     readonly,
@@ -423,39 +425,8 @@ def _decode_blocks(a, a_scale, w, w_sums, w_scale, vllm, out, first, stop):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# exp in float32 vector lanes (numba's np.exp calls libm's scalar expf: without SVML no loop around it vectorises)
+# SiLU-mul for prompts
 # ---------------------------------------------------------------------------------------------------------------
-
-@intrinsic
-def _float_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 `bits`."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@njit(cache=True, inline="always")
-def exp32(x):
-    """exp(x) for float32 x within 1.5 ulp of the exact value (measured: 1.004 over [-87, 88]; libm's expf: 0.5), in
-    plain arithmetic that LLVM vectorises: 0.23 ns an element against 2.3 for np.exp here. Cephes' expf:
-    x = n ln2 + r (ln2 in two parts), exp(r) by a degree-7 polynomial, 2**n put into the exponent bits. x is
-    clamped to [-87.34, 88.38]: below, exp(x) < 1.2e-38 comes out as 1.2e-38; above, as 2.4e38 instead of
-    more or inf (softmax arguments are <= 0; SiLU divides by 1 + exp(-g), so ~ -0 either way)."""
-    x = min(max(x, np.float32(-87.33654)), np.float32(88.37626))  # 2**n stays a normal float32
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    return (p * (r * r) + r + np.float32(1.0)) * _float_bits(np.int32((np.int32(n) + 127) << 23))
-
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def silu_mul(gate, up, out):

@@ -27,6 +27,7 @@ from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import config_from_gguf
 from refllama.formats.safetensors import TensorSource
+from refllama.model import ops
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.types import ActivationQuant, Int8Weight
@@ -375,6 +376,21 @@ def test_copied_and_mapped_weights_run_one_compiled_kernel(xp):
     assert [set(k.signatures) for k in kernels] == compiled
 
 
+def test_rope_runs_one_compiled_kernel_for_decode_steps_and_prompts(xp):
+    """apply_rope hands the kernel the (B, T, H, D) memory behind the model's (B, H, T, D) views, so one token (whose
+    transposed views NumPy calls C-contiguous) and several run one specialisation, bit for bit as the reference.
+    (<0.1 s with the kernel cached.)"""
+    rng = np.random.default_rng(5)
+    compiled = None
+    for T in (1, 5):
+        q = xp.split_heads(rng.standard_normal((2, T, 4 * 16)).astype(np.float32), 4)  # (2, 4, T, 16) view
+        angles = rng.uniform(-50, 50, (2, 1, T, 8))
+        cos, sin = (f(np.concatenate([angles, angles], axis=-1)).astype(np.float32) for f in (np.cos, np.sin))
+        np.testing.assert_array_equal(xp.apply_rope(q, cos, sin), ops.apply_rope(q, cos, sin))
+        compiled = compiled or set(numba_kernels.rope.signatures)
+    assert set(numba_kernels.rope.signatures) == compiled
+
+
 # ---------------------------------------------------------------- several Linears of one input in one kernel
 
 
@@ -435,6 +451,27 @@ def test_gguf_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatc
         assert not calls
         for out, want in zip(got, expected, strict=True):
             np.testing.assert_array_equal(out, want)
+
+
+def test_linears_plan_follows_the_group_and_goes_with_its_first_weight(xp):
+    """`linears` keeps how it runs a group of quantized weights with the group's first weight: another group with
+    the same first weight gets its own plan and results, and the plan goes when that weight does. (~0.1 s)"""
+    import gc
+
+    rng = np.random.default_rng(11)
+    first, second, kquant = (random_weights.gguf_weight(rng, name, N, 256)
+                             for name, N in (("Q8_0", 6), ("Q4_0", 5), ("Q4_K", 4)))
+    x = rng.standard_normal((1, 1, 256)).astype(np.float32)
+    before = len(xp._groups)
+    for group in ([first, second], [first, kquant], [first, second]):
+        layers = [Linear(w) for w in group]
+        for got, layer in zip(xp.linears(x, layers), layers, strict=True):
+            np.testing.assert_array_equal(got, xp.linear(x, layer))
+        assert xp._groups[first].kernel == ("gguf_matvecs" if group[1] is second else "")
+    assert len(xp._groups) == before + 1
+    del first, group, layers
+    gc.collect()
+    assert len(xp._groups) == before
 
 
 # ---------------------------------------------------------------- GGUF blocks the kernels do not read
