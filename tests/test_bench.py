@@ -104,8 +104,8 @@ def test_every_done_when_target_is_there():
 def test_markdown_prints_each_target_met_or_not():
     r = report()
     r.update(machine={"cpu": "cpu", "cores": 2, "load_average": [1.0, 1.0, 1.0]}, profiles={},
-             settings={"threads": 2, "prompt_tokens": 128, "new_tokens": 128, "reps": 3, "scoring_prompts": 16,
-                       "scoring_tokens": 256, "scoring_reps": 1},
+             settings={"threads": 2, "prompt_tokens": 128, "new_tokens": 128, "rounds": 3, "reps": 1,
+                       "scoring_prompts": 16, "scoring_tokens": 256, "scoring_reps": 1},
              bandwidth={"before": {"gb_per_s": 30.0}, "after": {"gb_per_s": 28.0}, "gb_per_s": 30.0,
                         "buffer_mib": 256})
     r["rows"]["refllama numba f32"].update(time_to_first_token_s=0.2, load_s=1.0, rss_loaded_mb=100,
@@ -125,15 +125,33 @@ def test_markdown_prints_each_target_met_or_not():
     assert "| refllama numba Q4_1 peak RSS over the baseline <= 1.3 x file + KV cache | the bound is 0.74x the " \
         "growth | not met |" in text
     assert "before 30.0 GB/s, after 28.0 GB/s" in text
+    assert "median of 3 rounds x 1" in text
 
 
 def test_quick_settings_and_explicit_overrides():
     quick = bench.parse_args(["--quick"])
-    assert (quick.reps, quick.prompt_tokens, quick.scoring_prompts, quick.profile) == (1, 32, 2, "")
+    assert (quick.rounds, quick.reps, quick.prompt_tokens, quick.scoring_prompts, quick.profile) == (1, 1, 32, 2, "")
     assert bench.parse_args(["--quick", "--reps", "2"]).reps == 2
     full = bench.parse_args([])
-    assert (full.reps, full.prompt_tokens, full.new_tokens, full.scoring_prompts, full.scoring_tokens) == (
-        3, 128, 128, 16, 256)
+    assert (full.rounds, full.reps, full.prompt_tokens, full.new_tokens, full.scoring_prompts,
+            full.scoring_tokens) == (3, 1, 128, 128, 16, 256)
+
+
+def test_a_row_over_its_rounds_takes_the_median_of_every_repetition():
+    """Each round is a fresh process; the row's throughputs are medians over all their repetitions, the rest is the
+    first round's, and a failed round fails the row."""
+    def rep(prefill_s, decode_s):
+        return {"prefill_s": prefill_s, "decode_s": decode_s, "prefill_tokens_per_s": 128 / prefill_s,
+                "decode_tokens_per_s": 127 / decode_s}
+
+    rounds = [{"load_s": 1.0, "rss_peak_mb": 200, "repetitions": [rep(0.2, 1.0)]},
+              {"load_s": 2.0, "rss_peak_mb": 300, "repetitions": [rep(0.4, 4.0)]},
+              {"load_s": 3.0, "rss_peak_mb": 400, "repetitions": [rep(0.3, 2.0)]}]
+    row = bench.over_rounds(rounds)
+    assert (row["prefill_tokens_per_s"], row["decode_tokens_per_s"], row["time_to_first_token_s"]) == (
+        128 / 0.3, 127 / 2.0, 0.3)
+    assert (row["load_s"], row["rss_peak_mb"], row["rounds"], len(row["repetitions"])) == (1.0, 200, 3, 3)
+    assert bench.over_rounds([rounds[0], {"error": "failed: x"}]) == {"error": "failed: x"}
 
 
 def test_scoring_prompts_are_deterministic_and_distinct():

@@ -1,6 +1,6 @@
 """refllama against llama.cpp and HF transformers on SmolLM2-135M: one command, one table.
 
-    python tools/bench.py [--model Q4_1.gguf] [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--reps 3]
+    python tools/bench.py [--model Q4_1.gguf] [--threads 2] [--prompt-tokens 128] [--new-tokens 128] [--rounds 3]
                           [--out bench-results] [--work ~/.cache/refllama/bench] [--rows NAME,...]
                           [--scoring-prompts 16] [--scoring-tokens 256] [--quick] [--busy-core]
 
@@ -8,8 +8,10 @@ Rows (each in a fresh process, with every thread pool set to --threads): refllam
 W8A8 (compressed-tensors, int8 and float32 lm_head), numba Q8_0, Q4_1 and Q4_K_M (GGUF); llama.cpp
 (llama-cpp-python) f32, q8_0, Q4_1 and Q4_K_M on the same GGUF files; HF transformers torch f32. A peer that is not
 installed is skipped with a message (`pip install -e ".[bench]"` in the checkout installs them). Every engine gets
-the same prompt token ids and decodes greedily without stopping at eos. Figures are medians over --reps
-repetitions (refllama/diagnostics/benchmark.py says what one is).
+the same prompt token ids and decodes greedily without stopping at eos. The rows run in --rounds rounds, every row
+once a round in a fresh process (--reps repetitions each; refllama/diagnostics/benchmark.py says what one is), so a
+machine that slows down or speeds up during the bench moves every row alike instead of the rows that ran late;
+figures are medians over every repetition of every round.
 
 The model files are made once in --work from the Q4_1 GGUF (the installed default model): an F32 GGUF (its
 weights dequantized, exactly) and a Q8_0 GGUF of those (gguf-py's quantizer, as llama.cpp's), both with the gguf
@@ -36,7 +38,7 @@ llama.cpp's first prompt are compared with HF's.
 Also measured: the numba kernels' JIT time cold (empty cache directory) and warm (loaded from it), and where one
 decode step spends its time (refllama.diagnostics.benchmark.decode_profile). --busy-core runs the decode rows
 again while another process keeps one core busy and reports the share of the quiet decode speed each keeps.
---quick is a smoke run: 1 repetition, 32+16 tokens, scoring 2 x 64 tokens, no profiles and no JIT timing.
+--quick is a smoke run: 1 round of 1 repetition, 32+16 tokens, scoring 2 x 64 tokens, no profiles and no JIT timing.
 Output: a markdown table on stdout and in OUT/bench.md, OUT/bench.json, and OUT/bench.png when matplotlib is
 installed.
 """
@@ -596,7 +598,7 @@ def markdown(report: dict[str, Any]) -> str:
     load = m["load_average"]
     bw = report.get("bandwidth", {})
     lines = [f"# refllama bench: SmolLM2-135M, {s['threads']} threads, {s['prompt_tokens']}-token prompt, "
-             f"{s['new_tokens']} new tokens, median of {s['reps']}", "",
+             f"{s['new_tokens']} new tokens, median of {s['rounds']} rounds x {s['reps']}", "",
              f"{m['cpu']}, {m['cores']} cores; load average before/after: "
              f"{', '.join(f'{x:.2f}' for x in load or [])} / "
              f"{', '.join(f'{x:.2f}' for x in report.get('load_average_after') or [])}; the whole bench took "
@@ -716,17 +718,17 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     axes[1].set_yticklabels([])
     s = report["settings"]
     fig.suptitle(f"SmolLM2-135M, {s['threads']} threads, {s['prompt_tokens']}-token prompt, "
-                 f"{s['new_tokens']} new tokens (median of {s['reps']})")
+                 f"{s['new_tokens']} new tokens (median of {s['rounds']} rounds x {s['reps']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
 
 
 # --quick's settings, and the defaults otherwise
-QUICK = {"reps": 1, "prompt_tokens": 32, "new_tokens": 16, "scoring_prompts": 2, "scoring_tokens": 64,
-         "scoring_reps": 1, "bandwidth_passes": 3}
-DEFAULTS = {"reps": 3, "prompt_tokens": 128, "new_tokens": 128, "scoring_prompts": 16, "scoring_tokens": 256,
-            "scoring_reps": 1, "bandwidth_passes": 5}
+QUICK = {"rounds": 1, "reps": 1, "prompt_tokens": 32, "new_tokens": 16, "scoring_prompts": 2,
+         "scoring_tokens": 64, "scoring_reps": 1, "bandwidth_passes": 3}
+DEFAULTS = {"rounds": 3, "reps": 1, "prompt_tokens": 128, "new_tokens": 128, "scoring_prompts": 16,
+            "scoring_tokens": 256, "scoring_reps": 1, "bandwidth_passes": 5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -793,13 +795,18 @@ def main() -> int:
     profiled = {r.strip() for r in args.profile.split(",") if r.strip()}
     report: dict[str, Any] = {"machine": machine(), "settings": {
         "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "reps": args.reps, "scoring_prompts": args.scoring_prompts, "scoring_tokens": args.scoring_tokens,
-        "scoring_reps": args.scoring_reps, "quick": args.quick, "files": {k: str(v) for k, v in files.items()}},
+        "rounds": args.rounds, "reps": args.reps, "scoring_prompts": args.scoring_prompts,
+        "scoring_tokens": args.scoring_tokens, "scoring_reps": args.scoring_reps, "quick": args.quick,
+        "files": {k: str(v) for k, v in files.items()}},
         "rows": {}, "profiles": {}, "bandwidth": {}}
 
     report["bandwidth"]["before"] = measure_bandwidth(args)
-    for name in selected:
-        report["rows"][name] = run_row(name, files, ids, args, profile=name in profiled, report=report)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in selected}
+    for round_ in range(args.rounds):
+        for name in selected:
+            runs[name].append(run_row(name, files, ids, args, profile=name in profiled and round_ == 0,
+                                      report=report))
+    report["rows"] = {name: over_rounds(results) for name, results in runs.items()}
     if not args.no_scoring:
         prompts = scoring_prompts(text_ids, args.scoring_prompts, args.scoring_tokens)
         report["scoring"], report["scoring_check"] = run_scoring(prompts, files, args)
@@ -877,6 +884,22 @@ def run_row(name: str, files: dict[str, Path], ids: list[int], args: argparse.Na
     print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
           f"tok/s", file=sys.stderr)
     return result
+
+
+def over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row over its rounds: prefill, decode and time to first token are medians over every repetition of every
+    round; load time and memory are the first round's; a round that failed fails the row."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None:
+        return failed
+    row = dict(results[0])
+    row["repetitions"] = [rep for r in results for rep in r["repetitions"]]
+    for key, rep_key in (("prefill_tokens_per_s", "prefill_tokens_per_s"), ("decode_tokens_per_s",
+                                                                            "decode_tokens_per_s"),
+                         ("time_to_first_token_s", "prefill_s")):
+        row[key] = float(np.median([rep[rep_key] for rep in row["repetitions"]]))
+    row["rounds"] = len(results)
+    return row
 
 
 def run_scoring(prompts: list[list[int]], files: dict[str, Path], args: argparse.Namespace
