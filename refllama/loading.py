@@ -28,7 +28,7 @@ from refllama.formats.gguf import GGUFFile
 from refllama.formats.gguf_llama import GGUFTensorSource, config_from_gguf
 from refllama.formats.safetensors import TensorSource, mapped_base, release_pages
 from refllama.formats.tokenizer import LlamaTokenizer
-from refllama.model.weights import StageSpan, WeightMap
+from refllama.model.weights import StageSpan, WeightMap, map_arrays
 from refllama.quant.quantize import quantize_lm_head
 from refllama.sharding.plan import StagePlan
 
@@ -102,9 +102,9 @@ def take_weights(weights: WeightMap, backend: Backend,
     total, done = len(weights.tensors()), 0
     copied: list[np.ndarray] = []
 
-    def take(stored: np.ndarray):
+    def take(stored: np.ndarray, streamed: bool = True):
         nonlocal done
-        array = backend.take_weight(stored)
+        array = backend.take_weight(stored) if streamed else backend.asarray(stored)
         if array is not stored:
             release_pages(stored)
             copied.append(stored)
@@ -113,7 +113,10 @@ def take_weights(weights: WeightMap, backend: Backend,
             progress(done, total)
         return array
 
-    taken = weights.map(take)
+    # An untied embedding table is only looked up (a forward pass reads its tokens' rows), so it is not taken where
+    # the backend keeps what a decode step streams (the numba backend's huge pages: 108 MiB more for SmolLM2).
+    embeddings = map_arrays(weights.embeddings, partial(take, streamed=weights.lm_head is None))
+    taken = replace(replace(weights, embeddings=None).map(take), embeddings=embeddings)
     # Reading a tensor maps whole page-cache folios around it, pages of tensors already let go among them: once all
     # are taken, let go of every file a tensor was copied from (what still reads it faults its pages back in).
     for base in {id(b): b for b in map(mapped_base, copied) if b is not None}.values():

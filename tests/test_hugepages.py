@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from refllama.backends import hugepages
+from refllama.backends.numpy_backend import NumpyBackend
+from refllama.loading import take_weights
+from refllama.model.weights import WeightMap
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -83,3 +86,23 @@ def test_the_numba_backend_takes_matrices_into_huge_pages(monkeypatch):
         assert backend.take_weight(kept) is kept
     monkeypatch.setenv("REFLLAMA_HUGE_PAGES", "0")
     assert NumbaBackend().take_weight(mapped) is mapped
+
+
+def test_an_untied_embedding_table_is_looked_up_not_taken_as_a_streamed_weight():
+    """take_weights hands the backend what a decode step streams through `take_weight` (the numba backend copies it
+    into huge pages); an untied embedding table is only looked up, a row per token, so it goes through `asarray`.
+    A tied one is also the output projection, so it is taken as a weight."""
+    class Recording(NumpyBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.taken: list[int] = []
+
+        def take_weight(self, a: np.ndarray) -> np.ndarray:
+            self.taken.append(id(a))
+            return super().take_weight(a)
+
+    table, head, norm = np.ones((8, 4), np.float32), np.ones((8, 4), np.float32), np.ones(4, np.float32)
+    for lm_head, expected in ((head, {id(head), id(norm)}), (None, {id(table), id(norm)})):
+        backend = Recording()
+        taken = take_weights(WeightMap(table, [], norm, lm_head), backend)
+        assert set(backend.taken) == expected and taken.embeddings is table
