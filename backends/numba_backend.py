@@ -30,7 +30,7 @@ or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS; wit
 work holds our CPUs (`threads_for_share`). The backend calls no BLAS: OpenBLAS's worker threads spin for a while
 after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores made
 prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user directory
-(numba_kernels.cache_dir()): the first process compiles those it calls (all of them: 44 s on two cores), later
+(numba_kernels.cache_dir()): the first process compiles those it calls (all of them: 40 s on two cores), later
 ones load them in a fraction of a second.
 """
 
