@@ -252,12 +252,6 @@ def _row_dot(block_bytes: int, codes_at: int, kind: str):
     return row_dot
 
 
-q4_0_row_dot = _row_dot(18, 2, "q4_0")
-q4_1_row_dot = _row_dot(20, 4, "q4_1")
-q8_0_row_dot = _row_dot(34, 2, "q8_0")
-q5_0_row_dot = _row_dot(22, 6, "q5_0")
-q5_1_row_dot = _row_dot(24, 8, "q5_1")
-
 def _row_dequantize(block_bytes: int, codes_at: int, kind: str):
     """An intrinsic f(row, out): a weight row of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks dequantized into out (K,) float32,
     bit for bit ggml's: d * (q - 8) (Q4_0), d * q + m (Q4_1, Q5_1), d * q (Q5_0's signed q - 16, Q8_0). Every
@@ -301,11 +295,17 @@ def _row_dequantize(block_bytes: int, codes_at: int, kind: str):
     return dequantize
 
 
-q4_0_dequantize = _row_dequantize(18, 2, "q4_0")
-q4_1_dequantize = _row_dequantize(20, 4, "q4_1")
-q8_0_dequantize = _row_dequantize(34, 2, "q8_0")
-q5_0_dequantize = _row_dequantize(22, 6, "q5_0")
-q5_1_dequantize = _row_dequantize(24, 8, "q5_1")
+def _block_intrinsics(block_bytes: int, codes_at: int, kind: str):
+    """A 32-element block type's two intrinsics, row_dot and dequantize, from one layout (as `_kquant_row_dot`)."""
+    return _row_dot(block_bytes, codes_at, kind), _row_dequantize(block_bytes, codes_at, kind)
+
+
+# bytes a block, where its codes start (after the fp16 scale(s) and Q5's 32-bit high bits)
+q4_0_row_dot, q4_0_dequantize = _block_intrinsics(18, 2, "q4_0")
+q4_1_row_dot, q4_1_dequantize = _block_intrinsics(20, 4, "q4_1")
+q8_0_row_dot, q8_0_dequantize = _block_intrinsics(34, 2, "q8_0")
+q5_0_row_dot, q5_0_dequantize = _block_intrinsics(22, 6, "q5_0")
+q5_1_row_dot, q5_1_dequantize = _block_intrinsics(24, 8, "q5_1")
 
 
 

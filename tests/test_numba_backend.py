@@ -401,6 +401,18 @@ def _counting(monkeypatch, name: str) -> list[int]:
     return calls
 
 
+def _linears_calls(xp, monkeypatch, x: np.ndarray, group: list[Linear], kernel: str) -> int:
+    """Run xp.linears(x, group), check each result bit for bit against that layer's own `linear`, and return how
+    many times numba_kernels.<kernel> ran for the group."""
+    expected = [xp.linear(x, layer) for layer in group]
+    calls = _counting(monkeypatch, kernel)
+    got = xp.linears(x, group)
+    monkeypatch.undo()
+    for out, want in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(out, want)
+    return len(calls)
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 20])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 def test_float_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatch, dtype, M):
@@ -413,13 +425,7 @@ def test_float_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypat
                      if N == 6 else None) for N in (13, 6, 6)]
     x = rng.standard_normal((1, M, K)).astype(np.float32)
     for group in (layers, layers[1:]):
-        expected = [xp.linear(x, layer) for layer in group]
-        calls = _counting(monkeypatch, "float_matmuls")
-        got = xp.linears(x, group)
-        monkeypatch.undo()
-        assert len(calls) == 1
-        for out, want in zip(got, expected, strict=True):
-            np.testing.assert_array_equal(out, want)
+        assert _linears_calls(xp, monkeypatch, x, group, "float_matmuls") == 1
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 8])
@@ -434,23 +440,11 @@ def test_gguf_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatc
     x = rng.standard_normal((1, M, K)).astype(np.float32)
     for group in ([Linear(weights[0], rng.standard_normal(13).astype(np.float32)), Linear(weights[1]),
                    Linear(weights[2])], [Linear(w) for w in weights[3:]]):
-        expected = [xp.linear(x, layer) for layer in group]
-        calls = _counting(monkeypatch, "gguf_matvecs")
-        got = xp.linears(x, group)
-        monkeypatch.undo()
-        assert len(calls) == 1
-        for out, want in zip(got, expected, strict=True):
-            np.testing.assert_array_equal(out, want)
+        assert _linears_calls(xp, monkeypatch, x, group, "gguf_matvecs") == 1
     with_kquant = [Linear(random_weights.gguf_weight(rng, name, 5, 256)) for name in ("Q8_0", "Q4_K")]
     for group, tokens in ((with_kquant, M), ([Linear(w) for w in weights[:3]], 9)):
         x = rng.standard_normal((1, tokens, group[0].weight.shape[1])).astype(np.float32)
-        expected = [xp.linear(x, layer) for layer in group]
-        calls = _counting(monkeypatch, "gguf_matvecs")
-        got = xp.linears(x, group)
-        monkeypatch.undo()
-        assert not calls
-        for out, want in zip(got, expected, strict=True):
-            np.testing.assert_array_equal(out, want)
+        assert _linears_calls(xp, monkeypatch, x, group, "gguf_matvecs") == 0
 
 
 def test_linears_plan_follows_the_group_and_goes_with_its_first_weight(xp):
