@@ -44,7 +44,8 @@ def check_weights(weights: WeightMap, source: Any = None) -> None:
             where = f"{source}: " if source is not None else ""
             raise NumericalError(f"{where}weight {name} holds {count} NaN or infinite values: the model would "
                                  "compute NaN (load with verify=False to skip this check)")
-        release_pages(stored)
+        if stored is not None:
+            release_pages(stored)
 
 
 def is_finite(array: np.ndarray) -> bool:
@@ -99,17 +100,19 @@ def _count_nonfinite(array: np.ndarray) -> int:
                for i in range(0, flat.size, _CHUNK))
 
 
-def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, host float array, the stored array holding it) for every float tensor the model reads, scales inside
-    GGUF blocks included (held by the blocks)."""
+def _float_tensors(weights: WeightMap) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(name, host float array, the stored array to let go once it is checked) for every float tensor the model
+    reads, scales inside GGUF blocks included: the blocks come with their last float field only (Q4_1's d and m
+    read the same pages), so they are read once."""
     for path, node in _walk(weights, ""):
         if isinstance(node, GGUFBlockWeight):
             layout = ggml_quants.block_layout(node.ggml_type)
             if layout is not None:
                 blocks = np.ascontiguousarray(node.raw).reshape(-1).view(layout)
-                for field in layout.names:
-                    if layout[field].kind == "f":
-                        yield f"{_hf_name(path)} (block field {field})", blocks[field], node.raw
+                fields = [field for field in layout.names if layout[field].kind == "f"]
+                for field in fields:
+                    yield (f"{_hf_name(path)} (block field {field})", blocks[field],
+                           node.raw if field == fields[-1] else None)
         elif isinstance(node, np.ndarray) and (node.dtype.kind == "f" or is_ml_float(node.dtype)):
             yield _hf_name(path), node, node
 
