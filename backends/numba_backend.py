@@ -132,13 +132,15 @@ class _Codes:
 
 @dataclass(frozen=True)
 class _Group:
-    """A group of quantized Linears of one input as `linears` runs it: the kernel ("": one by one) and the
-    arrays it reads, plus the group's other weights, weakly, to tell the group from another with the same first
-    weight. Kept per first weight and dropped with it (no reference to it here)."""
+    """A group of quantized Linears of one input as `linears` runs it: the kernel for up to SMALL_BATCH tokens and
+    the one for more ("": one by one), the arrays they read, plus the group's other weights, weakly, to tell the
+    group from another with the same first weight. Kept per first weight and dropped with it (no reference to it
+    here)."""
 
     rest: tuple[weakref.ref, ...]
-    kernel: str  # "gguf_matvecs", "w8a8_decode" (NumbaBackend._w8a8_decode) or ""
-    arrays: Any  # gguf_matvecs' three (kind, raw) slots flattened, or each weight's _W8A8
+    decode: str  # "gguf_matvecs", "w8a8_decode" (NumbaBackend._w8a8_decode) or ""
+    prompt: str  # "gguf_matmuls" or ""
+    arrays: Any  # the GGUF kernels' three (kind, raw) slots flattened, or each weight's _W8A8
     rows: tuple[int, ...]  # N of each weight
 
 
@@ -278,8 +280,9 @@ class NumbaBackend(NumpyBackend):
     def linears(self, x: np.ndarray, layers: Sequence[Linear]) -> list[np.ndarray]:
         """Up to three Linears of one input in one kernel, so a decode step starts the threads once for q/k/v and
         once for gate/up and each thread streams an equal share of the rows of all of them: float weights of one
-        dtype (float32 or bfloat16) through `float_matmuls`; for up to SMALL_BATCH tokens, GGUF weights of the
-        32-element block types (each its own) through `gguf_matvecs`; on AVX-512 VNNI CPUs, W8A8 weights of one
+        dtype (float32 or bfloat16) through `float_matmuls`; GGUF weights (each its own block type) through
+        `gguf_matmuls` for more than SMALL_BATCH tokens and, when they are all of the 32-element block types,
+        `gguf_matvecs` for fewer; for up to SMALL_BATCH tokens on AVX-512 VNNI CPUs, W8A8 weights of one
         activation semantics through `_w8a8_decode`, which quantizes x once for all of them. Other groups run one
         by one. Which of these a group of quantized weights takes is decided on its first call (`_group`)."""
         if not 1 < len(layers) <= 3:
@@ -297,13 +300,14 @@ class NumbaBackend(NumpyBackend):
                                   *[kernels.NO_OUTPUT] * none)
         else:
             group = self._group(weights)
-            if group.kernel == "" or M > SMALL_BATCH:
+            kernel = group.decode if M <= SMALL_BATCH else group.prompt
+            if kernel == "":
                 return super().linears(x, layers)
-            if group.kernel == "gguf_matvecs":
-                outs = [np.empty((M, n), np.float32) for n in group.rows]
-                kernels.gguf_matvecs(*group.arrays, x2, *outs, *[kernels.NO_OUTPUT] * (3 - len(outs)))
-            else:
+            if kernel == "w8a8_decode":
                 outs = self._w8a8_decode(x2, group.arrays)  # x quantized once
+            else:
+                outs = [np.empty((M, n), np.float32) for n in group.rows]
+                getattr(kernels, kernel)(*group.arrays, x2, *outs, *[kernels.NO_OUTPUT] * (3 - len(outs)))
         return [_finish(out, x, layer.bias) for out, layer in zip(outs, layers, strict=True)]
 
     def _group(self, weights: list[Any]) -> _Group:
@@ -315,17 +319,19 @@ class NumbaBackend(NumpyBackend):
 
     def _plan(self, weights: list[Any]) -> _Group:
         rest = tuple(weakref.ref(w) for w in weights[1:])
-        if all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.BLOCKS_32 for w in weights):
+        if (all(isinstance(w, GGUFBlockWeight) and int(w.ggml_type) in kernels.GGUF_BLOCKS for w in weights)
+                and len({w.shape[1] for w in weights}) == 1):
             blocks = [self._blocks(w) for w in weights]
             slots = [(b.kind, b.raw) for b in blocks] + [(kernels.Q8_0, kernels.NO_ROWS[np.dtype(np.uint8)])] * (
                 3 - len(blocks))
-            return _Group(rest, "gguf_matvecs", tuple(a for slot in slots for a in slot),
+            decode = "gguf_matvecs" if all(b.kind in kernels.BLOCKS_32 for b in blocks) else ""  # K-quants: one by one
+            return _Group(rest, decode, "gguf_matmuls", tuple(a for slot in slots for a in slot),
                           tuple(b.raw.shape[0] for b in blocks))
         if (numba_gemm.VNNI and all(isinstance(w, Int8Weight) and w.activation is not None for w in weights)
                 and len({w.activation.semantics for w in weights}) == 1):
             prepared = [self._w8a8_prepared(w) for w in weights]
-            return _Group(rest, "w8a8_decode", prepared, tuple(p.q.shape[0] for p in prepared))
-        return _Group(rest, "", (), ())
+            return _Group(rest, "w8a8_decode", "", prepared, tuple(p.q.shape[0] for p in prepared))
+        return _Group(rest, "", "", (), ())
 
     def _linear_int8(self, x: np.ndarray, w: Int8Weight, bias: np.ndarray | None) -> np.ndarray:
         x2 = _rows(x)

@@ -476,7 +476,8 @@ def _attention_block(q, k, v, length, mask, out, b, h, blk):
         hi = max(hi, last + 1) if last >= 0 else length  # a padding query averages all of V uniformly
     queries = np.empty((n, D), np.float32)  # the block's query rows, contiguous for the microkernel
     for t in range(n):
-        queries[t] = q[b, t0 + t, h]
+        for d in range(D):  # element by element: a row assignment compiles a shape check whose message took 2 s
+            queries[t, d] = q[b, t0 + t, h, d]
     scores = np.empty((n, hi), np.float32)  # q . k, then in place the unnormalised softmax weights
     for s in range(0, hi, 4):
         _tokens_times_rows(queries, keys[s:s + 4], min(4, hi - s), scores, s)

@@ -1143,16 +1143,16 @@ panel_tile1, panel_tile2, panel_tile3, panel_tile4, panel_tile5, panel_tile6 = (
 
 
 @njit(cache=True)
-def _transpose_tokens(x):
-    """x (M, K) as xt (K, M rounded up to PANEL_TOKENS), zero-padded: the prompt microkernel's token vectors. A
-    separate serial function: a parallel kernel would run its array expressions as parallel regions of their own."""
-    M, K = x.shape
-    xt = np.zeros((K, -(-M // PANEL_TOKENS) * PANEL_TOKENS), np.float32)
-    for k0 in range(0, K, 16):  # a cache line of each token at a time: with k outer, rows 6 KiB apart (K = 1536)
-        for m in range(M):  # fall into two L1 sets and the transpose ran 4x slower
-            for k in range(k0, min(K, k0 + 16)):
-                xt[k, m] = x[m, k]
-    return xt
+def _transpose_span(x, xt, k0, k1):
+    """xt[k, :] = x[:, k] for k in [k0, k1), zero past the M tokens: part of the prompt microkernel's token vectors
+    xt (K, M rounded up to PANEL_TOKENS). Spans of 16 k: a cache line of each token at a time (with k outer, rows
+    6 KiB apart (K = 1536) fell into two L1 sets and the transpose ran 4x slower)."""
+    M = x.shape[0]
+    for k in range(k0, k1):
+        xt[k, M:] = 0.0
+    for m in range(M):
+        for k in range(k0, k1):
+            xt[k, m] = x[m, k]
 
 
 @njit(cache=True)
@@ -1180,26 +1180,51 @@ def _rows_times_tokens(rows, count, xt, acc):
                     panel_tile1(rows, r, k0, k1, xt, m, acc)
 
 
-@njit(cache=True, parallel=True)
 def gguf_matmul(kind, raw, x, out):
-    """out (M, N) = x (M, K) @ W.T from the blocks raw (N, bytes per row), for prompts: PANEL_SHARE weight rows at a
-    time are dequantized exactly (vector code), then multiplied with every token by the broadcast microkernel
-    (`_panel_tile`), tokens as vector lanes. Each output is a sum of ceil(K / PANEL_DEPTH) sequential fused sums
-    of PANEL_DEPTH products (at most 2.1 eps32 of sum |x w| measured, tests/test_numba_backend.py)."""
-    N = raw.shape[0]
+    """out (M, N) = x (M, K) @ W.T from the blocks raw (N, bytes per row), for prompts: `gguf_matmuls` with one
+    weight."""
+    no_rows = NO_ROWS[raw.dtype]
+    gguf_matmuls(kind, raw, kind, no_rows, kind, no_rows, x, out, NO_OUTPUT, NO_OUTPUT)
+
+
+@njit(cache=True)
+def _blocks_panel(kind, raw, n0, xt, rows, acc, out):
+    """out[:, n0:n0 + PANEL_SHARE] (fewer rows at the end of raw) = x @ W[n0:...].T: the rows dequantized exactly
+    into `rows` (vector code), multiplied with the transposed tokens xt by the broadcast microkernel into `acc`,
+    then written token-major."""
+    count = min(PANEL_SHARE, raw.shape[0] - n0)
+    for i in range(count):
+        dequantize_gguf_row(kind, raw[n0 + i], rows[i])
+    _rows_times_tokens(rows, count, xt, acc)
+    for m in range(out.shape[0]):  # token-major: each token's outputs are contiguous
+        for i in range(count):
+            out[m, n0 + i] = acc[i, m]
+
+
+@njit(cache=True, parallel=True)
+def gguf_matmuls(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
+    """out_i (M, N_i) = x (M, K) @ W_i.T from the blocks raw_i (N_i, bytes per row), any block types, for prompts:
+    up to three weights of one input (an unused one is NO_ROWS, with NO_OUTPUT) in one call. The tokens are
+    transposed once, in parallel spans of 16 k, padded to PANEL_TOKENS; then per parallel iteration, PANEL_SHARE
+    rows of one weight (`_blocks_panel`), the iterations of all weights together. Each output is a sum of
+    ceil(K / PANEL_DEPTH) sequential fused sums of PANEL_DEPTH products (at most 2.1 eps32 of sum |x w| measured,
+    tests/test_numba_backend.py)."""
     M, K = x.shape
-    xt = _transpose_tokens(x)
-    for c in prange((N + PANEL_SHARE - 1) // PANEL_SHARE):
+    xt = np.empty((K, -(-M // PANEL_TOKENS) * PANEL_TOKENS), np.float32)
+    for span in prange((K + 15) // 16):
+        _transpose_span(x, xt, 16 * span, min(K, 16 * span + 16))
+    C0 = (raw0.shape[0] + PANEL_SHARE - 1) // PANEL_SHARE
+    C1 = (raw1.shape[0] + PANEL_SHARE - 1) // PANEL_SHARE
+    C2 = (raw2.shape[0] + PANEL_SHARE - 1) // PANEL_SHARE
+    for c in prange(C0 + C1 + C2):
         rows = np.empty((PANEL_SHARE, K), np.float32)
         acc = np.empty((PANEL_SHARE, xt.shape[1]), np.float32)
-        n0 = c * PANEL_SHARE
-        count = min(PANEL_SHARE, N - n0)
-        for i in range(count):
-            dequantize_gguf_row(kind, raw[n0 + i], rows[i])
-        _rows_times_tokens(rows, count, xt, acc)
-        for m in range(M):  # token-major: each token's outputs are contiguous
-            for i in range(count):
-                out[m, n0 + i] = acc[i, m]
+        if c < C0:
+            _blocks_panel(kind0, raw0, c * PANEL_SHARE, xt, rows, acc, out0)
+        elif c < C0 + C1:
+            _blocks_panel(kind1, raw1, (c - C0) * PANEL_SHARE, xt, rows, acc, out1)
+        else:
+            _blocks_panel(kind2, raw2, (c - C0 - C1) * PANEL_SHARE, xt, rows, acc, out2)
 
 
 @njit(cache=True)

@@ -38,6 +38,7 @@ from conftest import GOLDEN, QUANT, SMOLLM2_ATOL, assert_smollm2_logits, decode_
 pytest.importorskip("numba")
 
 from refllama.backends import numba_gemm, numba_kernels
+from refllama.backends.numba_backend import SMALL_BATCH
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -428,23 +429,25 @@ def test_float_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypat
         assert _linears_calls(xp, monkeypatch, x, group, "float_matmuls") == 1
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 40])
 def test_gguf_linears_run_as_one_kernel_with_the_separate_results(xp, monkeypatch, M):
-    """Up to SMALL_BATCH tokens, Linears of one input in 32-element block types, each its own (Q4_K_M files mix
-    Q5_0 and Q8_0 in q/k/v), go through one gguf_matvecs call, with the results of separate `linear` calls bit for
-    bit; a group with a K-quant, or with more tokens, runs one Linear at a time. (~1 s)"""
+    """Linears of one input in GGUF blocks, each its own type (Q4_K_M files mix Q5_0 and Q8_0 in q/k/v, Q4_K
+    and Q6_K in gate/up), go through one kernel call with the results of separate `linear` calls bit for bit: up
+    to SMALL_BATCH tokens gguf_matvecs when every type has 32-element blocks (a group with a K-quant runs one
+    Linear at a time), more tokens gguf_matmuls (row counts across its 48-row shares). (~2 s)"""
     rng = np.random.default_rng(M)
     K = 96  # 3 blocks per row
     names = ["Q5_0", "Q8_0", "Q4_1", "Q4_0", "Q5_1"]
-    weights = [random_weights.gguf_weight(rng, name, N, K) for name, N in zip(names, (13, 6, 7, 5, 9), strict=True)]
+    weights = [random_weights.gguf_weight(rng, name, N, K) for name, N in zip(names, (53, 6, 49, 5, 9), strict=True)]
     x = rng.standard_normal((1, M, K)).astype(np.float32)
-    for group in ([Linear(weights[0], rng.standard_normal(13).astype(np.float32)), Linear(weights[1]),
+    kernel = "gguf_matvecs" if M <= SMALL_BATCH else "gguf_matmuls"
+    for group in ([Linear(weights[0], rng.standard_normal(53).astype(np.float32)), Linear(weights[1]),
                    Linear(weights[2])], [Linear(w) for w in weights[3:]]):
-        assert _linears_calls(xp, monkeypatch, x, group, "gguf_matvecs") == 1
-    with_kquant = [Linear(random_weights.gguf_weight(rng, name, 5, 256)) for name in ("Q8_0", "Q4_K")]
-    for group, tokens in ((with_kquant, M), ([Linear(w) for w in weights[:3]], 9)):
-        x = rng.standard_normal((1, tokens, group[0].weight.shape[1])).astype(np.float32)
-        assert _linears_calls(xp, monkeypatch, x, group, "gguf_matvecs") == 0
+        assert _linears_calls(xp, monkeypatch, x, group, kernel) == 1
+    with_kquant = [Linear(random_weights.gguf_weight(rng, name, N, 256)) for name, N in (("Q8_0", 5), ("Q4_K", 50))]
+    x = rng.standard_normal((1, M, 256)).astype(np.float32)
+    assert _linears_calls(xp, monkeypatch, x, with_kquant, "gguf_matvecs") == 0
+    assert _linears_calls(xp, monkeypatch, x, with_kquant, "gguf_matmuls") == (M > SMALL_BATCH)
 
 
 def test_linears_plan_follows_the_group_and_goes_with_its_first_weight(xp):
@@ -461,7 +464,7 @@ def test_linears_plan_follows_the_group_and_goes_with_its_first_weight(xp):
         layers = [Linear(w) for w in group]
         for got, layer in zip(xp.linears(x, layers), layers, strict=True):
             np.testing.assert_array_equal(got, xp.linear(x, layer))
-        assert xp._groups[first].kernel == ("gguf_matvecs" if group[1] is second else "")
+        assert xp._groups[first].decode == ("gguf_matvecs" if group[1] is second else "")
     assert len(xp._groups) == before + 1
     del first, group, layers
     gc.collect()
