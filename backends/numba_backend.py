@@ -76,7 +76,8 @@ def usable_cpus() -> int:
 SHARE_FLOOR = 0.85  # a forward pass whose threads got less of their CPUs than this ran on a busy machine
 PROBE_EVERY = 32  # forward passes on fewer threads between tries of all of them
 MAX_INTERVAL_S = 2.0  # a longer gap between forward passes (the caller idle) says nothing about the CPUs
-LOW_PASSES = 2  # consecutive low shares before fewer threads (the first pass after loading measured 0.64 once)
+LOW_PASSES = 2  # consecutive low shares before a trial of fewer threads
+FASTER = 0.95  # a trial's thread count is kept if its pass took less than this fraction of the pass before it
 
 
 def threads_for_share(current: int, share: float) -> int:
@@ -167,9 +168,12 @@ class NumbaBackend(NumpyBackend):
         self.threads = thread_count()
         self.adaptive = "REFLLAMA_NUM_THREADS" not in os.environ  # an explicit count is used as it is
         self._threads_now = self.threads
-        self._last: tuple[float, float, int] | None = None  # (wall, process CPU seconds, threads) at the last start
+        self._last: tuple[float, float, int] | None = None  # (wall, process CPU seconds, tokens) at the last start
+        self._fewer = self.threads  # the reduced thread count, while one is in use or on trial
+        self._trying = ""  # the last pass tried another thread count: "fewer" or "all"
+        self._compare_s = 0.0  # ... and the time of the pass before it, on the count it would replace
         self._reduced_for = 0  # forward passes run on fewer threads since the last try of all of them
-        self._low = 0  # consecutive passes on all threads with a low share
+        self._low = 0  # consecutive passes on all threads with a low share (negative: a back-off)
         # Per quantized weight, its arrays in the kernels' layout, made on first use and dropped with the weight.
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._groups: weakref.WeakKeyDictionary[Any, _Group] = weakref.WeakKeyDictionary()  # `linears`' plans
@@ -177,28 +181,44 @@ class NumbaBackend(NumpyBackend):
         use_huge_pages = os.environ.get("REFLLAMA_HUGE_PAGES", "1") != "0" and hugepages.available()
         self._arena = hugepages.Arena() if use_huge_pages else None
 
-    def forward_threads(self) -> int:
-        """The threads of the forward pass starting now: REFLLAMA_NUM_THREADS if set; otherwise all of
-        `self.threads` unless the last pass showed other work holding our CPUs (`threads_for_share`). On fewer
-        threads, every PROBE_EVERY passes one runs on all of them again, and its share decides whether they stay.
+    def forward_threads(self, tokens: int = 1) -> int:
+        """The threads of the forward pass of `tokens` tokens starting now: REFLLAMA_NUM_THREADS if set; otherwise
+        all of `self.threads` unless fewer were measured faster.
+
+        A low CPU share on LOW_PASSES passes in a row (`threads_for_share`: other work holding our CPUs) starts a
+        trial: one pass on fewer threads, kept only if it ran in under FASTER of the time of the pass before it (with
+        as many tokens). The share alone misjudged a virtual machine whose host took time from both vCPUs: it fell
+        below the floor while both threads still decoded 1.3-1.5x faster than one (SmolLM2 Q4_1, 2 vCPUs). A trial
+        that loses is not repeated for PROBE_EVERY passes. On fewer threads, every PROBE_EVERY passes one runs on
+        all of them again, and they stay if it ran faster than the pass before it. The time of a pass is the wall
+        time between the starts of two passes of as many tokens (longer gaps than MAX_INTERVAL_S say nothing).
         Which threads run changes no result: every kernel splits its work by output rows."""
         if not self.adaptive or self.threads == 1:
             return self.threads
         wall, cpu = time.perf_counter(), time.process_time()
-        if self._last is not None:
-            last_wall, last_cpu, used = self._last
-            elapsed = wall - last_wall
-            if 0 < elapsed < MAX_INTERVAL_S and used == self.threads:  # a pass on all threads: judge it
-                wanted = threads_for_share(used, (cpu - last_cpu) / (elapsed * used))
-                self._low = self._low + 1 if wanted < used else 0
-                if self._low >= LOW_PASSES:  # busy: fewer threads; after a probe one more low share suffices
-                    self._threads_now, self._low = wanted, LOW_PASSES - 1
-                self._reduced_for = 0
-            elif used < self.threads:
-                self._reduced_for += 1
-                if self._reduced_for >= PROBE_EVERY:
-                    self._threads_now = self.threads  # try all of them for one pass
-        self._last = (wall, cpu, self._threads_now)
+        last, self._last = self._last, (wall, cpu, tokens)
+        elapsed = wall - last[0] if last is not None else 0.0
+        if last is None or last[2] != tokens or not 0 < elapsed < MAX_INTERVAL_S:  # nothing to judge by
+            if self._trying:  # a pass on trial: back to what ran before it
+                self._threads_now = self.threads if self._trying == "fewer" else self._fewer
+            self._trying = ""
+        elif self._trying:  # the last pass tried another thread count: kept if it was faster
+            if elapsed >= FASTER * self._compare_s:
+                self._threads_now = self.threads if self._trying == "fewer" else self._fewer
+                if self._trying == "fewer":
+                    self._low = -PROBE_EVERY
+            self._trying, self._reduced_for = "", 0
+        elif self._threads_now == self.threads:
+            wanted = threads_for_share(self.threads, (cpu - last[1]) / (elapsed * self.threads))
+            self._low = self._low + 1 if self._low < 0 or wanted < self.threads else 0
+            if self._low >= LOW_PASSES:
+                self._fewer = self._threads_now = wanted
+                self._trying, self._compare_s, self._low = "fewer", elapsed, 0
+        else:
+            self._reduced_for += 1
+            if self._reduced_for >= PROBE_EVERY:
+                self._threads_now = self.threads
+                self._trying, self._compare_s = "all", elapsed
         return self._threads_now
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
@@ -226,7 +246,7 @@ class NumbaBackend(NumpyBackend):
 
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
         # Every forward pass starts here: Numba's thread count is per calling thread, so set it for this one.
-        kernels.numba.set_num_threads(self.forward_threads())
+        kernels.numba.set_num_threads(self.forward_threads(int(np.size(ids))))
         if isinstance(table, GGUFBlockWeight):  # dequantize just the rows asked for (exact)
             blocks = self._blocks(table)
             rows = np.ascontiguousarray(ids, dtype=np.intp).reshape(-1)

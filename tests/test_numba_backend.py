@@ -500,8 +500,12 @@ def test_thread_count_from_the_environment(monkeypatch):
 
 
 def test_fewer_threads_while_other_work_holds_our_cpus(monkeypatch):
+    """A low CPU share starts a trial of fewer threads, kept only while measured faster: a busy core (fewer
+    threads win: kept, probes of all threads lose, until the machine is quiet again) and a host taking time from
+    every vCPU (the share is low but all threads still win: the trial loses, and the next waits PROBE_EVERY
+    passes). Passes of another token count judge nothing. (~0.1 s)"""
     from refllama.backends import numba_backend
-    from refllama.backends.numba_backend import PROBE_EVERY, threads_for_share
+    from refllama.backends.numba_backend import LOW_PASSES, PROBE_EVERY, threads_for_share
 
     assert threads_for_share(2, 0.99) == 2  # a quiet machine: every thread ran all the time
     assert threads_for_share(2, 0.64) == 1  # one core busy elsewhere (measured: 0.64)
@@ -509,7 +513,8 @@ def test_fewer_threads_while_other_work_holds_our_cpus(monkeypatch):
     assert threads_for_share(16, 0.9) == 16
     assert threads_for_share(2, 0.0) == 1
 
-    # The backend's state machine on a fake clock: process CPU time grows by `share` x wall x threads in use.
+    # The backend on a fake clock: a pass on n threads takes seconds[n == full] of wall time, and process CPU time
+    # grows by wall x threads, times `share` on all threads.
     clock = {"wall": 0.0, "cpu": 0.0}
     monkeypatch.setattr(numba_backend.time, "perf_counter", lambda: clock["wall"])
     monkeypatch.setattr(numba_backend.time, "process_time", lambda: clock["cpu"])
@@ -518,21 +523,36 @@ def test_fewer_threads_while_other_work_holds_our_cpus(monkeypatch):
     if backend.threads < 2:
         pytest.skip("one usable CPU: nothing to adapt")
     full = backend.threads
+    fewer = max(1, int(0.6 * full))
 
-    def step(share_of_all: float) -> int:
-        used = backend.forward_threads()
-        clock["wall"] += 0.01
-        clock["cpu"] += 0.01 * used * (share_of_all if used == full else 1.0)
+    def steps(n: int, share: float, full_s: float, fewer_s: float, tokens: int = 1) -> list[int]:
+        used = []
+        for _ in range(n):
+            threads = backend.forward_threads(tokens)
+            seconds = full_s if threads == full else fewer_s
+            clock["wall"] += seconds
+            clock["cpu"] += seconds * threads * (share if threads == full else 1.0)
+            used.append(threads)
         return used
 
-    assert [step(1.0) for _ in range(3)] == [full] * 3  # quiet
-    assert [step(0.6) for _ in range(3)] == [full, full, max(1, int(0.6 * full))]  # busy: two low passes
-    reduced = [step(0.6) for _ in range(PROBE_EVERY)]
-    assert reduced[:-1] == [max(1, int(0.6 * full))] * (PROBE_EVERY - 1) and reduced[-1] == full  # a probe
-    assert step(1.0) < full  # the probe (share 0.6) said busy still
-    for _ in range(PROBE_EVERY):
-        step(1.0)
-    assert step(1.0) == full and step(1.0) == full  # quiet again: the probe's share keeps all threads
+    assert steps(3, 1.0, 0.01, 0.02) == [full] * 3  # quiet
+    # Busy: two low passes, then a trial of fewer threads, which runs faster and stays.
+    assert steps(LOW_PASSES + 2, 0.6, 0.02, 0.01) == [full] * LOW_PASSES + [fewer] * 2
+    used = steps(PROBE_EVERY + 2, 0.6, 0.02, 0.01)
+    assert used[PROBE_EVERY - 1] == full and used.count(full) == 1  # a probe of all threads loses
+    # Quiet again: the next probe wins and all threads stay.
+    used = steps(PROBE_EVERY + 4, 1.0, 0.005, 0.01)
+    first = used.index(full)
+    assert used[first:] == [full] * (len(used) - first)
+    # A host taking time from every vCPU: a low share, but all threads are faster. The trial loses, and the next
+    # trial waits PROBE_EVERY passes.
+    used = steps(LOW_PASSES + PROBE_EVERY + LOW_PASSES + 3, 0.7, 0.01, 0.014)
+    assert used.count(fewer) == 2 and used[LOW_PASSES] == fewer
+    assert used.index(fewer, LOW_PASSES + 1) == 2 * LOW_PASSES + 1 + PROBE_EVERY
+    # A pass of another token count (a new prompt) judges nothing: a trial pending goes back.
+    steps(PROBE_EVERY, 1.0, 0.01, 0.02)
+    assert steps(LOW_PASSES + 1, 0.6, 0.02, 0.01) == [full] * LOW_PASSES + [fewer]
+    assert steps(1, 1.0, 0.2, 0.2, tokens=40) == [full]
     monkeypatch.setenv("REFLLAMA_NUM_THREADS", "2")
     cap = numba_kernels.numba.config.NUMBA_NUM_THREADS
     assert get_backend("numba").forward_threads() == min(2, cap)  # an explicit count is kept whatever happens
