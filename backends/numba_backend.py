@@ -30,8 +30,9 @@ or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS; wit
 work holds our CPUs (`threads_for_share`). The backend calls no BLAS: OpenBLAS's worker threads spin for a while
 after each call, and so do OpenMP's (Numba's threading layer), so interleaving the two pools on two cores made
 prefill 10x slower; one pool of Numba threads does everything. Compiled kernels are cached in a user directory
-(numba_kernels.cache_dir()): the first process compiles those it calls (all of them: 40 s on two cores), later
-ones load them in a fraction of a second.
+(numba_kernels.cache_dir()): the first process compiles those it calls (all of them: 40 s on two cores), with
+the attention kernels compiled meanwhile by a second process (backends/numba_helper.py); later ones load them in a
+fraction of a second.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from refllama.backends import hugepages, numba_gemm
+from refllama.backends import hugepages, numba_gemm, numba_helper
 from refllama.backends import numba_kernels as kernels  # first: it sets NUMBA_CACHE_DIR, then imports numba
 from refllama.backends.numpy_backend import NumpyBackend
 from refllama.config import ActivationType
@@ -180,6 +181,7 @@ class NumbaBackend(NumpyBackend):
         # Where `take_weight` puts the matrices a decode step streams; REFLLAMA_HUGE_PAGES=0 leaves them mapped.
         use_huge_pages = os.environ.get("REFLLAMA_HUGE_PAGES", "1") != "0" and hugepages.available()
         self._arena = hugepages.Arena() if use_huge_pages else None
+        self._helper = numba_helper.start()  # on a cold cache: the attention kernels compile in a second process
 
     def forward_threads(self, tokens: int = 1) -> int:
         """The threads of the forward pass of `tokens` tokens starting now: REFLLAMA_NUM_THREADS if set; otherwise
@@ -275,6 +277,8 @@ class NumbaBackend(NumpyBackend):
         queries = np.ascontiguousarray(q.transpose(0, 2, 1, 3))  # (B, T, H, D): no copy for apply_rope's output
         out = np.empty((B, T, H, D), np.float32)
         attention = numba_gemm.prompt_attention if T >= numba_gemm.QUERIES else kernels.attention
+        if self._helper is not None and self._helper.wait(attention.py_func.__name__):
+            self._helper = None  # every kernel it compiles is cached
         attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
         return out.transpose(0, 2, 1, 3)  # (B, H, T, D) view, as apply_rope
 

@@ -510,11 +510,17 @@ def _attention_block(q, k, v, length, mask, out, b, h, blk):
             out[b, t0 + t, h, d] = result[t, d] / total
 
 
+def warm_prompt_attention() -> None:
+    """Compile (or load) `prompt_attention` for the argument types the backend passes (numba_helper calls this
+    alone)."""
+    q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
+    prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) this module's kernels for the argument types the backend passes (the VNNI
     ones only where the CPU has VNNI: the backend calls them nowhere else)."""
-    q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
-    prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
+    warm_prompt_attention()
     x = np.ones((QUERIES, 8), np.float32)
     silu_mul(x, x, np.empty_like(x))
     if not VNNI:
@@ -531,4 +537,4 @@ def warm_up() -> None:
 
 __all__ = ["CHUNK", "DECODE_ROWS", "DECODE_TOKENS", "LANES", "QUERIES", "ROWS", "TOKENS", "VNNI", "decode_width",
            "int8_vnni_gemm", "int8_vnni_matvec", "padded_tokens", "prompt_attention", "quantize_pack", "quantize_u8",
-           "silu_mul", "warm_up"]
+           "silu_mul", "warm_prompt_attention", "warm_up"]

@@ -1327,11 +1327,18 @@ def gguf_matvecs(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
         _blocks_span(kind2, raw2, x, sums, out2, start - N0 - N1, stop - N0 - N1)
 
 
+def warm_attention() -> None:
+    """Compile (or load) `attention` for the argument types the backend passes (numba_helper calls this alone)."""
+    q, kv = np.ones((1, 5, 2, 64), np.float32), np.ones((1, 1, 8, 64), np.float32)
+    attention(q, kv, kv, 5, np.ones((1, 5, 5), np.bool_), np.empty_like(q))
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel the backend calls on this CPU, for the argument types it passes:
     decode (one token, whose transposed views NumPy still calls contiguous) and prefill (several tokens); weights
     read-only."""
     f32, i32, ro = np.float32, np.int32, readonly
+    warm_attention()
     for T in (1, 5):
         x = np.ones((T, 256), f32)
         rms_norm(x, ro(np.ones(256, f32)), f32(1e-5), np.empty_like(x))
@@ -1341,7 +1348,6 @@ def warm_up() -> None:
         table = np.ones((1, 1, T, 64), f32)
         rope(q, table, table, np.empty_like(q))
         kv = np.ones((1, 1, 8, 64), f32)
-        attention(q, kv, kv, T, np.ones((1, T, T), np.bool_), np.empty((1, T, 2, 64), f32))
         same_start(kv[:, :, :5], kv)  # a strided view of a cache buffer, as the backend asks
         codes, scales = np.empty((T, 256), np.int8), np.empty(T, f32)
         quantize_tokens(x, False, codes, scales)
@@ -1363,5 +1369,6 @@ def warm_up() -> None:
 
 
 __all__ = ["GGUF_BLOCKS", "VNNI", "attention", "cache_dir", "codes_matmul", "dequantize_gguf", "float_matmul",
-           "float_matmuls", "gguf_matmul", "gguf_matvec", "gguf_matvecs", "int8_matmul", "int8_matmul_float",
-           "quantize_tokens", "readonly", "rms_norm", "rope", "same_start", "silu_mul", "warm_up"]
+           "float_matmuls", "gguf_matmul", "gguf_matmuls", "gguf_matvec", "gguf_matvecs", "int8_matmul",
+           "int8_matmul_float", "quantize_tokens", "readonly", "rms_norm", "rope", "same_start", "silu_mul",
+           "warm_attention", "warm_up"]

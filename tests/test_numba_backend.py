@@ -581,6 +581,47 @@ def test_compiling_shows_a_status_and_the_cached_run_does_not(tmp_path):
     assert runs[1].stdout.split() == ["0"] and "compiling" not in runs[1].stderr
 
 
+def test_a_helper_process_compiles_the_attention_kernels_into_the_cache(tmp_path):
+    """numba_helper in its own process compiles a kernel into an empty cache and says so; a second process finds
+    it cached (and not the one the helper was not asked for), and its warm-up call for the backend's argument
+    types loads it without compiling. (~5 s: the decode attention kernel compiled.)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "REFLLAMA_QUIET")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    helper = subprocess.run([sys.executable, "-m", "refllama.backends.numba_helper", "attention"],
+                            capture_output=True, text=True, env=env, check=True)
+    assert helper.stdout.splitlines() == ["start attention", "done attention"]
+    script = ("from refllama.backends import numba_gemm, numba_helper, numba_kernels, numba_progress\n"
+              "cached = numba_helper._cached\n"
+              "print(cached(numba_kernels.attention), cached(numba_gemm.prompt_attention))\n"
+              "numba_kernels.warm_attention()\n"
+              "print(numba_progress.compiled_count())\n")
+    later = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert later.stdout.split() == ["True", "False", "0"]
+
+
+def test_the_helper_starts_for_missing_kernels_only_and_its_end_releases_every_wait(monkeypatch):
+    """No helper when every kernel is cached or REFLLAMA_COMPILE_HELPER=0; one helper a process. A helper that
+    ends without compiling a kernel (here: one it does not know) releases the wait for it, so the backend
+    compiles it itself. (~2 s: a Python process that imports Numba)"""
+    from refllama.backends import numba_helper
+
+    monkeypatch.setattr(numba_helper, "_STARTED", [])
+    monkeypatch.setenv("REFLLAMA_COMPILE_HELPER", "0")
+    monkeypatch.setattr(numba_helper, "_cached", lambda dispatcher: False)
+    assert numba_helper.start() is None
+    monkeypatch.delenv("REFLLAMA_COMPILE_HELPER")
+    monkeypatch.setattr(numba_helper, "_cached", lambda dispatcher: True)
+    assert numba_helper.start() is None
+    helper = numba_helper.Helper(["no_such_kernel"])
+    try:
+        helper.process.wait(60)
+        helper._reader.join(10)
+        assert helper.wait("no_such_kernel") is True
+        assert helper.process.returncode != 0
+    finally:
+        helper.stop()
+
+
 def test_compile_reports_go_to_a_front_ends_reporter():
     from numba.core import event
 
