@@ -11,11 +11,11 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
     weight ever exists;
   - GGUF blocks (GGUFBlockWeight: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, kept as stored):
     decode reads every block type by a fused matvec without dequantizing; prompts dequantize 48 rows at a time
-    and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmul).
+    and multiply them with every token by a broadcast microkernel (numba_kernels.gguf_matmuls).
 * Linears of one input (q/k/v, gate/up: `linears`) run as one kernel where their weights allow: float32 or
-  bfloat16 (`float_matmuls`), up to 8 tokens of 32-element GGUF blocks (`gguf_matvecs`), and W8A8 decode steps
-  (the input quantized once): a decode step starts the threads about 5 times a layer instead of 9,
-  and each thread streams an equal share of the group's rows.
+  bfloat16 (`float_matmuls`), GGUF blocks (`gguf_matmuls` for prompts; `gguf_matvecs` for up to 8 tokens of the
+  32-element block types), and W8A8 decode steps (the input quantized once): a decode step starts the threads
+  about 5 times a layer instead of 9, and each thread streams an equal share of the group's rows.
 * RMSNorm, RoPE, attention over the KV cache (GQA without repeating K/V) and SiLU-mul: Numba kernels, the
   cheap ones on one thread; for 32 or more positions attention, and for 2 or more tokens SiLU-mul, are
   backends/numba_gemm.py's kernels. Other gated activations

@@ -25,8 +25,10 @@ in memory order, as stored (any K: no padded copy).
 Without VNNI (`VNNI` False) the backend keeps numba_kernels.int8_matmul (decode) and int8_matmul_float (prompts).
 
 Attention. numba_kernels.attention (decode) dots one query with one key at a time. For a prompt, a block of
-QUERIES positions of one head goes through numba_kernels' 4x4 microkernel twice: scores = Q K^T over the keys up
-to the block's last allowed one, then (unnormalised softmax weights) V, divided by the row sums as there.
+QUERIES positions of one head: scores = Q K^T over the keys up to the block's last allowed one through
+numba_kernels' 4x4 microkernel, then (unnormalised softmax weights) V through the GGUF prompts' broadcast
+microkernel (V's rows as they are; head sizes not a multiple of 32: V transposed, the 4x4 kernel), divided by
+the row sums as there.
 
 exp. NumPy's exp in a Numba loop is a call to libm's scalar expf (no SVML here), which kept the softmax and SiLU
 scalar; `exp32` (numba_kernels', which the decode attention uses too) is plain float32 arithmetic that LLVM
@@ -39,8 +41,10 @@ from __future__ import annotations
 
 from refllama.backends.numba_kernels import (  # first: it sets NUMBA_CACHE_DIR, then imports numba
     LOWEST,
+    PANEL_TOKENS,
     REASSOC,
     VNNI,
+    _rows_times_tokens,
     _tokens_times_rows,
     _w8a8_epilogue,
     code_hf,
@@ -495,13 +499,16 @@ def _attention_block(q, k, v, length, mask, out, b, h, blk):
                 row[s] = np.float32(1.0)
             else:  # masked keys: q . k is finite, so exp32(...) * 0 = 0; branch-free, the loop vectorises
                 row[s] = exp32(row[s] - highest) * np.float32(allowed[s])
-    values_t = np.empty((D, hi), np.float32)  # V transposed: its columns are the microkernel's "weight rows"
-    for s in range(hi):
-        for d in range(D):
-            values_t[d, s] = values[s, d]
     result = np.empty((n, D), np.float32)  # sum_s w_s v_s, divided by sum_s w_s below (numba_kernels.attention)
-    for d in range(0, D, 4):
-        _tokens_times_rows(scores, values_t[d:d + 4], min(4, D - d), result, d)
+    if D % PANEL_TOKENS == 0:  # the weights times V's rows as they are, by the GGUF prompts' broadcast microkernel
+        _rows_times_tokens(scores, n, values[:hi], result)
+    else:  # V transposed: its columns are the 4x4 microkernel's "weight rows"
+        values_t = np.empty((D, hi), np.float32)
+        for s in range(hi):
+            for d in range(D):
+                values_t[d, s] = values[s, d]
+        for d in range(0, D, 4):
+            _tokens_times_rows(scores, values_t[d:d + 4], min(4, D - d), result, d)
     for t in range(n):
         total = np.float32(0.0)
         for s in range(hi):
