@@ -279,7 +279,9 @@ class NumbaBackend(NumpyBackend):
         attention = numba_gemm.prompt_attention if T >= numba_gemm.QUERIES else kernels.attention
         if self._helper is not None and self._helper.wait(attention.py_func.__name__):
             self._helper = None  # every kernel it compiles is cached
-        attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], np.ascontiguousarray(mask), out)
+        # the mask read-only: a broadcast one is, a padded batch's is not, and each would compile its own kernel
+        attention(queries, _cache_buffer(k), _cache_buffer(v), k.shape[2], kernels.readonly(np.ascontiguousarray(mask)),
+                  out)
         return out.transpose(0, 2, 1, 3)  # (B, H, T, D) view, as apply_rope
 
     def gated_activation(self, gate: np.ndarray, up: np.ndarray, act: ActivationType) -> np.ndarray:

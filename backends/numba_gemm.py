@@ -521,7 +521,8 @@ def warm_prompt_attention() -> None:
     """Compile (or load) `prompt_attention` for the argument types the backend passes (numba_helper calls this
     alone)."""
     q, kv = np.ones((1, QUERIES + 1, 2, 64), np.float32), np.ones((1, 1, QUERIES + 1, 64), np.float32)
-    prompt_attention(q, kv, kv, QUERIES + 1, np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_), np.empty_like(q))
+    mask = readonly(np.ones((1, QUERIES + 1, QUERIES + 1), np.bool_))
+    prompt_attention(q, kv, kv, QUERIES + 1, mask, np.empty_like(q))
 
 
 def warm_up() -> None:

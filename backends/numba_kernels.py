@@ -1330,7 +1330,7 @@ def gguf_matvecs(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
 def warm_attention() -> None:
     """Compile (or load) `attention` for the argument types the backend passes (numba_helper calls this alone)."""
     q, kv = np.ones((1, 5, 2, 64), np.float32), np.ones((1, 1, 8, 64), np.float32)
-    attention(q, kv, kv, 5, np.ones((1, 5, 5), np.bool_), np.empty_like(q))
+    attention(q, kv, kv, 5, readonly(np.ones((1, 5, 5), np.bool_)), np.empty_like(q))
 
 
 def warm_up() -> None:
@@ -1347,7 +1347,7 @@ def warm_up() -> None:
         q = np.ones((1, T, 2, 64), f32)
         table = np.ones((1, 1, T, 64), f32)
         rope(q, table, table, np.empty_like(q))
-        kv = np.ones((1, 1, 8, 64), f32)
+        kv = np.ones((1, 2, 8, 64), f32)
         same_start(kv[:, :, :5], kv)  # a strided view of a cache buffer, as the backend asks
         codes, scales = np.empty((T, 256), np.int8), np.empty(T, f32)
         quantize_tokens(x, False, codes, scales)

@@ -252,7 +252,7 @@ def _first_run_note(engine, doing: str = "generating") -> str:
 
         folder = Path(cache_dir())
         if not folder.is_dir() or not any(folder.rglob("*.nbi")):
-            return f"{doing} (numba compiles its kernels on this first run, about 20 s; later runs reuse them)"
+            return f"{doing} (numba compiles its kernels on this first run, about 10 s; later runs reuse them)"
     return doing
 
 
