@@ -181,7 +181,7 @@ class NumbaBackend(NumpyBackend):
         # Where `take_weight` puts the matrices a decode step streams; REFLLAMA_HUGE_PAGES=0 leaves them mapped.
         use_huge_pages = os.environ.get("REFLLAMA_HUGE_PAGES", "1") != "0" and hugepages.available()
         self._arena = hugepages.Arena() if use_huge_pages else None
-        self._helper = numba_helper.start()  # on a cold cache: the attention kernels compile in a second process
+        self._helper = numba_helper.start(usable_cpus())  # cold cache: attention kernels compile in a second process
 
     def forward_threads(self, tokens: int = 1) -> int:
         """The threads of the forward pass of `tokens` tokens starting now: REFLLAMA_NUM_THREADS if set; otherwise

@@ -42,13 +42,6 @@ def _cached(dispatcher: object) -> bool:
         return True
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks (macOS)
-        return os.cpu_count() or 1
-
-
 class Helper:
     """The helper process and what it has said: the kernel it is compiling now, and those it has cached."""
 
@@ -94,12 +87,13 @@ class Helper:
 _STARTED: list[Helper] = []  # this process's helper: one at most
 
 
-def start() -> Helper | None:
+def start(cpus: int) -> Helper | None:
     """The helper for the kernels the cache lacks, started by the first call in this process; None when they are
-    all cached, on one usable CPU (the two would take turns), or with REFLLAMA_COMPILE_HELPER=0."""
+    all cached, on fewer than two usable CPUs (`cpus`: the two processes would take turns), or with
+    REFLLAMA_COMPILE_HELPER=0."""
     if _STARTED:
         return _STARTED[0]
-    if os.environ.get("REFLLAMA_COMPILE_HELPER", "1") == "0" or _usable_cpus() < 2:
+    if os.environ.get("REFLLAMA_COMPILE_HELPER", "1") == "0" or cpus < 2:
         return None
     missing = [name for name, (dispatcher, _) in _kernels().items() if not _cached(dispatcher)]
     if not missing:

@@ -600,7 +600,7 @@ def test_a_helper_process_compiles_the_attention_kernels_into_the_cache(tmp_path
 
 
 def test_the_helper_starts_for_missing_kernels_only_and_its_end_releases_every_wait(monkeypatch):
-    """No helper when every kernel is cached or REFLLAMA_COMPILE_HELPER=0; one helper a process. A helper that
+    """No helper when every kernel is cached, on one usable CPU, or with REFLLAMA_COMPILE_HELPER=0. A helper that
     ends without compiling a kernel (here: one it does not know) releases the wait for it, so the backend
     compiles it itself. (~2 s: a Python process that imports Numba)"""
     from refllama.backends import numba_helper
@@ -608,10 +608,12 @@ def test_the_helper_starts_for_missing_kernels_only_and_its_end_releases_every_w
     monkeypatch.setattr(numba_helper, "_STARTED", [])
     monkeypatch.setenv("REFLLAMA_COMPILE_HELPER", "0")
     monkeypatch.setattr(numba_helper, "_cached", lambda dispatcher: False)
-    assert numba_helper.start() is None
+    assert numba_helper.start(2) is None
     monkeypatch.delenv("REFLLAMA_COMPILE_HELPER")
     monkeypatch.setattr(numba_helper, "_cached", lambda dispatcher: True)
-    assert numba_helper.start() is None
+    assert numba_helper.start(2) is None
+    monkeypatch.setattr(numba_helper, "_cached", lambda dispatcher: False)
+    assert numba_helper.start(1) is None  # one usable CPU: the two processes would take turns
     helper = numba_helper.Helper(["no_such_kernel"])
     try:
         helper.process.wait(60)
