@@ -7,6 +7,7 @@ engine hands them to the backend.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -100,14 +101,16 @@ def take_weights(weights: WeightMap, backend: Backend,
     """The backend's copy of every tensor; a converted tensor's mapped pages are let go at once, so a load peaks
     near the converted size. `progress(done, total)` is called tensor by tensor."""
     total, done = len(weights.tensors()), 0
-    copied: list[np.ndarray] = []
+    files: dict[int, mmap.mmap] = {}  # the mapped files tensors were copied from, by id
 
     def take(stored: np.ndarray, streamed: bool = True):
         nonlocal done
         array = backend.take_weight(stored) if streamed else backend.asarray(stored)
         if array is not stored:
             release_pages(stored)
-            copied.append(stored)
+            base = mapped_base(stored)
+            if base is not None:
+                files[id(base)] = base
         done += 1
         if progress is not None:
             progress(done, total)
@@ -119,9 +122,19 @@ def take_weights(weights: WeightMap, backend: Backend,
     taken = replace(replace(weights, embeddings=None).map(take), embeddings=embeddings)
     # Reading a tensor maps whole page-cache folios around it, pages of tensors already let go among them: once all
     # are taken, let go of every file a tensor was copied from (what still reads it faults its pages back in).
-    for base in {id(b): b for b in map(mapped_base, copied) if b is not None}.values():
+    for base in files.values():
         release_pages(np.frombuffer(base, np.uint8))
     return taken
+
+
+def share_copies(source: WeightMap, taken: WeightMap) -> WeightMap:
+    """`source` with each array the load made in memory (not a view of a file: q/k rows put back in HF order,
+    say) replaced by the backend's copy of it when that copy holds the same dtype and shape, so memory holds those
+    bytes once, not twice. `taken` is `take_weights(source, ...)`: the same structure, visited in the same order."""
+    copies = {id(stored): array for stored, array in zip(source.tensors(), taken.tensors(), strict=True)
+              if array is not stored and mapped_base(stored) is None and isinstance(stored, np.ndarray)
+              and isinstance(array, np.ndarray) and array.dtype == stored.dtype and array.shape == stored.shape}
+    return source.map(lambda stored: copies.get(id(stored), stored)) if copies else source
 
 
 def stored_block_types(backend: Backend) -> frozenset[GGMLType]:
