@@ -1144,6 +1144,17 @@ panel_tile1, panel_tile2, panel_tile3, panel_tile4, panel_tile5, panel_tile6 = (
 
 
 @njit(cache=True)
+def aligned_empty(rows, cols):
+    """An uninitialised (rows, cols) float32 array, C-contiguous, starting on a 64-byte boundary, so that with cols a
+    multiple of 16 no 16-lane vector load of a row straddles two cache lines. Numba's np.empty aligns to 32 bytes
+    (0 or 32 modulo 64, by process): the prompt microkernel (48 rows, K = 1536, 128 tokens, one thread) ran at 113
+    GFLOP/s on aligned tokens, 111 at 32 bytes off and 110 at 16 (2-vCPU AMD EPYC)."""
+    flat = np.empty(rows * cols + 16, np.float32)
+    start = (-(flat.ctypes.data // 4)) % 16
+    return flat[start:start + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
 def _transpose_span(x, xt, k0, k1):
     """xt[k, :] = x[:, k] for k in [k0, k1), zero past the M tokens: part of the prompt microkernel's token vectors
     xt (K, M rounded up to PANEL_TOKENS). Spans of 16 k: a cache line of each token at a time (with k outer, rows
@@ -1211,7 +1222,7 @@ def gguf_matmuls(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
     ceil(K / PANEL_DEPTH) sequential fused sums of PANEL_DEPTH products (at most 2.1 eps32 of sum |x w| measured,
     tests/test_numba_backend.py)."""
     M, K = x.shape
-    xt = np.empty((K, -(-M // PANEL_TOKENS) * PANEL_TOKENS), np.float32)
+    xt = aligned_empty(K, -(-M // PANEL_TOKENS) * PANEL_TOKENS)
     for span in prange((K + 15) // 16):
         _transpose_span(x, xt, 16 * span, min(K, 16 * span + 16))
     C0 = (raw0.shape[0] + PANEL_SHARE - 1) // PANEL_SHARE
@@ -1219,7 +1230,7 @@ def gguf_matmuls(kind0, raw0, kind1, raw1, kind2, raw2, x, out0, out1, out2):
     C2 = (raw2.shape[0] + PANEL_SHARE - 1) // PANEL_SHARE
     for c in prange(C0 + C1 + C2):
         rows = np.empty((PANEL_SHARE, K), np.float32)
-        acc = np.empty((PANEL_SHARE, xt.shape[1]), np.float32)
+        acc = aligned_empty(PANEL_SHARE, xt.shape[1])
         if c < C0:
             _blocks_panel(kind0, raw0, c * PANEL_SHARE, xt, rows, acc, out0)
         elif c < C0 + C1:
