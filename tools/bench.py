@@ -242,7 +242,7 @@ def _child_refllama(spec: dict[str, Any], path: str, prompt: int, new: int, reps
 
 
 def _timed_reps(run: Any, prompt: int, new: int, reps: int) -> dict[str, Any]:
-    run(8, 4)  # untimed warm-up
+    run(prompt, 4)  # untimed warm-up with the whole prompt, as benchmark.measure
     rows = []
     for _ in range(reps):
         prefill, decode = run(prompt, new)
