@@ -154,6 +154,20 @@ def test_a_row_over_its_rounds_takes_the_median_of_every_repetition():
     assert bench.over_rounds([rounds[0], {"error": "failed: x"}]) == {"error": "failed: x"}
 
 
+def test_a_round_runs_each_refllama_row_next_to_its_peer():
+    """Every selected row once a round; a numba row next to the peer its ratio is taken against (Q8_0 and q8_0, Q4_1
+    and Q4_1, f32 and f32), the other order every other round; MLX last."""
+    rows = list(bench.ROWS)
+    for round_ in range(4):
+        order = bench.round_order(rows, round_)
+        assert sorted(order) == sorted(rows) and order[-1] == "refllama mlx f32"
+        for numba, peer in (("refllama numba Q8_0", "llama.cpp q8_0"), ("refllama numba Q4_1", "llama.cpp Q4_1"),
+                            ("refllama numba Q4_K_M", "llama.cpp Q4_K_M"), ("refllama numba f32", "llama.cpp f32")):
+            assert order.index(peer) - order.index(numba) == (1 if round_ % 2 == 0 else -1)
+    picked = ["llama.cpp q8_0", "refllama numba Q8_0", "HF torch f32"]
+    assert sorted(bench.round_order(picked, 0)) == sorted(picked)
+
+
 def test_scoring_prompts_are_deterministic_and_distinct():
     prompts = bench.scoring_prompts(list(range(100)), 16, 256)
     assert prompts == bench.scoring_prompts(list(range(100)), 16, 256)

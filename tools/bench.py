@@ -11,7 +11,10 @@ installed is skipped with a message (`pip install -e ".[bench]"` in the checkout
 the same prompt token ids and decodes greedily without stopping at eos. The rows run in --rounds rounds, every row
 once a round in a fresh process (--reps repetitions each; refllama/diagnostics/benchmark.py says what one is), so a
 machine that slows down or speeds up during the bench moves every row alike instead of the rows that ran late;
-figures are medians over every repetition of every round.
+figures are medians over every repetition of every round. Within a round the rows of one precision run together
+(`round_order`), each refllama row next to the peer its ratio is taken against, and every other round in the
+reverse order: this machine's speed drifts over minutes, and rows compared minutes apart took that drift into
+their ratio.
 
 The model files are made once in --work from the Q4_1 GGUF (the installed default model): an F32 GGUF (its
 weights dequantized, exactly) and a Q8_0 GGUF of those (gguf-py's quantizer, as llama.cpp's), both with the gguf
@@ -803,7 +806,7 @@ def main() -> int:
     report["bandwidth"]["before"] = measure_bandwidth(args)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in selected}
     for round_ in range(args.rounds):
-        for name in selected:
+        for name in round_order(selected, round_):
             runs[name].append(run_row(name, files, ids, args, profile=name in profiled and round_ == 0,
                                       report=report))
     report["rows"] = {name: over_rounds(results) for name, results in runs.items()}
@@ -884,6 +887,18 @@ def run_row(name: str, files: dict[str, Path], ids: list[int], args: argparse.Na
     print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
           f"tok/s", file=sys.stderr)
     return result
+
+
+def round_order(selected: list[str], round_: int) -> list[str]:
+    """The selected rows in the order round `round_` runs them: grouped by precision (f32, q8, q4, q4k: a refllama
+    row's ratios are taken against the peer of its precision), each group with its refllama rows then its peers
+    (the last refllama row of a group, Q8_0 say, runs right before the peer), the whole group reversed on odd
+    rounds; MLX last (on Linux a one-thread correctness backend, slow, compared with nothing)."""
+    grouped = [name for name in selected if ROWS[name][3] != "mlx"]
+    groups = [[name for name in grouped if ROWS[name][1] == precision] for precision in PEER]
+    if round_ % 2:
+        groups = [group[::-1] for group in groups]
+    return [name for group in groups for name in group] + [name for name in selected if ROWS[name][3] == "mlx"]
 
 
 def over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
