@@ -132,8 +132,8 @@ def share_copies(source: WeightMap, taken: WeightMap) -> WeightMap:
     say) replaced by the backend's copy of it when that copy holds the same dtype and shape, so memory holds those
     bytes once, not twice. `taken` is `take_weights(source, ...)`: the same structure, visited in the same order."""
     copies = {id(stored): array for stored, array in zip(source.tensors(), taken.tensors(), strict=True)
-              if array is not stored and mapped_base(stored) is None and isinstance(stored, np.ndarray)
-              and isinstance(array, np.ndarray) and array.dtype == stored.dtype and array.shape == stored.shape}
+              if array is not stored and isinstance(stored, np.ndarray) and isinstance(array, np.ndarray)
+              and mapped_base(stored) is None and array.dtype == stored.dtype and array.shape == stored.shape}
     return source.map(lambda stored: copies.get(id(stored), stored)) if copies else source
 
 

@@ -80,7 +80,7 @@ def measure(engine: Any, prompt_tokens: int = 128, new_tokens: int = 128, repeti
         raise InputError(f"{len(ids)} prompt ids for a {prompt_tokens}-token prompt")
     # untimed, the whole prompt: every kernel a prompt of this length runs is loaded (or compiled) and the pages of
     # its buffers are faulted in, so the timed passes are the steady state (a first 128-token pass after an 8-token
-    # warm-up took 1-10% longer than the next, for refllama and llama.cpp alike, and reps are often 1)
+    # warm-up took up to 10% longer than the next, for refllama and llama.cpp alike, and reps are often 1)
     generate_timed(engine, ids, 4)
     reps = []
     for _ in range(repetitions):
