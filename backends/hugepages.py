@@ -14,6 +14,7 @@ Python's `mmap` gives the anonymous memory and the advice (MADV_HUGEPAGE); NumPy
 from __future__ import annotations
 
 import mmap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -38,35 +39,40 @@ def available() -> bool:
 
 class Arena:
     """Read-only copies of arrays, packed ALIGN-aligned into chunks of anonymous memory that start on a huge page
-    boundary and are advised MADV_HUGEPAGE. A chunk lives while any array in it does."""
+    boundary and are advised MADV_HUGEPAGE. A chunk lives while any array in it does: the arena refers to its
+    chunks' mappings weakly, so the weights of a model let go (`set_precision` replacing them) give their memory
+    back. When the arena held its chunks, every set_precision of SmolLM2 F32 on the numba backend kept ~460 MiB
+    more."""
 
     def __init__(self) -> None:
-        self._chunks: list[list] = []  # [chunk (uint8 array), bytes used]
+        self._chunks: list[list] = []  # [weak reference to a chunk's mapping, (start, size) of the chunk, bytes used]
 
     def copy(self, a: np.ndarray) -> np.ndarray:
         """A read-only, C-contiguous copy of `a` in the arena (its dtype and shape)."""
         nbytes = a.nbytes
+        self._chunks = [entry for entry in self._chunks if entry[0]() is not None]
         for entry in self._chunks:  # first fit: the tail of an earlier chunk takes a later, smaller array
-            chunk, used = entry
-            if used + nbytes <= chunk.size:
+            region, (start, size), used = entry[0](), entry[1], entry[2]
+            if region is not None and used + nbytes <= size:
                 break
         else:
-            entry = [_reserve(max(CHUNK, nbytes)), 0]
+            region, start, size = _reserve(max(CHUNK, nbytes))
+            used = 0
+            entry = [weakref.ref(region), (start, size), used]
             self._chunks.append(entry)
-            chunk, used = entry
-        out = chunk[used:used + nbytes].view(a.dtype).reshape(a.shape)
+        # a view of the mapping itself: each array refers to it (not to a chunk array), which keeps it mapped
+        out = np.frombuffer(region, np.uint8, nbytes, start + used).view(a.dtype).reshape(a.shape)
         out[...] = a
         out.flags.writeable = False
-        entry[1] = used + -(-nbytes // ALIGN) * ALIGN
+        entry[2] = used + -(-nbytes // ALIGN) * ALIGN
         return out
 
 
-def _reserve(nbytes: int) -> np.ndarray:
-    """`nbytes` rounded up to whole huge pages of anonymous memory, starting on a huge page boundary (the mapping
-    is one huge page longer, and the part before the boundary is never touched, so never resident)."""
+def _reserve(nbytes: int) -> tuple[mmap.mmap, int, int]:
+    """(mapping, start, size): `nbytes` rounded up to whole huge pages of anonymous memory, from `start` in the
+    mapping, a huge page boundary (the mapping is one huge page longer, and the part before the boundary is never
+    touched, so never resident)."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
-    whole = np.frombuffer(region, np.uint8)
-    start = -whole.ctypes.data % HUGE_PAGE
-    return whole[start:start + size]
+    return region, -np.frombuffer(region, np.uint8).ctypes.data % HUGE_PAGE, size

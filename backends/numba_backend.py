@@ -56,6 +56,7 @@ from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
 from refllama.formats.ggml_quants import GGMLType
+from refllama.formats.safetensors import mapped_base
 from refllama.model.weights import Linear
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 from refllama.quant.int8 import INT8_MAX_K
@@ -235,12 +236,13 @@ class NumbaBackend(NumpyBackend):
         """As `asarray`, and a matrix of at least hugepages.MIN_BYTES that views the model file (Linear weights, the
         embedding table, GGUF blocks and bfloat16 as stored, int8 codes) is copied once into huge pages
         (backends/hugepages.py), where the kernels stream it faster than from the file's 4 KiB pages: the same
-        bytes, read-only like the map. So is one the load made in memory (a GGUF's q/k rows put back in HF order,
-        a converted weight), which sat in 4 KiB heap pages: SmolLM2's float32 q/k/v matvecs of a decode step took
-        2.93 ms from there, 2.58-2.61 ms in huge pages. The engine then keeps the copy as its source too
-        (refllama/loading.py `share_copies`), so memory holds such a weight once."""
+        bytes, read-only like the map. Arrays the load made in memory (converted, a GGUF's q/k rows put back in HF
+        order) stay where they are: the engine's kept source (`source_weights`, for set_precision) holds them too,
+        so a copy would hold their bytes twice. (In huge pages SmolLM2's float32 q/k/v matvecs of a decode step took
+        2.58-2.61 ms instead of 2.93; sharing that copy with the source pinned the arena's chunks, docs/numba.md.)"""
         array = self.asarray(a)
-        if self._arena is None or array.ndim != 2 or array.nbytes < hugepages.MIN_BYTES:
+        if self._arena is None or array.ndim != 2 or array.nbytes < hugepages.MIN_BYTES \
+                or mapped_base(array) is None:
             return array
         return self._arena.copy(array)
 

@@ -21,7 +21,7 @@ from refllama.formats.default_model import default_model_path
 from refllama.formats.tokenizer import LlamaTokenizer
 from refllama.generation import GenerationRequest, GenerationResponse, decode
 from refllama.generation.requests import Message
-from refllama.loading import admit, admit_stages, read_model, share_copies, take_weights
+from refllama.loading import admit, admit_stages, read_model, take_weights
 from refllama.model.kv_cache import KVCache
 from refllama.model.llama import LlamaModel
 from refllama.model.weights import StageSpan, WeightMap
@@ -60,10 +60,7 @@ class GenericLlamaEngine:
             raise InputError("an engine needs weights and a backend, or a pipeline of stages")
         if config.layer_dtypes is not None:
             weights = apply_layer_dtypes(weights, config.layer_dtypes, semantics=quant_semantics)
-        taken = self._take(weights, progress)
-        if config.layer_dtypes is None:  # arrays made at load and copied by the backend: one copy kept, not two
-            self.source_weights = share_copies(self.source_weights, taken)
-        self.model = LlamaModel(config, taken, backend)
+        self.model = LlamaModel(config, self._take(weights, progress), backend)
 
     def _take(self, weights: WeightMap, progress: Callable[[int, int], None] | None = None) -> WeightMap:
         return take_weights(weights, self.backend, progress)

@@ -127,16 +127,6 @@ def take_weights(weights: WeightMap, backend: Backend,
     return taken
 
 
-def share_copies(source: WeightMap, taken: WeightMap) -> WeightMap:
-    """`source` with each array the load made in memory (not a view of a file: q/k rows put back in HF order,
-    say) replaced by the backend's copy of it when that copy holds the same dtype and shape, so memory holds those
-    bytes once, not twice. `taken` is `take_weights(source, ...)`: the same structure, visited in the same order."""
-    copies = {id(stored): array for stored, array in zip(source.tensors(), taken.tensors(), strict=True)
-              if array is not stored and isinstance(stored, np.ndarray) and isinstance(array, np.ndarray)
-              and mapped_base(stored) is None and array.dtype == stored.dtype and array.shape == stored.shape}
-    return source.map(lambda stored: copies.get(id(stored), stored)) if copies else source
-
-
 def stored_block_types(backend: Backend) -> frozenset[GGMLType]:
     """The GGUF block types `backend` reads as stored (kept memory-mapped as GGUFBlockWeight at load)."""
     return frozenset(t for t in GGMLType if t.name in backend.reads_as_stored)

@@ -4,6 +4,7 @@ and REFLLAMA_HUGE_PAGES=0 leaves them mapped. (~2 s)"""
 
 from __future__ import annotations
 
+import gc
 import mmap
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 
 from refllama.backends import hugepages
 from refllama.backends.numpy_backend import NumpyBackend
-from refllama.loading import share_copies, take_weights
+from refllama.loading import take_weights
 from refllama.model.weights import WeightMap
 
 
@@ -57,6 +58,25 @@ def test_chunks_start_on_a_huge_page_and_later_arrays_fill_earlier_tails():
     assert huge.ctypes.data % hugepages.HUGE_PAGE == 0 and not huge.any()
 
 
+def test_a_chunk_is_let_go_with_its_last_array():
+    """The arena refers to its chunks weakly: while an array lives its chunk does (and takes later arrays in its
+    tail); once every array in it is gone, its mapping is unmapped, so a replaced model's weights give memory back."""
+    arena = hugepages.Arena()
+    first = arena.copy(np.ones(10, np.float32))
+    mapping = arena._chunks[0][0]
+    assert mapping() is not None
+    second = arena.copy(np.ones(10, np.float32))
+    assert second.ctypes.data == first.ctypes.data + hugepages.ALIGN and len(arena._chunks) == 1
+    del first
+    gc.collect()
+    assert mapping() is not None  # `second` still holds it
+    del second
+    gc.collect()
+    assert mapping() is None
+    third = arena.copy(np.ones(10, np.float32))  # a new chunk
+    assert len(arena._chunks) == 1 and arena._chunks[0][0]() is not None and third[0] == 1
+
+
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.available()),
                     reason="transparent huge pages: Linux with THP set to 'always' or 'madvise'")
 def test_the_arena_is_advised_huge_pages():
@@ -79,12 +99,11 @@ def test_the_numba_backend_takes_matrices_into_huge_pages(monkeypatch):
     if not hugepages.available():
         assert backend.take_weight(mapped) is mapped
         return
-    for matrix in (mapped, in_memory):  # a view of a file, and one the load made in 4 KiB heap pages
-        taken = backend.take_weight(matrix)
-        assert not np.shares_memory(taken, matrix) and not taken.flags.writeable
-        assert "hg" in _vm_flags(taken.ctypes.data)
-        np.testing.assert_array_equal(taken, matrix)
-    for kept in (vector, tiny):
+    taken = backend.take_weight(mapped)
+    assert not np.shares_memory(taken, mapped) and not taken.flags.writeable
+    assert "hg" in _vm_flags(taken.ctypes.data)
+    np.testing.assert_array_equal(taken, mapped)
+    for kept in (vector, tiny, in_memory):
         assert backend.take_weight(kept) is kept
     monkeypatch.setenv("REFLLAMA_HUGE_PAGES", "0")
     assert NumbaBackend().take_weight(mapped) is mapped
@@ -108,41 +127,3 @@ def test_an_untied_embedding_table_is_looked_up_not_taken_as_a_streamed_weight()
         backend = Recording()
         taken = take_weights(WeightMap(table, [], norm, lm_head), backend)
         assert set(backend.taken) == expected and taken.embeddings is table
-
-
-def test_the_source_weights_share_the_backends_copies_of_arrays_made_at_load():
-    """A backend that copies an array the load made in memory (a GGUF's q/k rows put back in HF order) leaves the
-    engine's kept source holding the same copy, so memory holds those bytes once; views of the file stay views."""
-    class Copying(NumpyBackend):
-        def take_weight(self, a: np.ndarray) -> np.ndarray:
-            return np.array(a, np.float32) if a.ndim == 2 else a  # a copy; float16 converted
-
-    region = mmap.mmap(-1, 8 * 4 * 4)
-    mapped = np.frombuffer(region, np.float32).reshape(8, 4)
-    made, converted = np.ones((8, 4), np.float32), np.ones((8, 4), np.float16)
-    source = WeightMap(made, [], np.ones(4, np.float32), None)  # tied: the table is taken as the output matrix
-    taken = take_weights(source, Copying())
-    shared = share_copies(source, taken)
-    assert shared.embeddings is taken.embeddings and shared.embeddings is not made  # made at load: the copy, once
-    assert shared.final_norm is source.final_norm
-    source = WeightMap(mapped, [], np.ones(4, np.float32), None)
-    taken = take_weights(source, Copying())
-    assert taken.embeddings is not mapped and share_copies(source, taken).embeddings is mapped  # a view: kept
-    source = WeightMap(mapped, [], np.ones(4, np.float32), converted)  # the copy holds other values' dtype: kept
-    assert share_copies(source, take_weights(source, Copying())).lm_head is converted
-
-
-def test_a_gguf_on_the_numba_backend_keeps_q_and_k_once():
-    pytest.importorskip("numba")
-    import refllama
-    from refllama.formats.safetensors import mapped_base
-
-    from conftest import smollm2_path
-
-    engine = refllama.load(smollm2_path(), backend="numba")
-    source, model = engine.source_weights.layers[0], engine.model.weights.layers[0]
-    for name in ("q_proj", "k_proj"):
-        kept = getattr(source.self_attention, name).weight.raw
-        used = getattr(model.self_attention, name).weight.raw
-        assert kept is used  # the load's reordered rows, copied by the backend: one copy for both
-        assert mapped_base(used) is not None or not hugepages.available()
