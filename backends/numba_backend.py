@@ -202,11 +202,11 @@ class NumbaBackend(NumpyBackend):
         elapsed = wall - last[0] if last is not None else 0.0
         if last is None or last[2] != tokens or not 0 < elapsed < MAX_INTERVAL_S:  # nothing to judge by
             if self._trying:  # a pass on trial: back to what ran before it
-                self._threads_now = self.threads if self._trying == "fewer" else self._fewer
+                self._threads_now = self._before_trial()
             self._trying = ""
         elif self._trying:  # the last pass tried another thread count: kept if it was faster
             if elapsed >= FASTER * self._compare_s:
-                self._threads_now = self.threads if self._trying == "fewer" else self._fewer
+                self._threads_now = self._before_trial()
                 if self._trying == "fewer":
                     self._low = -PROBE_EVERY
             self._trying, self._reduced_for = "", 0
@@ -222,6 +222,10 @@ class NumbaBackend(NumpyBackend):
                 self._threads_now = self.threads
                 self._trying, self._compare_s = "all", elapsed
         return self._threads_now
+
+    def _before_trial(self) -> int:
+        """The thread count the pass on trial replaced: all of them for a trial of fewer, else the fewer."""
+        return self.threads if self._trying == "fewer" else self._fewer
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         """As the numpy backend, except that bfloat16 matrices (Linear weights, the embedding table, 2-D scales)

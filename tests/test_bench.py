@@ -154,7 +154,7 @@ def test_a_row_over_its_rounds_takes_the_median_of_every_repetition():
     assert bench.over_rounds([rounds[0], {"error": "failed: x"}]) == {"error": "failed: x"}
 
 
-def test_a_round_runs_each_refllama_row_next_to_its_peer():
+def test_a_round_runs_each_refllama_row_next_to_its_peer(monkeypatch):
     """Every selected row once a round; a numba row next to the peer its ratio is taken against (Q8_0 and q8_0, Q4_1
     and Q4_1, f32 and f32), the other order every other round; MLX last."""
     rows = list(bench.ROWS)
@@ -166,6 +166,8 @@ def test_a_round_runs_each_refllama_row_next_to_its_peer():
             assert order.index(peer) - order.index(numba) == (1 if round_ % 2 == 0 else -1)
     picked = ["llama.cpp q8_0", "refllama numba Q8_0", "HF torch f32"]
     assert sorted(bench.round_order(picked, 0)) == sorted(picked)
+    monkeypatch.setitem(bench.ROWS, "refllama numba fp8", ("refllama", "fp8", "fp8", "numba"))  # no peer: still runs
+    assert bench.round_order([*picked, "refllama numba fp8"], 1)[-1] == "refllama numba fp8"
 
 
 def test_scoring_prompts_are_deterministic_and_distinct():

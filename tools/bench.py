@@ -891,14 +891,15 @@ def run_row(name: str, files: dict[str, Path], ids: list[int], args: argparse.Na
 
 def round_order(selected: list[str], round_: int) -> list[str]:
     """The selected rows in the order round `round_` runs them: grouped by precision (f32, q8, q4, q4k: a refllama
-    row's ratios are taken against the peer of its precision), each group with its refllama rows then its peers
-    (the last refllama row of a group, Q8_0 say, runs right before the peer), the whole group reversed on odd
-    rounds; MLX last (on Linux a one-thread correctness backend, slow, compared with nothing)."""
-    grouped = [name for name in selected if ROWS[name][3] != "mlx"]
-    groups = [[name for name in grouped if ROWS[name][1] == precision] for precision in PEER]
+    row's ratios are taken against the peer of its precision), each group in the order of `selected` (by default
+    ROWS': refllama rows, then the peers, so Q8_0 runs right before q8_0), the whole group reversed on odd rounds;
+    then every other row, MLX among them (on Linux a one-thread correctness backend, slow, compared with nothing)."""
+    groups = [[name for name in selected if ROWS[name][1] == precision and ROWS[name][3] != "mlx"]
+              for precision in PEER]
     if round_ % 2:
         groups = [group[::-1] for group in groups]
-    return [name for group in groups for name in group] + [name for name in selected if ROWS[name][3] == "mlx"]
+    ordered = [name for group in groups for name in group]
+    return ordered + [name for name in selected if name not in ordered]
 
 
 def over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
