@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,27 +46,37 @@ class Arena:
     more."""
 
     def __init__(self) -> None:
-        self._chunks: list[list] = []  # [weak reference to a chunk's mapping, (start, size) of the chunk, bytes used]
+        self._chunks: list[_Chunk] = []
 
     def copy(self, a: np.ndarray) -> np.ndarray:
         """A read-only, C-contiguous copy of `a` in the arena (its dtype and shape)."""
         nbytes = a.nbytes
-        self._chunks = [entry for entry in self._chunks if entry[0]() is not None]
-        for entry in self._chunks:  # first fit: the tail of an earlier chunk takes a later, smaller array
-            region, (start, size), used = entry[0](), entry[1], entry[2]
-            if region is not None and used + nbytes <= size:
+        self._chunks = [chunk for chunk in self._chunks if chunk.mapping() is not None]
+        for chunk in self._chunks:  # first fit: the tail of an earlier chunk takes a later, smaller array
+            region = chunk.mapping()
+            if region is not None and chunk.used + nbytes <= chunk.size:
                 break
         else:
             region, start, size = _reserve(max(CHUNK, nbytes))
-            used = 0
-            entry = [weakref.ref(region), (start, size), used]
-            self._chunks.append(entry)
+            chunk = _Chunk(weakref.ref(region), start, size)
+            self._chunks.append(chunk)
         # a view of the mapping itself: each array refers to it (not to a chunk array), which keeps it mapped
-        out = np.frombuffer(region, np.uint8, nbytes, start + used).view(a.dtype).reshape(a.shape)
+        out = np.frombuffer(region, np.uint8, nbytes, chunk.start + chunk.used).view(a.dtype).reshape(a.shape)
         out[...] = a
         out.flags.writeable = False
-        entry[2] = used + -(-nbytes // ALIGN) * ALIGN
+        chunk.used += -(-nbytes // ALIGN) * ALIGN
         return out
+
+
+@dataclass
+class _Chunk:
+    """One of an arena's chunks: its mapping (weakly: the arrays in it keep it), where the chunk starts in the
+    mapping (a huge page boundary), its size, and the bytes given out so far."""
+
+    mapping: weakref.ref
+    start: int
+    size: int
+    used: int = 0
 
 
 def _reserve(nbytes: int) -> tuple[mmap.mmap, int, int]:

@@ -63,7 +63,7 @@ def test_a_chunk_is_let_go_with_its_last_array():
     tail); once every array in it is gone, its mapping is unmapped, so a replaced model's weights give memory back."""
     arena = hugepages.Arena()
     first = arena.copy(np.ones(10, np.float32))
-    mapping = arena._chunks[0][0]
+    mapping = arena._chunks[0].mapping
     assert mapping() is not None
     second = arena.copy(np.ones(10, np.float32))
     assert second.ctypes.data == first.ctypes.data + hugepages.ALIGN and len(arena._chunks) == 1
@@ -74,7 +74,7 @@ def test_a_chunk_is_let_go_with_its_last_array():
     gc.collect()
     assert mapping() is None
     third = arena.copy(np.ones(10, np.float32))  # a new chunk
-    assert len(arena._chunks) == 1 and arena._chunks[0][0]() is not None and third[0] == 1
+    assert len(arena._chunks) == 1 and arena._chunks[0].mapping() is not None and third[0] == 1
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.available()),
