@@ -5,7 +5,6 @@ and REFLLAMA_HUGE_PAGES=0 leaves them mapped. (~2 s)"""
 from __future__ import annotations
 
 import gc
-import mmap
 import sys
 
 import ml_dtypes
@@ -14,6 +13,8 @@ import pytest
 
 from refllama.backends import hugepages
 from refllama.backends.numpy_backend import NumpyBackend
+from refllama.formats.files import map_file
+from refllama.formats.safetensors import release_pages
 from refllama.loading import take_weights
 from refllama.model.weights import WeightMap
 
@@ -84,14 +85,15 @@ def test_the_arena_is_advised_huge_pages():
     assert "hg" in _vm_flags(copy.ctypes.data)  # MADV_HUGEPAGE on the mapping
 
 
-def test_the_numba_backend_takes_matrices_into_huge_pages(monkeypatch):
+def test_the_numba_backend_takes_matrices_into_huge_pages(monkeypatch, tmp_path):
     pytest.importorskip("numba")
     from refllama.backends.numba_backend import NumbaBackend
 
-    region = mmap.mmap(-1, 64 * 64 * 4 + 64 * 4)  # a map, as a model file's tensors are
-    mapped = np.frombuffer(region, np.float32, count=64 * 64).reshape(64, 64)  # 16 KiB: a matrix
-    mapped[:] = np.arange(64 * 64).reshape(64, 64)
-    mapped.flags.writeable = False
+    path = tmp_path / "tensors"
+    path.write_bytes(np.arange(64 * 64 + 64, dtype=np.float32).tobytes())
+    with open(path, "rb") as f:
+        region = map_file(f)  # a model file's map
+    mapped = np.frombuffer(region, np.float32, count=64 * 64).reshape(64, 64)  # 16 KiB: a matrix, read-only
     vector = np.frombuffer(region, np.float32, count=64, offset=64 * 64 * 4)
     tiny, in_memory = mapped[:2, :8], np.ones((64, 64), np.float32)  # small; reordered or converted at load
     monkeypatch.setenv("REFLLAMA_HUGE_PAGES", "1")
@@ -127,3 +129,19 @@ def test_an_untied_embedding_table_is_looked_up_not_taken_as_a_streamed_weight()
         backend = Recording()
         taken = take_weights(WeightMap(table, [], norm, lm_head), backend)
         assert set(backend.taken) == expected and taken.embeddings is table
+
+
+def test_arena_arrays_are_not_file_pages_to_let_go():
+    """An arena is anonymous memory: letting its pages go (MADV_DONTNEED, as take_weights does for a converted file
+    tensor) would zero the arrays in it. Taking an engine's weights again (onto a second numba backend) keeps them
+    as they are and leaves them intact."""
+    arena = hugepages.Arena()
+    weight = arena.copy(np.full((64, 64), 3.0, np.float32))
+    release_pages(weight)
+    assert (weight == 3.0).all()
+    pytest.importorskip("numba")
+    from refllama.backends.numba_backend import NumbaBackend
+
+    norm = np.ones(64, np.float32)
+    taken = take_weights(WeightMap(weight, [], norm, None), NumbaBackend())
+    assert taken.embeddings is weight and (weight == 3.0).all()

@@ -22,7 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from refllama.errors import CheckpointError, brief
-from refllama.formats.files import ModelFolder, map_file, open_regular, parse_json, read_json
+from refllama.formats.files import FileMap, ModelFolder, map_file, open_regular, parse_json, read_json
 
 # safetensors dtype names -> NumPy dtype strings (little-endian, as the format mandates), or for ml_dtypes' types
 # their names in ml_dtypes: `numpy_dtype` imports it only when a file holds one (its import is slow).
@@ -167,14 +167,17 @@ class SafetensorsFile:
         return array.reshape(info.shape)
 
 
-def mapped_base(view: np.ndarray) -> mmap.mmap | None:
-    """The memory map an array views (through any chain of views), or None for an array in memory."""
+def mapped_base(view: np.ndarray) -> FileMap | None:
+    """The model file's map an array views (through any chain of views), or None for an array in memory.
+
+    Only a FileMap counts: anonymous memory such as the numba backend's huge-page arena is an `mmap.mmap` too, and
+    letting its pages go (`release_pages`) would zero the arrays in it."""
     base = view
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
+    return base if isinstance(base, FileMap) else None
 
 
 def release_pages(view: np.ndarray) -> None:
