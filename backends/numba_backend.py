@@ -22,8 +22,8 @@ What runs where (kernels in backends/numba_kernels.py; docs/numba.md has the mea
   (GELU, ReLU) are the numpy backend's.
 
 Weights: on Linux the matrices that view the model file are copied once, at load, into huge pages
-(`take_weight`, backends/hugepages.py): decode streams them 1.07-1.19x faster than from the file's 4 KiB pages;
-REFLLAMA_HUGE_PAGES=0 keeps them mapped.
+(`take_weight`, refllama/formats/hugepages.py): decode streams them 1.07-1.19x faster than from the file's 4 KiB
+pages; REFLLAMA_HUGE_PAGES=0 keeps them mapped.
 
 Threads: REFLLAMA_NUM_THREADS, by default the CPUs this process may run on (`os.sched_getaffinity`: a container's
 or `taskset`'s share, not the machine's count), capped by NUMBA_NUM_THREADS; without the variable, fewer while other
@@ -49,12 +49,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from refllama.backends import hugepages, numba_gemm, numba_helper
+from refllama.backends import numba_gemm, numba_helper
 from refllama.backends import numba_kernels as kernels  # first: it sets NUMBA_CACHE_DIR, then imports numba
 from refllama.backends.numpy_backend import NumpyBackend
 from refllama.config import ActivationType
 from refllama.dtypes import DataType
 from refllama.errors import BackendError
+from refllama.formats import hugepages
 from refllama.formats.ggml_quants import GGMLType
 from refllama.formats.safetensors import mapped_base
 from refllama.model.weights import Linear
@@ -179,8 +180,7 @@ class NumbaBackend(NumpyBackend):
         self._prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._groups: weakref.WeakKeyDictionary[Any, _Group] = weakref.WeakKeyDictionary()  # `linears`' plans
         # Where `take_weight` puts the matrices a decode step streams; REFLLAMA_HUGE_PAGES=0 leaves them mapped.
-        use_huge_pages = os.environ.get("REFLLAMA_HUGE_PAGES", "1") != "0" and hugepages.available()
-        self._arena = hugepages.Arena() if use_huge_pages else None
+        self._arena = hugepages.Arena() if hugepages.available() else None
         self._helper = numba_helper.start(usable_cpus())  # cold cache: attention kernels compile in a second process
 
     def forward_threads(self, tokens: int = 1) -> int:
@@ -239,11 +239,10 @@ class NumbaBackend(NumpyBackend):
     def take_weight(self, a: np.ndarray) -> np.ndarray:
         """As `asarray`, and a matrix of at least hugepages.MIN_BYTES that views the model file (Linear weights, the
         embedding table, GGUF blocks and bfloat16 as stored, int8 codes) is copied once into huge pages
-        (backends/hugepages.py), where the kernels stream it faster than from the file's 4 KiB pages: the same
-        bytes, read-only like the map. Arrays the load made in memory (converted, a GGUF's q/k rows put back in HF
-        order) stay where they are: the engine's kept source (`source_weights`, for set_precision) holds them too,
-        so a copy would hold their bytes twice. (In huge pages SmolLM2's float32 q/k/v matvecs of a decode step took
-        2.58-2.61 ms instead of 2.93; sharing that copy with the source pinned the arena's chunks, docs/numba.md.)"""
+        (refllama/formats/hugepages.py), where the kernels stream it faster than from the file's 4 KiB pages: the
+        same bytes, read-only like the map. Arrays the load made in memory stay where they are: the engine's kept
+        source (`source_weights`, for set_precision) holds them too, so a copy would hold their bytes twice. (The
+        GGUF loader makes its reordered q/k rows in huge pages itself, in an arena of its own.)"""
         array = self.asarray(a)
         if self._arena is None or array.ndim != 2 or array.nbytes < hugepages.MIN_BYTES \
                 or mapped_base(array) is None:

@@ -1,6 +1,6 @@
-"""Weights in huge pages (backends/hugepages.py): the arena's copies are the same bytes, read-only and aligned, in
-memory advised MADV_HUGEPAGE; the numba backend copies there the matrices it streams that view the model file,
-and REFLLAMA_HUGE_PAGES=0 leaves them mapped. (~2 s)"""
+"""Weights in huge pages (refllama/formats/hugepages.py): the arena's copies are the same bytes, read-only and
+aligned, in memory advised MADV_HUGEPAGE; the numba backend copies there the matrices it streams that view the model
+file, the GGUF loader makes its reordered q/k rows there, and REFLLAMA_HUGE_PAGES=0 leaves them mapped. (~2 s)"""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from refllama.backends import hugepages
 from refllama.backends.numpy_backend import NumpyBackend
+from refllama.formats import hugepages
 from refllama.formats.files import map_file
 from refllama.formats.safetensors import release_pages
 from refllama.loading import take_weights
@@ -145,3 +145,21 @@ def test_arena_arrays_are_not_file_pages_to_let_go():
     norm = np.ones(64, np.float32)
     taken = take_weights(WeightMap(weight, [], norm, None), NumbaBackend())
     assert taken.embeddings is weight and (weight == 3.0).all()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hugepages.available()),
+                    reason="transparent huge pages: Linux with THP set to 'always' or 'madvise'")
+def test_a_gguf_loader_makes_its_reordered_q_k_rows_in_huge_pages(tmp_path):
+    """The q/k rows a GGUF load puts back in HF order (float32 here) are made in huge pages, read-only; the numba
+    backend keeps them as they are, so the engine's kept source and the model share one copy."""
+    pytest.importorskip("numba")
+    import refllama
+
+    from conftest import FIXTURES
+    from test_gguf import hf_folder_to_gguf
+
+    engine = refllama.load(hf_folder_to_gguf(FIXTURES / "bias", tmp_path / "bias.gguf"), backend="numba")
+    for source, layer in zip(engine.source_weights.layers, engine.model.weights.layers, strict=True):
+        for name in ("q_proj", "k_proj"):
+            kept, used = getattr(source.self_attention, name).weight, getattr(layer.self_attention, name).weight
+            assert used is kept and not used.flags.writeable and "hg" in _vm_flags(used.ctypes.data)

@@ -1,4 +1,6 @@
-"""Weight matrices in transparent huge pages (Linux), for backends whose decode step streams them from host memory.
+"""Weight matrices in transparent huge pages (Linux), for backends whose decode step streams them from host memory:
+the numba backend copies there the matrices that view the model file, and the GGUF loader makes its reordered q/k
+rows there (gguf_llama.py), so the engine's kept source and the model share them.
 
 A decode step reads every weight matrix once. Memory-mapped from the model file they sit in 4 KiB pages: 131,000
 pages a token for SmolLM2-135M in float32, each a TLB miss and a page-table walk while the kernels stream. Copied
@@ -14,6 +16,7 @@ Python's `mmap` gives the anonymous memory and the advice (MADV_HUGEPAGE); NumPy
 from __future__ import annotations
 
 import mmap
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,9 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def available() -> bool:
-    """Whether this kernel hands anonymous memory huge pages on request: MADV_HUGEPAGE exists and the transparent
-    huge page setting is "always" or "madvise" (not "never")."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    """Whether weights go into huge pages: REFLLAMA_HUGE_PAGES is not "0", MADV_HUGEPAGE exists and the kernel's
+    transparent huge page setting is "always" or "madvise" (not "never")."""
+    if os.environ.get("REFLLAMA_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         return "[never]" not in THP_SETTING.read_text()
