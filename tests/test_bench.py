@@ -114,6 +114,7 @@ def test_markdown_prints_each_target_met_or_not():
         r["scoring"][name].update(seconds=[seconds], shapes=[[256, 49152]], complete=True, how="per prompt")
     r["rows"] = {"refllama numba f32": r["rows"]["refllama numba f32"]}
     r["bounds"] = bench.bounds(r["rows"], 30.0)
+    r["bounds"]["refllama numba f32"]["beside"] = {"fractions": [0.8, 0.5], "gb_per_s": [32.0, 55.0], "median": 0.65}
     r["ratios"], r["targets"] = bench.ratios(r["rows"], r["scoring"]), bench.targets(r)
     r["busy"] = {"refllama numba f32": {"quiet": 50.0, "busy": 25.0, "kept": 0.5, "quiet_ttft_s": 0.2,
                                         "busy_ttft_s": 0.5}}
@@ -125,6 +126,7 @@ def test_markdown_prints_each_target_met_or_not():
     assert "| refllama numba Q4_1 peak RSS over the baseline <= 1.3 x file + KV cache | the bound is 0.74x the " \
         "growth | not met |" in text
     assert "before 30.0 GB/s, after 28.0 GB/s" in text
+    assert "round by round: 80% of 32.0, 50% of 55.0 GB/s; median 65%" in text
     assert "median of 3 rounds x 1" in text
 
 
@@ -205,3 +207,25 @@ def test_the_scoring_child_keeps_every_position_and_saves_the_first_prompt(tmp_p
     assert len(result["seconds"]) == 2 and result["tokens_per_s"] > 0
     engine = refllama.load(FIXTURES / "llama32", backend="numpy", dtype="float32")
     np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), engine.logits(np.array(prompts[0])))
+
+
+def test_a_bound_row_is_also_read_against_the_bandwidth_beside_each_round():
+    """Each round's decode over the bound of the higher reading taken right before and after it; the median is
+    shown, the target keeps the run's highest reading. A round without readings is left out."""
+    def rep(decode_s):
+        return {"prefill_s": 0.2, "decode_s": decode_s, "prefill_tokens_per_s": 640.0,
+                "decode_tokens_per_s": 127 / decode_s}
+
+    rounds = [{"weight_bytes_per_token": 500_000_000, "repetitions": [rep(127 / 50), rep(127 / 52)],
+               "bandwidth_beside": [30.0, 32.0]},
+              {"repetitions": [rep(127 / 40)], "bandwidth_beside": [50.0, 48.0]},
+              {"repetitions": [rep(127 / 45)]}]
+    row = bench.over_rounds(rounds)
+    assert row["round_decode_tokens_per_s"] == pytest.approx([51.0, 40.0, 45.0])
+    found = bench.bounds({"refllama numba f32": row}, 50.0)["refllama numba f32"]
+    assert found["fraction"] == pytest.approx(row["decode_tokens_per_s"] / 100.0)
+    beside = found["beside"]
+    assert beside["fractions"] == pytest.approx([51.0 / 64.0, 40.0 / 100.0]) and beside["gb_per_s"] == [32.0, 50.0]
+    assert beside["median"] == pytest.approx((51.0 / 64.0 + 0.4) / 2)
+    assert "beside" not in bench.bounds({"x": {**row, "bandwidth_beside": [[], [], []]}}, 50.0)["x"]
+    assert bench.BESIDE_ROWS == ["refllama numba f32"]

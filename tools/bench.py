@@ -31,6 +31,8 @@ best of 5 passes each, before and after the rows; the highest figure counts. A d
 stored bytes and the lm_head (the embedding rows it looks up are under 0.1%, left out); bound tok/s = bandwidth /
 those bytes, "% of bound" = decode tok/s / bound. refllama counts the bytes of the weights it loaded (a type it
 stores dequantized counts as float32), llama.cpp those of its file's matrices, HF those of its nn.Linear weights.
+The row held to the bound (numba f32) is also read against the bandwidth measured right before and right after it,
+round by round; that figure is shown beside the target's (the bandwidth can move ~1.8x within minutes).
 
 Scoring (the oracle's main job): logits of every position for --scoring-prompts prompts of --scoring-tokens
 deterministic token ids, tokens/s, in a fresh process per engine: refllama numba and numpy f32 (`engine.logits`
@@ -101,6 +103,8 @@ TARGETS: list[tuple[str, str, str | None, float]] = [
     ("refllama numba Q4_1", "rss", None, 1.0),
     *[(row, "busy", None, 0.4) for row in TARGET_ROWS],
 ]
+# Rows held to a bound: the bandwidth is also read right before and right after each of their rounds (`bounds`)
+BESIDE_ROWS = [row for row, metric, _, _ in TARGETS if metric == "bound"]
 
 
 # --- model files ---------------------------------------------------------------------------------------------------
@@ -505,16 +509,28 @@ def machine() -> dict[str, Any]:
             "numpy": np.__version__}
 
 
-def bounds(rows: dict[str, dict[str, Any]], bandwidth_gb_s: float | None) -> dict[str, dict[str, float]]:
-    """Each row's weight bytes per decode step, its memory bound (tokens/s) and the share of it decode reached."""
+def bounds(rows: dict[str, dict[str, Any]], bandwidth_gb_s: float | None) -> dict[str, Any]:
+    """Each row's weight bytes per decode step, its memory bound (tokens/s) and the share of it decode reached.
+
+    A row whose bandwidth was also read beside each round (BESIDE_ROWS) gets `beside`: each round's decode over the
+    bound of the higher of the two readings around it, and their median. This machine's bandwidth moved between
+    ~33 and ~60 GB/s within minutes, sometimes within one measurement; the run's highest reading, which `fraction`
+    and the target use, may come from minutes in which the row did not run."""
     from refllama.diagnostics.benchmark import bound_tokens_per_s
 
-    out = {}
+    out: dict[str, Any] = {}
     for name, r in rows.items():
         if bandwidth_gb_s and r.get("weight_bytes_per_token") and "decode_tokens_per_s" in r:
-            bound = bound_tokens_per_s(bandwidth_gb_s, r["weight_bytes_per_token"])
-            out[name] = {"bytes_per_token": r["weight_bytes_per_token"], "bound_tokens_per_s": bound,
+            nbytes = r["weight_bytes_per_token"]
+            bound = bound_tokens_per_s(bandwidth_gb_s, nbytes)
+            out[name] = {"bytes_per_token": nbytes, "bound_tokens_per_s": bound,
                          "fraction": r["decode_tokens_per_s"] / bound}
+            rounds = zip(r.get("round_decode_tokens_per_s", []), r.get("bandwidth_beside", []), strict=True)
+            paired = [(decode / bound_tokens_per_s(max(readings), nbytes), max(readings))
+                      for decode, readings in rounds if readings]
+            if paired:
+                out[name]["beside"] = {"fractions": [f for f, _ in paired], "gb_per_s": [g for _, g in paired],
+                                       "median": float(np.median([f for f, _ in paired]))}
     return out
 
 
@@ -611,6 +627,13 @@ def markdown(report: dict[str, Any]) -> str:
                   + ", ".join(f"{when} {bw[when]['gb_per_s']:.1f} GB/s" for when in ("before", "after") if when in bw)
                   + f"; the bound uses {bw['gb_per_s']:.1f} GB/s. Bound tok/s = bandwidth / weight bytes a decode "
                   "step streams (MB/token: every Linear as loaded, and the lm_head).", ""]
+    for name, b in report.get("bounds", {}).items():
+        if "beside" in b:
+            each = ", ".join(f"{100 * f:.0f}% of {g:.1f}" for f, g in zip(b["beside"]["fractions"],
+                                                                        b["beside"]["gb_per_s"], strict=True))
+            lines += [f"{name} decode against the bandwidth read right before and after it, round by round: {each} "
+                      f"GB/s; median {100 * b['beside']['median']:.0f}% (shown; the target uses the run's "
+                      "highest reading).", ""]
     lines += ["| engine | prefill tok/s | decode tok/s | MB/token | bound tok/s | % of bound | TTFT ms | load s | "
               "RSS loaded MiB | peak RSS MiB | peak - base MiB | prefill / llama.cpp | decode / llama.cpp | "
               "prefill / HF | decode / HF |", "|---" * 15 + "|"]
@@ -807,8 +830,13 @@ def main() -> int:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in selected}
     for round_ in range(args.rounds):
         for name in round_order(selected, round_):
-            runs[name].append(run_row(name, files, ids, args, profile=name in profiled and round_ == 0,
-                                      report=report))
+            beside = name in BESIDE_ROWS
+            before = measure_bandwidth(args) if beside else {}
+            result = run_row(name, files, ids, args, profile=name in profiled and round_ == 0, report=report)
+            if beside and "error" not in result:
+                result["bandwidth_beside"] = [b["gb_per_s"] for b in (before, measure_bandwidth(args))
+                                              if "gb_per_s" in b]
+            runs[name].append(result)
     report["rows"] = {name: over_rounds(results) for name, results in runs.items()}
     if not args.no_scoring:
         prompts = scoring_prompts(text_ids, args.scoring_prompts, args.scoring_tokens)
@@ -915,6 +943,9 @@ def over_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
                          ("time_to_first_token_s", "prefill_s")):
         row[key] = float(np.median([rep[rep_key] for rep in row["repetitions"]]))
     row["rounds"] = len(results)
+    row["round_decode_tokens_per_s"] = [float(np.median([rep["decode_tokens_per_s"] for rep in r["repetitions"]]))
+                                        for r in results]
+    row["bandwidth_beside"] = [r.get("bandwidth_beside", []) for r in results]
     return row
 
 
