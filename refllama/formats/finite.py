@@ -23,7 +23,7 @@ from refllama.dtypes import is_ml_float
 from refllama.errors import NumericalError
 from refllama.formats import ggml_quants
 from refllama.formats.files import FileMap
-from refllama.formats.safetensors import release_pages
+from refllama.formats.safetensors import mapped_base, release_pages
 from refllama.model.weights import WeightMap
 from refllama.quant.gguf_blocks import GGUFBlockWeight
 
@@ -73,13 +73,9 @@ def _finite_chunk(chunk: np.ndarray) -> bool:
 
 def _file_map(array: np.ndarray) -> tuple[FileMap, int] | None:
     """(the FileMap an array views, the array's offset in it) for a C-contiguous view of one, else None."""
-    base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    if not isinstance(base, FileMap) or not array.flags.c_contiguous or array.size == 0 or \
-            array.dtype.itemsize == 0 or array.dtype.hasobject:
+    base = mapped_base(array)
+    if base is None or not array.flags.c_contiguous or array.size == 0 or array.dtype.itemsize == 0 or \
+            array.dtype.hasobject:
         return None
     return base, array.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
 
